@@ -1,0 +1,207 @@
+"""The SB-MoE head: one Mixture-of-Experts block on the pooled embedding, as a sentence-transformers module.
+
+Data flow for a batch of pooled embeddings ``x`` (N x H)::
+
+    logits = router(x) (+ noise while training)   gates = softmax(logits)
+    faithful: y = normalize(sum_i g_i * E_i(x)) + x      (Sokli et al.; top-1 while training)
+    learned:  y = sum_{i in top-k} g'_i * normalize(E_i(x)) + x   (g' renormalised over the chosen experts)
+
+In ``faithful`` top-1 mode the gate cancels inside ``normalize`` so the router receives no gradient (the
+paper's flaw, kept for reproduction). ``learned`` mode applies the gates after normalising each expert, so
+the router learns, and exposes a Switch-style load-balancing loss in :attr:`SBMoEHead.aux_loss`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from sentence_transformers.base.modules.module import Module
+from torch import Tensor, nn
+
+ROUTING_MODES = ("learned", "faithful")
+INFERENCE_MODES = ("soft", "top1", "topk")
+
+
+class Expert(nn.Module):
+    """Linear(H -> hidden) -> ReLU -> Linear(hidden -> H)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.relu(self.up(x)))
+
+
+class Router(nn.Module):
+    """Linear(H -> H/2) -> ReLU -> Linear(H/2 -> E), with noisy top-k gating noise while training."""
+
+    def __init__(self, dim: int, num_experts: int, noise: bool):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim // 2), nn.ReLU(), nn.Linear(dim // 2, num_experts))
+        self.noise = nn.Linear(dim, num_experts) if noise else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.net(x)
+        if self.training and self.noise is not None:
+            logits = logits + torch.randn_like(logits) * F.softplus(self.noise(x))
+        return logits
+
+
+class SBMoEHead(Module):
+    """Mixture-of-Experts block applied to ``features["sentence_embedding"]``.
+
+    Args:
+        in_features: Embedding size H of the backbone's pooled output.
+        num_experts: Number of experts E.
+        top_k: Experts kept per input in ``learned`` mode while training (and at inference with ``topk``).
+        routing: ``"learned"`` (gradient reaches the router, load-balancing loss) or ``"faithful"`` (the paper).
+        inference: ``"soft"`` (all experts), ``"top1"`` or ``"topk"`` (same selection as training).
+        expert_hidden: Hidden size of each expert; defaults to H // 2.
+        noise: Add learned Gaussian noise to the router logits while training.
+        residual: Add the input back to the experts' combination.
+        normalize_output: L2-normalise the head's output (for cosine similarity).
+    """
+
+    config_keys: list[str] = [
+        "in_features",
+        "num_experts",
+        "top_k",
+        "routing",
+        "inference",
+        "expert_hidden",
+        "noise",
+        "residual",
+        "normalize_output",
+    ]
+    config_file_name = "sbmoe_config.json"
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int = 6,
+        top_k: int = 2,
+        routing: str = "learned",
+        inference: str = "soft",
+        expert_hidden: int | None = None,
+        noise: bool = True,
+        residual: bool = True,
+        normalize_output: bool = False,
+    ):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}")
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"unknown routing mode {routing!r}; expected one of {ROUTING_MODES}")
+        if inference not in INFERENCE_MODES:
+            raise ValueError(f"unknown inference mode {inference!r}; expected one of {INFERENCE_MODES}")
+        if in_features < 2:
+            raise ValueError(f"in_features must be >= 2, got {in_features}")
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.routing = routing
+        self.inference = inference
+        self.expert_hidden = expert_hidden or in_features // 2
+        self.noise = noise
+        self.residual = residual
+        self.normalize_output = normalize_output
+        self.experts = nn.ModuleList(Expert(in_features, self.expert_hidden) for _ in range(num_experts))
+        self.router = Router(in_features, num_experts, noise)
+        self.aux_loss: Tensor = torch.zeros(())
+        self.z_loss: Tensor = torch.zeros(())
+        self.expert_counts = torch.zeros(num_experts, dtype=torch.long)
+
+    def _selected_k(self) -> int:
+        """How many experts each input uses in the current mode (train/eval)."""
+        if self.training:
+            return 1 if self.routing == "faithful" else self.top_k
+        return {"soft": self.num_experts, "top1": 1, "topk": self.top_k}[self.inference]
+
+    def gates(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Route a batch.
+
+        Returns:
+            ``(gates, probs, dispatch)``: the N x E combination weights (zero for unused experts), the
+            router's softmax probabilities, and the N x E 0/1 dispatch mask the load-balancing loss counts
+            (the chosen experts, or each input's top-1 expert under soft routing, as in Switch).
+        """
+        logits = self.router(x)
+        probs = logits.softmax(dim=-1)
+        self.z_loss = logits.logsumexp(dim=-1).square().mean()
+        k = self._selected_k()
+        top = probs.topk(k if k < self.num_experts else 1, dim=-1).indices
+        dispatch = torch.zeros_like(probs).scatter_(-1, top, 1.0)
+        if k == self.num_experts:
+            return probs, probs, dispatch
+        gates = probs * dispatch
+        if self.routing == "learned" and k > 1:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return gates, probs, dispatch
+
+    def forward(self, features: dict[str, Tensor | Any], **kwargs) -> dict[str, Tensor | Any]:
+        x = features["sentence_embedding"]
+        gates, probs, dispatch = self.gates(x)
+        expert_out = torch.stack([expert(x) for expert in self.experts], dim=1)  # N x E x H
+        if self.routing == "faithful":
+            y = F.normalize((gates.unsqueeze(-1) * expert_out).sum(dim=1), dim=-1)
+        else:
+            y = (gates.unsqueeze(-1) * F.normalize(expert_out, dim=-1)).sum(dim=1)
+        if self.residual:
+            y = y + x
+        if self.normalize_output:
+            y = F.normalize(y, dim=-1)
+        self.aux_loss = load_balancing_loss(probs, dispatch)
+        expert_index = probs.argmax(dim=-1)
+        if not torch.is_grad_enabled():
+            self.expert_counts += torch.bincount(expert_index, minlength=self.num_experts).cpu()
+        features["sentence_embedding"] = y
+        features["expert_index"] = expert_index
+        features["router_probs"] = probs
+        return features
+
+    def reset_routing_stats(self) -> None:
+        """Zero the per-expert counters that :meth:`forward` fills while encoding."""
+        self.expert_counts.zero_()
+
+    def routing_stats(self) -> dict[str, Any]:
+        """Inputs routed to each expert (by top-1 choice) since the last reset, their shares and entropy."""
+        counts = self.expert_counts.tolist()
+        total = sum(counts)
+        shares = [c / total if total else 0.0 for c in counts]
+        entropy = -sum(s * torch.log(torch.tensor(s)).item() for s in shares if s > 0)
+        return {"counts": counts, "shares": shares, "entropy": entropy, "total": total}
+
+    def get_embedding_dimension(self) -> int:
+        return self.in_features
+
+    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
+        self.save_config(output_path)
+        self.save_torch_weights(output_path, safe_serialization=safe_serialization)
+
+    @classmethod
+    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> SBMoEHead:
+        hub_kwargs = {k: kwargs[k] for k in ("token", "cache_folder", "revision", "local_files_only") if k in kwargs}
+        config = cls.load_config(model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        head = cls(**config)
+        return cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=head, **hub_kwargs)
+
+
+def load_balancing_loss(probs: Tensor, dispatch: Tensor) -> Tensor:
+    """Switch/GShard load-balancing loss ``E * sum_i f_i * P_i``.
+
+    ``f_i`` is the share of routing slots given to expert i and ``P_i`` its mean router probability. The loss
+    is 1 for perfectly uniform routing and approaches E when every input goes to one expert.
+
+    Args:
+        probs: N x E router probabilities.
+        dispatch: N x E 0/1 mask of the experts each input was dispatched to.
+    """
+    num_experts = probs.shape[-1]
+    f = dispatch.sum(dim=0) / dispatch.sum().clamp(min=1.0)
+    return num_experts * (f * probs.mean(dim=0)).sum()

@@ -1,0 +1,109 @@
+"""build_model: Hugging Face encoder -> mean pooling -> SB-MoE head, as a SentenceTransformer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+from sbmoe.backbones import OFFLINE_DEFAULT, resolve_backbone
+from sbmoe.head import SBMoEHead
+
+Document = Mapping[str, str]
+
+
+class SBMoEModel(SentenceTransformer):
+    """A SentenceTransformer that also speaks BEIR's ``encode_queries`` / ``encode_corpus`` protocol.
+
+    It loads its own ``sbmoe`` modules without ``trust_remote_code`` (it trusts only this package's classes);
+    the saved folder also reloads with ``SentenceTransformer(path, trust_remote_code=True)``.
+    """
+
+    def _load_module_class_from_ref(self, class_ref: str, *args, **kwargs) -> type:
+        if class_ref == f"{SBMoEHead.__module__}.{SBMoEHead.__qualname__}":
+            return SBMoEHead
+        return super()._load_module_class_from_ref(class_ref, *args, **kwargs)
+
+    @property
+    def head(self) -> SBMoEHead | None:
+        """The SB-MoE head module, or None for a plain (headless) model."""
+        return find_head(self)
+
+    def encode_queries(self, queries: Sequence[str], batch_size: int = 64, **kwargs) -> np.ndarray | torch.Tensor:
+        """Encode query texts (BEIR protocol)."""
+        return self.encode_query(list(queries), batch_size=batch_size, **kwargs)
+
+    def encode_corpus(
+        self, corpus: Sequence[Document] | Mapping[str, Sequence[str]], batch_size: int = 64, **kwargs
+    ) -> np.ndarray | torch.Tensor:
+        """Encode documents given as BEIR dicts (``title`` + ``text``) or as a dict of columns (BEIR protocol)."""
+        return self.encode_document(document_texts(corpus), batch_size=batch_size, **kwargs)
+
+
+def document_texts(corpus: Sequence[Document] | Mapping[str, Sequence[str]]) -> list[str]:
+    """BEIR's document text: ``title + " " + text``, stripped (title-only and text-only documents work)."""
+    if isinstance(corpus, Mapping):
+        titles = corpus.get("title") or [""] * len(corpus["text"])
+        return [f"{title} {text}".strip() for title, text in zip(titles, corpus["text"], strict=True)]
+    return [f"{doc.get('title') or ''} {doc.get('text') or ''}".strip() for doc in corpus]
+
+
+def find_head(model: torch.nn.Module) -> SBMoEHead | None:
+    """The first SB-MoE head inside ``model`` (any SentenceTransformer), or None."""
+    return next((m for m in model.modules() if isinstance(m, SBMoEHead)), None)
+
+
+def build_model(
+    backbone: str = OFFLINE_DEFAULT,
+    num_experts: int = 6,
+    routing: str = "learned",
+    top_k: int = 2,
+    inference: str = "soft",
+    head: bool = True,
+    normalize: bool = True,
+    max_seq_length: int = 256,
+    device: str | None = None,
+    **head_kwargs: Any,
+) -> SBMoEModel:
+    """Build backbone -> mean pooling -> SB-MoE head.
+
+    Args:
+        backbone: ``minilm`` (offline default), ``tinybert``, ``bert-small``, ``bert-base``, ``contriever``,
+            ``contriever-msmarco``, any Hub id, or a local folder (a plain HF encoder or a SentenceTransformer).
+        num_experts: Experts in the head.
+        routing: ``learned`` (default) or ``faithful`` (the paper, whose router gets no gradient).
+        top_k: Experts per input while training in ``learned`` mode.
+        inference: ``soft``, ``top1`` or ``topk`` routing at inference.
+        head: False gives the plain backbone with mean pooling (the baseline).
+        normalize: L2-normalise the output embedding (cosine similarity).
+        max_seq_length: Token limit of the backbone.
+        device: torch device; None picks CUDA when available.
+        **head_kwargs: Further :class:`SBMoEHead` options (``expert_hidden``, ``noise``, ``residual``).
+    """
+    transformer = Transformer(resolve_backbone(backbone), max_seq_length=max_seq_length)
+    dim = transformer.get_embedding_dimension()
+    modules: list[torch.nn.Module] = [transformer, Pooling(dim, pooling_mode="mean")]
+    if head:
+        modules.append(
+            SBMoEHead(
+                dim,
+                num_experts=num_experts,
+                top_k=top_k,
+                routing=routing,
+                inference=inference,
+                normalize_output=normalize,
+                **head_kwargs,
+            )
+        )
+    elif normalize:
+        modules.append(Normalize())
+    return SBMoEModel(modules=modules, device=device, similarity_fn_name="cosine" if normalize else "dot")
+
+
+def load_model(path: str, device: str | None = None) -> SBMoEModel:
+    """Load a saved sbmoe model (or any SentenceTransformer folder) as an :class:`SBMoEModel`."""
+    return SBMoEModel(path, device=device)
