@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny random BERT backbone saved to a temporary folder (no download)."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+WORDS = (
+    "the a of and to in is was for on with by as cell cells protein gene genes cancer drug study results "
+    "patients disease blood brain risk increase decrease effect effects treatment mice human dna rna virus "
+    "query document retrieval expert router dense vector search index"
+).split()
+
+
+def write_tiny_bert(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
+    """Save a random 2-layer BERT (hidden size ``hidden``) and a word-piece tokenizer to ``folder``."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits, *WORDS]
+    vocab += [f"##{c}" for c in string.ascii_lowercase + string.digits]
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(dict.fromkeys(vocab)),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a tiny random BERT backbone (hidden size 32), shared by the whole test session."""
+    return str(write_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only data folder beside the project (``../shared/data`` or ``$SBMOE_DATA``)."""
+    path = Path(os.environ.get("SBMOE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not path.is_dir():
+        pytest.skip(f"shared data folder not found at {path}")
+    return path
