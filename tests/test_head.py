@@ -1,0 +1,113 @@
+"""The SB-MoE head on its own: shapes, gradients, auxiliary loss, configuration errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sbmoe.head import SBMoEHead, load_balancing_loss
+
+DIM = 32
+
+
+def run_head(head: SBMoEHead, x: torch.Tensor) -> torch.Tensor:
+    return head({"sentence_embedding": x})["sentence_embedding"]
+
+
+def router_grad_norm(routing: str, top_k: int = 2) -> float:
+    """Norm of the router's gradient for a random linear loss, in float64 so rounding noise is ~1e-15."""
+    torch.manual_seed(0)
+    head = SBMoEHead(DIM, num_experts=6, routing=routing, top_k=top_k).double().train()
+    x = torch.randn(16, DIM, dtype=torch.float64)
+    target = torch.randn(16, DIM, dtype=torch.float64)
+    (run_head(head, x) * target).sum().backward()
+    return sum(p.grad.norm().item() ** 2 for p in head.router.parameters() if p.grad is not None) ** 0.5
+
+
+def test_output_shapes_and_features() -> None:
+    head = SBMoEHead(DIM, num_experts=4).eval()
+    features = head({"sentence_embedding": torch.randn(5, DIM)})
+    assert features["sentence_embedding"].shape == (5, DIM)
+    assert features["expert_index"].shape == (5,)
+    assert features["router_probs"].shape == (5, 4)
+    torch.testing.assert_close(features["router_probs"].sum(-1), torch.ones(5))
+    assert head.get_embedding_dimension() == DIM
+
+
+def test_learned_router_gets_gradient() -> None:
+    assert router_grad_norm("learned") > 1e-3
+    assert router_grad_norm("learned", top_k=1) > 1e-3
+
+
+def test_faithful_top1_router_gets_no_gradient() -> None:
+    """The paper's flaw: normalize(g * E(x)) cancels the gate, so the router learns nothing."""
+    learned = router_grad_norm("learned")
+    faithful = router_grad_norm("faithful")
+    assert learned > 0.1
+    assert faithful < 1e-10
+
+
+def test_training_selection_masks_experts() -> None:
+    torch.manual_seed(0)
+    head = SBMoEHead(DIM, num_experts=6, top_k=2).train()
+    gates, probs, dispatch = head.gates(torch.randn(8, DIM))
+    assert torch.equal((gates > 0).sum(-1), torch.full((8,), 2))
+    torch.testing.assert_close(gates.sum(-1), torch.ones(8))
+    faithful = SBMoEHead(DIM, num_experts=6, routing="faithful").train()
+    gates, probs, dispatch = faithful.gates(torch.randn(8, DIM))
+    assert torch.equal((gates > 0).sum(-1), torch.ones(8, dtype=torch.long))
+    assert torch.all(gates.sum(-1) < 1.0)  # not renormalised, as in the paper
+
+
+def test_aux_loss_minimal_when_uniform_larger_when_collapsed() -> None:
+    n, e = 60, 6
+    uniform_probs = torch.full((n, e), 1 / e)
+    balanced = torch.nn.functional.one_hot(torch.arange(n) % e, e).float()
+    collapsed_probs = torch.zeros(n, e).index_fill_(1, torch.tensor([0]), 1.0)
+    collapsed = torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long), e).float()
+    assert load_balancing_loss(uniform_probs, balanced).item() == pytest.approx(1.0)
+    assert load_balancing_loss(collapsed_probs, collapsed).item() == pytest.approx(float(e))
+    half = torch.nn.functional.one_hot(torch.arange(n) % 2, e).float()
+    assert 1.0 < load_balancing_loss(half * 0.9 + 0.1 / e, half).item() < e
+
+
+def test_aux_loss_exposed_after_forward() -> None:
+    head = SBMoEHead(DIM, num_experts=6).train()
+    run_head(head, torch.randn(32, DIM))
+    assert head.aux_loss.requires_grad
+    assert 1.0 <= head.aux_loss.item() <= 6.0
+
+
+def test_routing_stats_count_inputs() -> None:
+    head = SBMoEHead(DIM, num_experts=3).eval()
+    with torch.no_grad():
+        run_head(head, torch.randn(10, DIM))
+        run_head(head, torch.randn(5, DIM))
+    stats = head.routing_stats()
+    assert stats["total"] == 15 and sum(stats["counts"]) == 15
+    assert sum(stats["shares"]) == pytest.approx(1.0)
+    head.reset_routing_stats()
+    assert head.routing_stats()["total"] == 0
+
+
+def test_residual_and_normalisation_options() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, DIM)
+    normed = SBMoEHead(DIM, normalize_output=True).eval()
+    assert torch.allclose(run_head(normed, x).norm(dim=-1), torch.ones(4), atol=1e-5)
+    no_residual = SBMoEHead(DIM, residual=False, routing="faithful", inference="top1").eval()
+    assert torch.allclose(run_head(no_residual, x).norm(dim=-1), torch.ones(4), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_experts": 0}, "num_experts must be >= 1"),
+        ({"num_experts": 3, "top_k": 4}, "top_k must be between 1 and num_experts=3"),
+        ({"routing": "magic"}, "unknown routing mode 'magic'"),
+        ({"inference": "all"}, "unknown inference mode 'all'"),
+    ],
+)
+def test_bad_config_raises_clear_error(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SBMoEHead(DIM, **kwargs)
