@@ -1,0 +1,167 @@
+"""Embedding cache on disk, keyed by model and corpus fingerprints; streaming, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+    from sbmoe.data import Doc, RetrievalDataset
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("corpus", "queries")
+CHUNK = 2048  # documents per encode call: bounds RAM and moves the progress bar
+
+
+def default_cache_dir() -> Path:
+    """``$SBMOE_CACHE``, else ``.cache/sbmoe`` under the current directory (project-local, never ../shared)."""
+    return Path(os.environ.get("SBMOE_CACHE") or Path.cwd() / ".cache" / "sbmoe").expanduser()
+
+
+def model_fingerprint(model: SentenceTransformer) -> str:
+    """Hash of the model's modules (class, config, max length) and parameter values; routing counters excluded."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, module in model.named_children():
+        config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
+        digest.update(f"{name}:{type(module).__qualname__}:{json.dumps(config, sort_keys=True, default=str)}".encode())
+    digest.update(f"max_seq_length={model.max_seq_length}".encode())
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    """Hash of a list of texts, in order."""
+    digest = hashlib.blake2b(digest_size=16)
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
+    return digest.hexdigest()
+
+
+def cached_embeddings(
+    model: SentenceTransformer,
+    items: RetrievalDataset | Sequence[str] | Sequence[Doc],
+    kind: str,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    show_progress: bool = True,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Encode ``items`` once and reuse the result from disk afterwards.
+
+    Args:
+        model: Any SentenceTransformer (an sbmoe head's expert utilization is recorded in the metadata).
+        items: A dataset (its corpus streams in chunks), or a list of texts or :class:`~sbmoe.data.Doc`.
+        kind: ``corpus`` (``encode_document``) or ``queries`` (``encode_query``).
+        cache_dir: Cache root (default :func:`default_cache_dir`).
+        batch_size: Encoder batch size.
+        show_progress: Show a tqdm bar over the items.
+
+    Returns:
+        The embeddings (float32, memory-mapped read-only) and the metadata (fingerprints, count, seconds,
+        ``cached`` = whether it came from disk, ``utilization`` = routing stats of the head or None).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    data_fp = items.fingerprint if hasattr(items, "fingerprint") else texts_fingerprint(_texts(items))
+    model_fp = model_fingerprint(model)
+    folder = root / f"{kind}-{model_fp[:20]}-{data_fp[:20]}"
+    hit = _read(folder)
+    if hit is not None:
+        return hit[0], {**hit[1], "cached": True}
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=root))
+    try:
+        meta = _encode_to(tmp, model, items, kind, batch_size, show_progress)
+        meta.update(model_fingerprint=model_fp, data_fingerprint=data_fp, kind=kind)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if folder.exists():  # a corrupt entry (or a concurrent writer): replace it
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    hit = _read(folder)
+    if hit is None:
+        raise OSError(f"{folder}: the embedding cache entry just written does not read back")
+    return hit[0], {**hit[1], "cached": False}
+
+
+def encode_cached(
+    model: SentenceTransformer,
+    items: RetrievalDataset | Sequence[str] | Sequence[Doc],
+    kind: str,
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    show_progress: bool = True,
+) -> np.ndarray:
+    """Embeddings of ``items`` from the cache, encoding them first on a miss (see :func:`cached_embeddings`)."""
+    return cached_embeddings(model, items, kind, cache_dir, batch_size, show_progress)[0]
+
+
+def _texts(items: Sequence[str] | Sequence[Doc]) -> list[str]:
+    return [item if isinstance(item, str) else item.full_text for item in items]
+
+
+def _read(folder: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """A complete cache entry, or None (absent, or unreadable: then it is re-encoded with a warning)."""
+    if not folder.is_dir():
+        return None
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")
+        if embeddings.shape != (meta["count"], meta["dim"]):
+            raise ValueError(f"shape {embeddings.shape} != ({meta['count']}, {meta['dim']}) in meta.json")
+    except (OSError, ValueError, KeyError) as err:
+        logger.warning("%s: unreadable embedding cache entry (%s); encoding again", folder, err)
+        return None
+    return embeddings, meta
+
+
+def _encode_to(
+    folder: Path, model: SentenceTransformer, items: Any, kind: str, batch_size: int, show_progress: bool
+) -> dict[str, Any]:
+    """Encode ``items`` chunk by chunk into ``folder/embeddings.npy``; return the metadata."""
+    from sbmoe.model import find_head
+
+    encode = model.encode_document if kind == "corpus" else model.encode_query
+    streaming = hasattr(items, "iter_corpus")
+    count = items.corpus_size if streaming else len(items)
+    chunks = items.iter_corpus(CHUNK) if streaming else (items[i : i + CHUNK] for i in range(0, count, CHUNK))
+    dim = model.get_sentence_embedding_dimension()
+    out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=np.float32, shape=(count, dim))
+    head = find_head(model)
+    if head is not None:
+        head.reset_routing_stats()
+    start, row = time.perf_counter(), 0
+    with tqdm(total=count, desc=f"encode {kind}", unit="doc" if kind == "corpus" else "query",
+              disable=not show_progress) as bar:  # fmt: skip
+        for chunk in chunks:
+            vectors = encode(_texts(chunk), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+            out[row : row + len(chunk)] = vectors
+            row += len(chunk)
+            bar.update(len(chunk))
+    if row != count:
+        raise ValueError(f"encoded {row} items but expected {count}: the corpus changed while it was read")
+    out.flush()
+    del out
+    return {
+        "count": count,
+        "dim": dim,
+        "seconds": round(time.perf_counter() - start, 3),
+        "utilization": head.routing_stats() if head is not None else None,
+    }
