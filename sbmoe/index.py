@@ -1,0 +1,402 @@
+"""A thin class over faiss: flat, HNSW, IVF, IVF-PQ, SQ8 and binary indexes; CPU or GPU; atomic save/load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq", "sq8", "binary")
+GPU_TYPES = ("flat", "ivf", "ivfpq", "sq8")  # the rest stay on CPU (faiss has no GPU HNSW)
+GPU_MAX_K = 2048  # faiss GPU top-k limit; larger k searches the CPU copy
+FORMAT = 1
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+IDS_FILE = "doc_ids.txt"
+VECTORS_FILE = "vectors.npy"
+TRAIN_SAMPLE = 200_000
+
+
+class IndexLoadError(ValueError):
+    """An index folder that cannot be used: missing, truncated or corrupt file, or a manifest mismatch."""
+
+
+def gpu_count() -> int:
+    """GPUs faiss can use: 0 when faiss is a CPU build or no GPU is visible."""
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+class DenseIndex:
+    """Inner-product search over embeddings (cosine when they are L2-normalised).
+
+    Args:
+        dim: Embedding dimension.
+        index_type: ``flat`` (exact), ``hnsw``, ``ivf`` (flat lists), ``ivfpq``, ``sq8`` or ``binary``
+            (sign bits, Hamming search, then exact re-scoring of ``rescore * k`` candidates).
+        use_gpu: ``"auto"`` (a GPU build of faiss and a visible GPU), True (required) or False. Several GPUs
+            shard the index. HNSW and binary always run on CPU.
+        model_name: Name of the model that made the embeddings (kept in the manifest).
+        model_hash: Fingerprint of that model; :meth:`load` can check it.
+        **params: ``hnsw_m`` (32), ``ef_construction`` (200), ``ef_search`` (256, raised to k), ``nlist``
+            (4 sqrt(n)), ``nprobe`` (nlist / 8), ``pq_m`` (dim / 4), ``pq_bits`` (8), ``rescore`` (10).
+    """
+
+    DEFAULTS: dict[str, Any] = {
+        "hnsw_m": 32,
+        "ef_construction": 200,
+        "ef_search": 256,
+        "nlist": None,
+        "nprobe": None,
+        "pq_m": None,
+        "pq_bits": 8,
+        "rescore": 10,
+    }
+
+    def __init__(
+        self,
+        dim: int,
+        index_type: str = "flat",
+        use_gpu: bool | str = "auto",
+        model_name: str = "",
+        model_hash: str = "",
+        **params: Any,
+    ):
+        if index_type not in INDEX_TYPES:
+            raise ValueError(f"unknown index type {index_type!r}: expected one of {', '.join(INDEX_TYPES)}")
+        unknown = set(params) - set(self.DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown index parameters {sorted(unknown)}: expected some of {sorted(self.DEFAULTS)}")
+        if index_type == "binary" and dim % 8:
+            raise ValueError(f"binary index needs a dimension divisible by 8, got {dim}")
+        self.dim, self.index_type = dim, index_type
+        self.model_name, self.model_hash = model_name, model_hash
+        self.params = {**self.DEFAULTS, **params}
+        self.use_gpu = self._gpu_choice(use_gpu)
+        self.doc_ids: list[str] = []
+        self._cpu: Any = None
+        self._vectors: list[np.ndarray] = []  # float copies for binary re-scoring
+        self._gpu: Any = None
+        self._gpu_resources: list[Any] = []
+
+    def __len__(self) -> int:
+        return 0 if self._cpu is None else int(self._cpu.ntotal)
+
+    def __repr__(self) -> str:
+        return f"DenseIndex({self.index_type!r}, dim={self.dim}, count={len(self)}, gpu={self.use_gpu})"
+
+    @property
+    def faiss_index(self) -> Any:
+        """The faiss index that :meth:`search` queries (the GPU copy when on GPU)."""
+        return self._device_index(1)
+
+    def _gpu_choice(self, use_gpu: bool | str) -> bool:
+        available = gpu_count() > 0
+        if use_gpu == "auto":
+            return available and self.index_type in GPU_TYPES
+        if use_gpu and not available:
+            raise RuntimeError("use_gpu=True but faiss has no GPU support here (install faiss-gpu, check the GPU)")
+        if use_gpu and self.index_type not in GPU_TYPES:
+            raise ValueError(f"index type {self.index_type!r} runs on CPU only; GPU types: {', '.join(GPU_TYPES)}")
+        return bool(use_gpu)
+
+    def _new_faiss(self, n: int) -> Any:
+        p, d, ip = self.params, self.dim, faiss.METRIC_INNER_PRODUCT
+        if self.index_type == "flat":
+            return faiss.IndexFlatIP(d)
+        if self.index_type == "hnsw":
+            index = faiss.IndexHNSWFlat(d, p["hnsw_m"], ip)
+            index.hnsw.efConstruction = p["ef_construction"]
+            return index
+        if self.index_type == "sq8":
+            return faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, ip)
+        if self.index_type == "binary":
+            return faiss.IndexBinaryFlat(d)
+        if p["nlist"] is None:
+            p["nlist"] = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        if p["nprobe"] is None:
+            p["nprobe"] = max(1, p["nlist"] // 8)
+        if self.index_type == "ivf":
+            return faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, p["nlist"], ip)
+        if p["pq_m"] is None:
+            p["pq_m"] = max(m for m in range(1, d // 4 + 1) if d % m == 0)
+        return faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, p["nlist"], p["pq_m"], p["pq_bits"], ip)
+
+    def train(self, sample: np.ndarray, total: int | None = None) -> None:
+        """Create and (for ivf, ivfpq, sq8) train the faiss index on ``sample``; ``total`` sizes the IVF lists."""
+        sample = self._check(sample)
+        self._cpu = self._new_faiss(total or len(sample))
+        if not self._cpu.is_trained:
+            self._cpu.train(sample)
+
+    def add(self, embeddings: np.ndarray, ids: list[str] | None = None) -> None:
+        """Append embeddings (one batch); the first batch trains the index unless :meth:`train` ran.
+
+        Args:
+            embeddings: ``n x dim`` float array.
+            ids: Document ids for the rows; default: their running row numbers as strings.
+        """
+        embeddings = self._check(embeddings)
+        if ids is not None and len(ids) != len(embeddings):
+            raise ValueError(f"{len(ids)} ids for {len(embeddings)} embeddings")
+        if self._cpu is None:
+            self.train(embeddings)
+        if self.index_type == "binary":
+            self._cpu.add(binary_codes(embeddings))
+            self._vectors.append(embeddings)
+        else:
+            self._cpu.add(embeddings)
+        start = len(self.doc_ids)
+        self.doc_ids.extend(ids if ids is not None else (str(i) for i in range(start, start + len(embeddings))))
+        self._gpu = None
+
+    def build(
+        self,
+        embeddings: np.ndarray,
+        ids: list[str] | None = None,
+        batch_size: int = 65_536,
+        show_progress: bool = True,
+    ) -> DenseIndex:
+        """Train on a random sample (at most 200k rows) of ``embeddings`` (may be a memmap), then add in batches."""
+        n = len(embeddings)
+        if n == 0:
+            raise ValueError("no embeddings to index")
+        rows = np.sort(np.random.default_rng(0).choice(n, size=min(n, TRAIN_SAMPLE), replace=False))
+        self.train(np.asarray(embeddings[rows]), total=n)
+        with tqdm(total=n, desc=f"index {self.index_type}", unit="vec", disable=not show_progress) as bar:
+            for start in range(0, n, batch_size):
+                chunk = np.asarray(embeddings[start : start + batch_size])
+                self.add(chunk, None if ids is None else ids[start : start + len(chunk)])
+                bar.update(len(chunk))
+        return self
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` documents per query.
+
+        Returns:
+            ``scores`` (``nq x k`` float32, inner products, best first) and ``ids`` (``nq x k`` int64 row
+            numbers into :attr:`doc_ids`; -1 where fewer than ``k`` were found). ``k`` is capped at the size.
+        """
+        queries = self._check(queries)
+        if len(self) == 0:
+            raise ValueError("search on an empty index: add embeddings first")
+        k = min(k, len(self))
+        if self.index_type == "binary":
+            return self._search_binary(queries, k)
+        return self._device_index(k).search(queries, k)
+
+    def _search_binary(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        candidates = min(len(self), k * self.params["rescore"])
+        _, cand = self._cpu.search(binary_codes(queries), candidates)
+        vectors = self._stacked_vectors()
+        scores = np.empty((len(queries), k), dtype=np.float32)
+        ids = np.empty((len(queries), k), dtype=np.int64)
+        block = max(1, (1 << 26) // (candidates * self.dim))  # bounds the gathered candidates to ~256 MB
+        for s in range(0, len(queries), block):
+            rows = cand[s : s + block]
+            exact = np.einsum("qcd,qd->qc", vectors[np.maximum(rows, 0)], queries[s : s + block])
+            exact[rows < 0] = -np.inf
+            top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+            scores[s : s + block] = np.take_along_axis(exact, top, axis=1)
+            ids[s : s + block] = np.take_along_axis(rows, top, axis=1)
+        return scores, ids
+
+    def _stacked_vectors(self) -> np.ndarray:
+        if len(self._vectors) > 1:
+            self._vectors = [np.concatenate(self._vectors)]
+        return self._vectors[0]
+
+    def _device_index(self, k: int) -> Any:
+        """The index to search with top-``k``: the GPU copy (made on first use), or the CPU one."""
+        if self._cpu is None:
+            raise ValueError("the index is empty: add embeddings first")
+        if self.index_type in ("hnsw",):
+            self._cpu.hnsw.efSearch = max(self.params["ef_search"], k)
+        elif self.index_type in ("ivf", "ivfpq"):
+            self._cpu.nprobe = self.params["nprobe"]
+        if not self.use_gpu or k > GPU_MAX_K:
+            return self._cpu
+        if self._gpu is None:
+            self._gpu = self._to_gpu()
+        return self._gpu
+
+    def _to_gpu(self) -> Any:
+        if gpu_count() > 1:
+            options = faiss.GpuMultipleClonerOptions()
+            options.shard, options.useFloat16 = True, self.index_type == "ivfpq"
+            index = faiss.index_cpu_to_all_gpus(self._cpu, co=options)
+        else:
+            options = faiss.GpuClonerOptions()
+            options.useFloat16 = self.index_type == "ivfpq"
+            self._gpu_resources = [faiss.StandardGpuResources()]
+            index = faiss.index_cpu_to_gpu(self._gpu_resources[0], 0, self._cpu, options)
+        if self.index_type in ("ivf", "ivfpq"):
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", self.params["nprobe"])
+        return index
+
+    def _check(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"dimension mismatch: expected n x {self.dim} embeddings, got shape {x.shape}")
+        return x
+
+    def bytes_per_vector(self) -> dict[str, float]:
+        """Serialized index bytes per vector, and the float copies binary re-scoring keeps beside them."""
+        if len(self) == 0:
+            return {"index": 0.0, "rescore": 0.0}
+        writer = faiss.serialize_index_binary if self.index_type == "binary" else faiss.serialize_index
+        rescore = 4.0 * self.dim if self.index_type == "binary" else 0.0
+        return {"index": writer(self._cpu).nbytes / len(self), "rescore": rescore}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index to the folder ``path`` atomically (temporary folder, then rename).
+
+        The folder holds ``manifest.json`` (model name and hash, dimension, metric, type, parameters, count,
+        file sizes and SHA-256), ``index.faiss``, ``doc_ids.txt`` and, for binary, ``vectors.npy``.
+        """
+        if self._cpu is None:
+            raise ValueError("nothing to save: the index is empty")
+        if any("\n" in doc_id for doc_id in self.doc_ids):
+            raise ValueError("document ids must not contain newlines")
+        final = Path(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            if self.index_type == "binary":
+                faiss.write_index_binary(self._cpu, str(tmp / INDEX_FILE))
+                np.save(tmp / VECTORS_FILE, self._stacked_vectors())
+            else:
+                faiss.write_index(self._cpu, str(tmp / INDEX_FILE))
+            (tmp / IDS_FILE).write_text("".join(f"{doc_id}\n" for doc_id in self.doc_ids), encoding="utf-8")
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+            manifest = {
+                "format": FORMAT,
+                "model": {"name": self.model_name, "hash": self.model_hash},
+                "dim": self.dim,
+                "metric": "inner_product",
+                "type": self.index_type,
+                "params": self.params,
+                "count": len(self),
+                "faiss_version": faiss.__version__,
+                "files": files,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            _replace_dir(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        expect_dim: int | None = None,
+        expect_model_hash: str | None = None,
+        use_gpu: bool | str = "auto",
+        verify: bool = True,
+    ) -> DenseIndex:
+        """Load an index folder written by :meth:`save`, checking it against its manifest.
+
+        Args:
+            path: The index folder.
+            expect_dim: Raise unless the index has this dimension (the query model's).
+            expect_model_hash: Raise unless the index was built by a model with this fingerprint.
+            use_gpu: As in the constructor.
+            verify: Check every file's SHA-256 (sizes are always checked).
+
+        Raises:
+            IndexLoadError: missing/truncated/corrupt file or a dimension/model mismatch, with the file named.
+        """
+        folder = Path(path)
+        manifest = _read_manifest(folder)
+        if expect_dim is not None and manifest["dim"] != expect_dim:
+            raise IndexLoadError(
+                f"{folder}: dimension mismatch: the index holds {manifest['dim']}-d vectors, "
+                f"the model gives {expect_dim}-d"
+            )
+        built_by = manifest["model"]
+        if expect_model_hash is not None and built_by["hash"] != expect_model_hash:
+            raise IndexLoadError(
+                f"{folder}: model mismatch: built with {built_by['name'] or 'an unnamed model'} "
+                f"(hash {built_by['hash'][:12] or 'none'}), expected hash {expect_model_hash[:12]}"
+            )
+        for name, info in manifest["files"].items():
+            _check_file(folder / name, info, verify)
+        index = cls(
+            manifest["dim"], manifest["type"], use_gpu, built_by["name"], built_by["hash"], **manifest["params"]
+        )
+        reader = faiss.read_index_binary if manifest["type"] == "binary" else faiss.read_index
+        try:
+            index._cpu = reader(str(folder / INDEX_FILE))
+        except RuntimeError as err:
+            raise IndexLoadError(f"{folder / INDEX_FILE}: faiss cannot read it ({str(err).splitlines()[0]})") from err
+        if manifest["type"] == "binary":
+            index._vectors = [np.load(folder / VECTORS_FILE, mmap_mode="r")]
+        index.doc_ids = (folder / IDS_FILE).read_text(encoding="utf-8").splitlines()
+        if not len(index) == len(index.doc_ids) == manifest["count"]:
+            raise IndexLoadError(
+                f"{folder}: count mismatch: manifest {manifest['count']}, index {len(index)}, ids {len(index.doc_ids)}"
+            )
+        return index
+
+
+def binary_codes(x: np.ndarray) -> np.ndarray:
+    """Sign bits of each row, packed 8 per byte (the binary index's codes)."""
+    return np.packbits(x > 0, axis=1)
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    file = folder / MANIFEST
+    if not file.is_file():
+        what = "folder not found" if not folder.exists() else f"no {MANIFEST}"
+        raise IndexLoadError(f"{file}: {what}; expected an index folder written by DenseIndex.save")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise IndexLoadError(f"{file}:{err.lineno}: invalid JSON ({err.msg}); the manifest is corrupt") from err
+    keys = {"format", "model", "dim", "metric", "type", "params", "count", "files"}
+    if not isinstance(manifest, dict) or keys - manifest.keys():
+        missing = sorted(keys - manifest.keys()) if isinstance(manifest, dict) else sorted(keys)
+        raise IndexLoadError(f"{file}: missing keys {missing}; the manifest is corrupt")
+    if manifest["format"] != FORMAT:
+        raise IndexLoadError(f"{file}: format {manifest['format']}, this sbmoe reads format {FORMAT}")
+    return manifest
+
+
+def _check_file(file: Path, info: dict[str, Any], verify: bool) -> None:
+    if not file.is_file():
+        raise IndexLoadError(f"{file}: missing (listed in {MANIFEST})")
+    size = file.stat().st_size
+    if size != info["bytes"]:
+        raise IndexLoadError(f"{file}: truncated or altered: {size} bytes, {MANIFEST} says {info['bytes']}")
+    if verify and _sha256(file) != info["sha256"]:
+        raise IndexLoadError(f"{file}: corrupt: SHA-256 differs from {MANIFEST}")
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Move ``new`` to ``final``; an existing ``final`` is swapped out first and deleted after."""
+    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)
