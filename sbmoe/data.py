@@ -253,7 +253,7 @@ def _select_queries(qrels: dict[str, dict[str, int]], queries: dict[str, str]) -
 
 def _read_jsonl(path: Path, text_fields: tuple[str, ...]) -> Iterator[dict[str, str]]:
     """Yield ``{"_id", *text_fields}`` records; missing or null text fields read as ""; blank lines are skipped."""
-    expected = f'one JSON object per line with "_id" and {", ".join(repr(f) for f in text_fields)}'
+    expected = f'expected one JSON object per line with "_id" and {", ".join(repr(f) for f in text_fields)}'
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
