@@ -1,0 +1,403 @@
+"""``python -m sbmoe.finetune``: train an SB-MoE (or dense, or no) head, alone on cached vectors or with the backbone.
+
+Examples::
+
+    python -m sbmoe.finetune --train-data scifact:train --train head --output-dir out/minilm-sbmoe \\
+        --eval-data scifact:test,scifact:test-unseen,cranfield:test
+    python -m sbmoe.finetune --train full --epochs 1 --hard-negatives 3 --output-dir out/full
+    python -m sbmoe.finetune config.json            # the same arguments as a JSON file
+
+The output directory is a SentenceTransformer folder plus ``run.json`` (arguments, losses, expert utilization,
+eval metrics with per-query values).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from transformers import HfArgumentParser, TrainerCallback, set_seed
+
+from sbmoe.data import DataError, RetrievalDataset, load_dataset
+from sbmoe.evaluate import evaluate_embeddings
+from sbmoe.features import pooled_features
+from sbmoe.head import SBMoEHead
+from sbmoe.losses import TrainingDivergedError
+from sbmoe.metrics import per_query
+from sbmoe.model import SBMoEModel, build_model, find_head
+from sbmoe.splits import unseen_dev_split
+from sbmoe.training import HeadTrainConfig, embed, mine_hard_negatives, train_head
+from sbmoe.trainset import Example, TrainSet, load_train_set
+
+logger = logging.getLogger(__name__)
+METRICS = ("nDCG@10", "MAP@100", "Recall@100", "MRR@10")
+
+
+@dataclass
+class FinetuneArguments:
+    """Arguments of ``python -m sbmoe.finetune`` (flags use dashes: ``--train-data``)."""
+
+    backbone: str = field(default="minilm", metadata={"help": "minilm, a backbone name, Hub id or local folder"})
+    train_data: str = field(default="scifact:train", metadata={"help": "NAME:SPLIT, irds:<id> or a .jsonl file"})
+    eval_data: str = field(default="", metadata={"help": "comma-separated NAME:SPLIT or irds:<id> to evaluate"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder of BEIR datasets (default ../shared/data)"})
+    output_dir: str = field(default="out/finetune", metadata={"help": "model folder + run.json"})
+    head: Literal["sbmoe", "dense", "none"] = field(default="sbmoe", metadata={"help": "head on the pooled vector"})
+    num_experts: int = 6
+    top_k: int = 2
+    routing: Literal["learned", "faithful"] = "learned"
+    inference: Literal["soft", "top1", "topk"] = "soft"
+    expert_hidden: int | None = field(default=None, metadata={"help": "expert width (default H/2)"})
+    dense_size: Literal["expert", "total"] = field(
+        default="expert", metadata={"help": "dense head: one expert's width, or the parameters of --num-experts"}
+    )
+    identity_init: bool = field(default=False, metadata={"help": "head starts as the identity (ReZero scale 0)"})
+    noise: bool = field(default=True, metadata={"help": "noisy router logits while training"})
+    similarity: Literal["cos", "dot"] = "cos"
+    temperature: float = 0.05
+    train: Literal["head", "full"] = field(default="head", metadata={"help": "head alone (cached) or everything"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the head"})
+    backbone_learning_rate: float = field(default=2e-5, metadata={"help": "learning rate of the backbone (full)"})
+    weight_decay: float = 0.01
+    aux_loss_weight: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss"})
+    z_loss_weight: float = 0.0
+    anchor_weight: float = field(default=0.0, metadata={"help": "pull toward the input embedding (head mode)"})
+    hard_negatives: int = field(default=7, metadata={"help": "negatives per query mined with the initial model"})
+    negatives_skip: int = field(default=0, metadata={"help": "top-ranked non-positives skipped when mining"})
+    self_supervised: Literal["none", "title"] = field(
+        default="none", metadata={"help": "add title -> document pairs from the training corpus"}
+    )
+    epochs: float = 30
+    max_steps: int = field(default=-1, metadata={"help": "full mode: stop after this many steps (overrides epochs)"})
+    batch_size: int = 64
+    seed: int = 0
+    dev_queries: int = field(
+        default=0, metadata={"help": "train queries held out as a dev split whose positives are unseen in train"}
+    )
+    patience: int = field(default=0, metadata={"help": "head mode: epochs without dev gain before stopping"})
+    max_seq_length: int = 256
+    save_steps: int = field(default=500, metadata={"help": "full mode: checkpoint every N steps"})
+    logging_steps: int = 10
+    resume: bool = field(default=False, metadata={"help": "full mode: continue from the last checkpoint"})
+    save_model: bool = field(default=True, metadata={"help": "save the model (False: only run.json)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "embedding cache (default .cache/sbmoe)"})
+
+
+def make_model(args: FinetuneArguments) -> SBMoEModel:
+    """The backbone with the head that ``args`` asks for (output normalised for cosine similarity)."""
+    cos = args.similarity == "cos"
+    base = build_model(
+        args.backbone, head=False, normalize=cos and args.head == "none", max_seq_length=args.max_seq_length
+    )
+    if args.head == "none":
+        return base
+    dim = base.get_embedding_dimension()
+    options: dict[str, Any] = {"identity_init": args.identity_init, "noise": args.noise, "normalize_output": cos}
+    if args.head == "sbmoe":
+        options.update(num_experts=args.num_experts, top_k=args.top_k, routing=args.routing, inference=args.inference)
+        options["expert_hidden"] = args.expert_hidden
+    else:
+        options.update(num_experts=1, top_k=1, routing="learned", inference="soft")
+        options["expert_hidden"] = dense_hidden(dim, args) if args.dense_size == "total" else args.expert_hidden
+    return SBMoEModel(
+        modules=[*base, SBMoEHead(dim, **options)],
+        device=str(base.device),
+        similarity_fn_name="cosine" if cos else "dot",
+    )
+
+
+def dense_hidden(dim: int, args: FinetuneArguments) -> int:
+    """Hidden width of a one-expert head with as many parameters as the SB-MoE head of ``args``."""
+    moe = SBMoEHead(dim, num_experts=args.num_experts, expert_hidden=args.expert_hidden, noise=args.noise)
+    one = SBMoEHead(dim, num_experts=1, top_k=1, expert_hidden=1, noise=args.noise)
+    per_unit = 2 * dim + 1  # one hidden unit: a row of `up`, its bias, a column of `down`
+    fixed = count_parameters(one) - per_unit
+    return max(1, round((count_parameters(moe) - fixed) / per_unit))
+
+
+def count_parameters(module: torch.nn.Module | None) -> int:
+    """Number of parameters of ``module`` (0 for None)."""
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class PreparedData:
+    """Training rows over cached vectors: anchors (queries, then titles), documents, example rows, dev data."""
+
+    anchors: torch.Tensor
+    docs: torch.Tensor
+    doc_ids: list[str]
+    rows: torch.Tensor
+    anchor_texts: list[str]
+    doc_texts: list[str]
+    dev_ids: list[str] = field(default_factory=list)
+    dev_vectors: torch.Tensor | None = None
+    dev_qrels: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def prepare(model: SBMoEModel, args: FinetuneArguments, data: TrainSet) -> PreparedData:
+    """Split off the dev queries, compute (cached) pooled vectors, and mine hard negatives with the initial model."""
+    dev_qrels: dict[str, dict[str, int]] = {}
+    if args.dev_queries:
+        train_qrels, dev_qrels = unseen_dev_split(data.qrels, args.dev_queries)
+        data = data.restrict(set(train_qrels))
+    doc_ids = list(data.docs)
+    doc_row = {d: i for i, d in enumerate(doc_ids)}
+    query_ids = sorted({e.query for e in data.examples})
+    anchor_texts = [data.queries[q] for q in query_ids]
+    examples = [(i, e) for i, q in enumerate(query_ids) for e in _by_query(data.examples)[q]]
+    if args.self_supervised == "title":
+        titled = [d for d in doc_ids if data.titles.get(d, "").strip()]
+        examples += [(len(anchor_texts) + i, Example(f"title:{d}", d)) for i, d in enumerate(titled)]
+        anchor_texts += [data.titles[d] for d in titled]
+    doc_texts = [data.docs[d] for d in doc_ids]
+    anchors = pooled_features(model, anchor_texts, "queries", args.cache_dir)
+    docs = pooled_features(model, doc_texts, "corpus", args.cache_dir)
+    head, cos = find_head(model), args.similarity == "cos"
+    positives: dict[int, set[int]] = {}
+    for row, example in examples:
+        positives.setdefault(row, set()).add(doc_row[example.positive])
+    mined = np.zeros((len(anchor_texts), 0), dtype=np.int64)
+    if args.hard_negatives:
+        wanted = [positives.get(i, set()) for i in range(len(anchor_texts))]
+        mined = mine_hard_negatives(
+            embed(head, anchors, cos), embed(head, docs, cos), wanted, args.hard_negatives, args.negatives_skip
+        )
+    rows = []
+    for row, example in examples:
+        given = [doc_row[n] for n in example.negatives if n in doc_row]
+        negatives = (given + [int(m) for m in mined[row] if m not in given])[: max(args.hard_negatives, len(given))]
+        rows.append([row, doc_row[example.positive], *negatives])
+    width = min(len(r) for r in rows)
+    prepared = PreparedData(anchors, docs, doc_ids, torch.tensor([r[:width] for r in rows]), anchor_texts, doc_texts)
+    if dev_qrels:
+        prepared.dev_ids = sorted(dev_qrels)
+        prepared.dev_vectors = pooled_features(
+            model, [data.queries[q] for q in prepared.dev_ids], "queries", args.cache_dir
+        )
+        prepared.dev_qrels = dev_qrels
+    return prepared
+
+
+def _by_query(examples: list[Example]) -> dict[str, list[Example]]:
+    grouped: dict[str, list[Example]] = {}
+    for example in examples:
+        grouped.setdefault(example.query, []).append(example)
+    return grouped
+
+
+def dev_ndcg(head: SBMoEHead | None, prepared: PreparedData, cos: bool = True) -> float:
+    """nDCG@10 of the dev queries against the whole training corpus, on cached vectors."""
+    queries, docs = embed(head, prepared.dev_vectors, cos).numpy(), embed(head, prepared.docs, cos).numpy()
+    result = evaluate_embeddings(
+        queries, docs, prepared.dev_ids, prepared.doc_ids, prepared.dev_qrels, top_k=100, metrics=("nDCG@10",)
+    )
+    return result["metrics"]["nDCG@10"]
+
+
+def train_head_mode(model: SBMoEModel, args: FinetuneArguments, prepared: PreparedData) -> dict[str, Any]:
+    """Train the head alone on the cached vectors; the backbone is never touched."""
+    head = find_head(model)
+    if head is None:
+        return {"note": "no head: nothing to train in head mode"}
+    config = HeadTrainConfig(
+        epochs=int(args.epochs),
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        similarity=args.similarity,
+        temperature=args.temperature,
+        aux_loss_weight=args.aux_loss_weight,
+        z_loss_weight=args.z_loss_weight,
+        anchor_weight=args.anchor_weight,
+        patience=args.patience,
+        seed=args.seed,
+    )
+    cos = args.similarity == "cos"
+    dev = (lambda h: dev_ndcg(h, prepared, cos)) if prepared.dev_ids else None
+    result = train_head(head, prepared.anchors, prepared.docs, prepared.rows, config, dev)
+    return asdict(result)
+
+
+def train_full_mode(
+    model: SBMoEModel, args: FinetuneArguments, prepared: PreparedData, callbacks: list[TrainerCallback]
+) -> dict[str, Any]:
+    """Train backbone and head with the SentenceTransformerTrainer (checkpoints, resume, mixed precision)."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+
+    from sbmoe.losses import MoEContrastiveLoss
+
+    rows = prepared.rows.tolist()
+    columns = {"query": [prepared.anchor_texts[r[0]] for r in rows]}
+    columns["positive"] = [prepared.doc_texts[r[1]] for r in rows]
+    for j in range(2, len(rows[0])):
+        columns[f"negative_{j - 1}"] = [prepared.doc_texts[r[j]] for r in rows]
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    head_name = next((name for name, module in model.named_children() if isinstance(module, SBMoEHead)), None)
+    training_args = SentenceTransformerTrainingArguments(
+        output_dir=str(Path(args.output_dir) / "checkpoints"),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.backbone_learning_rate,
+        learning_rate_mapping={rf"^model\.{head_name}\.": args.learning_rate} if head_name else {},
+        weight_decay=args.weight_decay,
+        warmup_steps=0.1,
+        seed=args.seed,
+        data_seed=args.seed,
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=2,
+        logging_steps=args.logging_steps,
+        logging_nan_inf_filter=False,
+        report_to="none",
+    )
+    loss = MoEContrastiveLoss(model, args.similarity, args.temperature, args.aux_loss_weight, args.z_loss_weight)
+    trainer = SentenceTransformerTrainer(
+        model=model, args=training_args, train_dataset=Dataset.from_dict(columns), loss=loss, callbacks=callbacks
+    )
+    has_checkpoint = any(Path(training_args.output_dir).glob("checkpoint-*"))
+    if args.resume and not has_checkpoint:
+        logger.warning("--resume: no checkpoint under %s, starting from scratch", training_args.output_dir)
+    trainer.train(resume_from_checkpoint=bool(args.resume and has_checkpoint))
+    return {"log_history": trainer.state.log_history, "global_step": trainer.state.global_step}
+
+
+def expert_choice(head: SBMoEHead, vectors: torch.Tensor) -> torch.Tensor:
+    """Top-1 expert of each pooled vector (eval mode)."""
+    head.eval()
+    with torch.no_grad():
+        return torch.cat([head({"sentence_embedding": b})["expert_index"] for b in vectors.split(4096)])
+
+
+def utilization(chosen: torch.Tensor, num_experts: int, initial: torch.Tensor | None = None) -> dict[str, Any]:
+    """Share of documents per expert, routing entropy (nats), and share whose expert changed since ``initial``."""
+    shares = (torch.bincount(chosen, minlength=num_experts).float() / max(len(chosen), 1)).tolist()
+    out: dict[str, Any] = {"shares": shares, "min_share": min(shares)}
+    out["entropy"] = -sum(p * float(np.log(p)) for p in shares if p > 0)
+    if initial is not None:
+        out["changed_from_init"] = (chosen != initial).float().mean().item()
+    return out
+
+
+def evaluate(model: SBMoEModel, args: FinetuneArguments, routing_before: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Metrics, per-query values and expert utilization on each ``--eval-data`` set.
+
+    Documents and queries go through the (cached) pooled backbone and then the head in eval mode, which is
+    exactly what ``model.encode`` computes.
+    """
+    results: dict[str, Any] = {}
+    head, cos = find_head(model), args.similarity == "cos"
+    for spec in eval_specs(args):
+        dataset = load_dataset(spec, data_dir=args.data_dir)
+        query_ids = list(dataset.queries)
+        docs = list(dataset.iter_docs())
+        doc_ids, doc_texts = [doc.id for doc in docs], [doc.full_text for doc in docs]
+        doc_vectors = pooled_features(model, doc_texts, "corpus", args.cache_dir)
+        queries = pooled_features(model, [dataset.queries[q] for q in query_ids], "queries", args.cache_dir)
+        result = evaluate_embeddings(
+            embed(head, queries, cos).numpy(), embed(head, doc_vectors, cos).numpy(), query_ids, doc_ids,
+            dataset.qrels, top_k=1000, metrics=METRICS, relevance_level=dataset.relevance_level,
+        )  # fmt: skip
+        scores = per_query(dataset.qrels, result["run"], METRICS, dataset.relevance_level)
+        results[spec] = {
+            "metrics": result["metrics"],
+            "per_query": {name: {q: values[name] for q, values in scores.items()} for name in METRICS},
+        }
+        if head is not None and head.num_experts > 1:
+            chosen = expert_choice(head, doc_vectors)
+            results[spec]["experts"] = utilization(chosen, head.num_experts, routing_before.get(dataset.name))
+    return results
+
+
+def eval_specs(args: FinetuneArguments) -> list[str]:
+    """The ``--eval-data`` entries."""
+    return [s.strip() for s in args.eval_data.split(",") if s.strip()]
+
+
+def initial_routing(model: SBMoEModel, args: FinetuneArguments) -> dict[str, torch.Tensor]:
+    """Top-1 expert per document of each eval corpus before training (to count documents that change expert)."""
+    head = find_head(model)
+    if head is None or head.num_experts == 1:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    for spec in eval_specs(args):
+        dataset: RetrievalDataset = load_dataset(spec, data_dir=args.data_dir)
+        if dataset.name not in out:
+            texts = [doc.full_text for doc in dataset.iter_docs()]
+            out[dataset.name] = expert_choice(head, pooled_features(model, texts, "corpus", args.cache_dir))
+    return out
+
+
+def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
+    """Fine-tune as ``args`` says, save the model and ``run.json`` to ``args.output_dir``, return the run record."""
+    start = time.time()
+    set_seed(args.seed)
+    model = make_model(args)
+    data = load_train_set(args.train_data, args.data_dir)
+    prepared = prepare(model, args, data)
+    routing_before = initial_routing(model, args)
+    set_seed(args.seed)
+    if args.train == "head":
+        history = train_head_mode(model, args, prepared)
+    else:
+        history = train_full_mode(model, args, prepared, callbacks or [])
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if args.save_model:
+        model.save(str(output))
+    record: dict[str, Any] = {
+        "arguments": asdict(args),
+        "head_parameters": count_parameters(find_head(model)),
+        "train_examples": len(prepared.rows),
+        "dev_queries": len(prepared.dev_ids),
+        "history": history,
+    }
+    if prepared.dev_ids:
+        record["dev_nDCG@10"] = dev_ndcg(find_head(model), prepared, args.similarity == "cos")
+    record["eval"] = evaluate(model, args, routing_before)
+    record["seconds"] = time.time() - start
+    (output / "run.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneArguments:
+    """Parse flags, or a single ``.json`` config file, into :class:`FinetuneArguments`."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser(FinetuneArguments)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(argv[0])[0]
+    return parser.parse_args_into_dataclasses(args=argv)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (1 with a one-line message on bad data or divergence)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        record = run(args)
+    except (DataError, TrainingDivergedError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for spec, result in record["eval"].items():
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
+        print(f"{spec}: {metrics}")
+    print(f"saved to {args.output_dir} ({record['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Contrastive loss (in-batch + hard negatives) with the SB-MoE head's auxiliary losses, and a NaN guard."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.util import cos_sim, dot_score
+from torch import Tensor, nn
+
+from sbmoe.model import find_head
+
+SIMILARITIES = {"cos": cos_sim, "dot": dot_score}
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def check_finite(loss: Tensor, where: str) -> None:
+    """Raise :class:`TrainingDivergedError` naming ``where`` when ``loss`` is NaN or infinite."""
+    if not torch.isfinite(loss).all():
+        raise TrainingDivergedError(
+            f"training loss is {loss.detach().float().item()} at {where}: training stopped. "
+            "Lower the learning rate, raise the temperature, or check the data for empty texts."
+        )
+
+
+def info_nce(similarity: str, temperature: float) -> MultipleNegativesRankingLoss:
+    """sentence-transformers' in-batch + hard-negative InfoNCE with ``similarity`` and ``1 / temperature`` scale.
+
+    Use its ``compute_loss_from_embeddings([queries, positives, negatives_1, ...], None)`` on ready embeddings.
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {similarity!r}; expected one of {sorted(SIMILARITIES)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return MultipleNegativesRankingLoss(None, scale=1.0 / temperature, similarity_fct=SIMILARITIES[similarity])
+
+
+class MoEContrastiveLoss(nn.Module):
+    """InfoNCE over (query, positive, negatives...) columns plus the head's weighted aux and z losses.
+
+    Returns a dict of components, which the SentenceTransformerTrainer sums and logs separately. The aux
+    loss is averaged over the forward passes of one step (the query column and the merged document columns).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        similarity: str = "cos",
+        temperature: float = 0.05,
+        aux_loss_weight: float = 0.01,
+        z_loss_weight: float = 0.0,
+    ):
+        super().__init__()
+        self.model = model
+        self.contrastive = info_nce(similarity, temperature)
+        self.aux_loss_weight = aux_loss_weight
+        self.z_loss_weight = z_loss_weight
+        self.steps = 0
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> dict[str, Tensor]:
+        head = find_head(self.model)
+        aux: list[Tensor] = []
+        z: list[Tensor] = []
+        def collect(module: nn.Module, _inputs: Any, _output: Any) -> None:
+            aux.append(module.aux_loss)
+            z.append(module.z_loss)
+
+        hook = head.register_forward_hook(collect) if head is not None else None
+        try:
+            embeddings = embed_columns(self.model, sentence_features)
+        finally:
+            if hook is not None:
+                hook.remove()
+        losses = {"contrastive": self.contrastive.compute_loss_from_embeddings(embeddings, labels)}
+        if aux and self.aux_loss_weight:
+            losses["aux"] = self.aux_loss_weight * torch.stack(aux).mean()
+        if z and self.z_loss_weight:
+            losses["z"] = self.z_loss_weight * torch.stack(z).mean()
+        if self.model.training:
+            self.steps += 1
+            check_finite(sum(losses.values()), f"training step {self.steps}")
+        return losses

@@ -1,0 +1,196 @@
+"""python -m sbmoe.finetune on a tiny random BERT: loss falls, resume, frozen backbone, NaN guard, bad data."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer
+from transformers import BertTokenizerFast, TrainerCallback
+
+from sbmoe.data import DataError
+from sbmoe.finetune import FinetuneArguments, count_parameters, dense_hidden, main, make_model, run
+from sbmoe.head import SBMoEHead
+from sbmoe.losses import TrainingDivergedError
+from sbmoe.splits import unseen_dev_split
+
+TOPICS = [
+    "cancer cell protein gene",
+    "brain blood disease risk",
+    "virus dna rna human",
+    "drug treatment patients effect",
+    "mice study results increase",
+    "query document retrieval index",
+    "expert router dense vector",
+    "search decrease the a",
+]
+
+
+@pytest.fixture(scope="module")
+def word_bert(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``tiny_bert`` with a tokenizer that knows its vocabulary.
+
+    Under transformers 5, ``BertTokenizerFast(vocab_file=...)`` in conftest ignores the file and maps every
+    word to [UNK]; ``vocab=`` loads it, so different texts get different vectors.
+    """
+    folder = tmp_path_factory.mktemp("word-bert")
+    shutil.copytree(tiny_bert, folder, dirs_exist_ok=True)
+    BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def toy_beir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BEIR folder: 48 documents over 8 topics, 32 train queries, 8 test queries."""
+    folder = tmp_path_factory.mktemp("toy")
+    rng = random.Random(0)
+    docs, queries, train, test = [], [], [], []
+    for i in range(48):
+        words = TOPICS[i % 8].split()
+        docs.append({"_id": f"d{i}", "title": f"{words[0]} {i}", "text": " ".join(rng.choices(words, k=12))})
+    for j in range(40):
+        doc = j % 48
+        queries.append({"_id": f"q{j}", "text": " ".join(rng.sample(TOPICS[doc % 8].split(), 3)) + f" {doc}"})
+        (train if j < 32 else test).append(f"q{j}\td{doc}\t1")
+    (folder / "qrels").mkdir()
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    header = "query-id\tcorpus-id\tscore\n"
+    (folder / "qrels" / "train.tsv").write_text(header + "\n".join(train) + "\n")
+    (folder / "qrels" / "test.tsv").write_text(header + "\n".join(test) + "\n")
+    return folder
+
+
+def make_args(backbone: str, toy_beir: Path, tmp_path: Path, **overrides) -> FinetuneArguments:
+    options = {
+        "backbone": backbone,
+        "train_data": f"{toy_beir}:train",
+        "eval_data": f"{toy_beir}:test",
+        "output_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"),
+        "num_experts": 3,
+        "hard_negatives": 2,
+        "batch_size": 8,
+        "epochs": 15,
+        "learning_rate": 1e-2,
+        "max_seq_length": 32,
+        "logging_steps": 1,
+    }
+    return FinetuneArguments(**{**options, **overrides})
+
+
+def backbone_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The transformer weights stored in a model folder (or a plain HF encoder folder)."""
+    weights = load_file(str(folder / "model.safetensors"))
+    return {k.removeprefix("bert."): v for k, v in weights.items()}
+
+
+def test_head_mode_loss_falls_and_backbone_is_untouched(word_bert: str, toy_beir: Path, tmp_path: Path) -> None:
+    args = make_args(word_bert, toy_beir, tmp_path)
+    record = run(args)
+    losses = record["history"]["losses"]
+    assert len(losses) == 15 and losses[-1] < 0.8 * losses[0]
+    before, after = backbone_weights(Path(word_bert)), backbone_weights(Path(args.output_dir))
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]), name
+    saved = json.loads((Path(args.output_dir) / "run.json").read_text())
+    metrics = saved["eval"][args.eval_data]["metrics"]
+    assert set(metrics) == {"nDCG@10", "MAP@100", "Recall@100", "MRR@10"} and 0 <= metrics["nDCG@10"] <= 1
+    assert sum(saved["eval"][args.eval_data]["experts"]["shares"]) == pytest.approx(1.0)
+
+
+def test_saved_model_reloads_with_plain_sentence_transformer(word_bert: str, toy_beir: Path, tmp_path: Path) -> None:
+    args = make_args(word_bert, toy_beir, tmp_path, epochs=2)
+    run(args)
+    model = make_model(args)
+    model.load_state_dict(SentenceTransformer(args.output_dir, trust_remote_code=True).state_dict())
+    reloaded = SentenceTransformer(args.output_dir, trust_remote_code=True)
+    text = ["cancer cell protein"]
+    assert torch.allclose(torch.tensor(model.encode(text)), torch.tensor(reloaded.encode(text)), atol=1e-6)
+
+
+def test_full_mode_loss_falls_and_aux_loss_is_logged(word_bert: str, toy_beir: Path, tmp_path: Path) -> None:
+    args = make_args(word_bert, toy_beir, tmp_path, train="full", epochs=6, learning_rate=3e-3)
+    args.backbone_learning_rate = 1e-3
+    logs = [entry for entry in run(args)["history"]["log_history"] if "loss" in entry]
+    assert all("aux" in entry for entry in logs)
+    assert sum(e["contrastive"] for e in logs[-4:]) < 0.8 * sum(e["contrastive"] for e in logs[:4])
+
+
+class StopAt(TrainerCallback):
+    """Stop training after ``step`` steps, like a kill right after that step's checkpoint."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(word_bert: str, toy_beir: Path, tmp_path: Path) -> None:
+    common = {"train": "full", "max_steps": 6, "save_steps": 3, "eval_data": ""}
+    whole = make_args(word_bert, toy_beir, tmp_path / "whole", **common)
+    run(whole)
+    parts = make_args(word_bert, toy_beir, tmp_path / "parts", **common)
+    run(parts, callbacks=[StopAt(3)])
+    assert (Path(parts.output_dir) / "checkpoints" / "checkpoint-3").is_dir()
+    parts.resume = True
+    run(parts)
+    expected = SentenceTransformer(whole.output_dir, trust_remote_code=True).state_dict()
+    resumed = SentenceTransformer(parts.output_dir, trust_remote_code=True).state_dict()
+    interrupted = SentenceTransformer(
+        str(Path(parts.output_dir) / "checkpoints" / "checkpoint-3"), trust_remote_code=True
+    )
+    assert any(not torch.allclose(v, interrupted.state_dict()[k]) for k, v in expected.items())
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["head", "full"])
+def test_nan_loss_stops_with_a_clear_message(word_bert: str, toy_beir: Path, tmp_path: Path, mode: str) -> None:
+    args = make_args(word_bert, toy_beir, tmp_path, train=mode, max_steps=3, epochs=3, learning_rate=1e30)
+    args.backbone_learning_rate = 1e30
+    with pytest.raises(TrainingDivergedError, match=r"training loss is (nan|inf) at .*step \d+: training stopped"):
+        run(args)
+
+
+def test_malformed_training_data_names_file_and_line(word_bert: str, toy_beir: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"query": "cancer", "positive": "cell protein"}\n\n{"query": "brain", "positive": 3}\n')
+    with pytest.raises(DataError, match=rf"{bad}:3: 'positive' must be a non-empty string"):
+        run(make_args(word_bert, toy_beir, tmp_path, train_data=str(bad)))
+    bad.write_text('{"query": "cancer", "positive": "cell protein"}\n{"query": "brain",\n')
+    argv = ["--backbone", word_bert, "--train-data", str(bad), "--cache-dir", str(tmp_path / "c")]
+    assert main([*argv, "--output-dir", str(tmp_path / "o")]) == 1
+    assert f"{bad}:2: invalid JSON" in capsys.readouterr().err
+
+
+def test_jsonl_with_negatives_trains(word_bert: str, toy_beir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    lines = [{"query": t, "positive": t + " study", "negatives": [TOPICS[(i + 1) % 8]]} for i, t in enumerate(TOPICS)]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    record = run(make_args(word_bert, toy_beir, tmp_path, train_data=str(data), hard_negatives=1, eval_data=""))
+    assert record["train_examples"] == 8 and record["history"]["losses"][-1] < record["history"]["losses"][0]
+
+
+def test_unseen_dev_split_shares_no_positive_with_train() -> None:
+    qrels = {"a": {"d1": 1}, "b": {"d1": 1, "d2": 1}, "c": {"d3": 1}, "d": {"d4": 1}, "e": {"d2": 1}, "f": {"d5": 1}}
+    train, dev = unseen_dev_split(qrels, dev_size=2, seed=1)
+    assert len(dev) == 2 and set(train) | set(dev) == set(qrels) and not set(train) & set(dev)
+    assert not {d for q in dev for d in qrels[q]} & {d for q in train for d in qrels[q]}
+    assert set(dev) <= {"c", "d", "f"}  # a, b, e are linked through d1/d2: they only move together
+
+
+def test_dense_head_of_equal_total_parameters() -> None:
+    args = FinetuneArguments(num_experts=6)
+    hidden = dense_hidden(384, args)
+    moe, dense = SBMoEHead(384, num_experts=6), SBMoEHead(384, num_experts=1, top_k=1, expert_hidden=hidden)
+    assert abs(count_parameters(dense) - count_parameters(moe)) <= 2 * 384 + 1
