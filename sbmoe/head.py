@@ -64,6 +64,9 @@ class SBMoEHead(Module):
         noise: Add learned Gaussian noise to the router logits while training.
         residual: Add the input back to the experts' combination.
         normalize_output: L2-normalise the head's output (for cosine similarity).
+        identity_init: Scale the experts' combination by a learnable scalar that starts at 0 (ReZero), so the
+            head starts as the identity and training starts at the backbone's own embedding. (Zeroing the
+            last expert layer instead would feed ``normalize(0)``, whose gradient is ill-defined.)
     """
 
     config_keys: list[str] = [
@@ -76,6 +79,7 @@ class SBMoEHead(Module):
         "noise",
         "residual",
         "normalize_output",
+        "identity_init",
     ]
     config_file_name = "sbmoe_config.json"
 
@@ -90,6 +94,7 @@ class SBMoEHead(Module):
         noise: bool = True,
         residual: bool = True,
         normalize_output: bool = False,
+        identity_init: bool = False,
     ):
         super().__init__()
         if num_experts < 1:
@@ -111,6 +116,8 @@ class SBMoEHead(Module):
         self.noise = noise
         self.residual = residual
         self.normalize_output = normalize_output
+        self.identity_init = identity_init
+        self.expert_scale = nn.Parameter(torch.zeros(())) if identity_init else None
         self.experts = nn.ModuleList(Expert(in_features, self.expert_hidden) for _ in range(num_experts))
         self.router = Router(in_features, num_experts, noise)
         self.aux_loss: Tensor = torch.zeros(())
@@ -152,6 +159,8 @@ class SBMoEHead(Module):
             y = F.normalize((gates.unsqueeze(-1) * expert_out).sum(dim=1), dim=-1)
         else:
             y = (gates.unsqueeze(-1) * F.normalize(expert_out, dim=-1)).sum(dim=1)
+        if self.expert_scale is not None:
+            y = self.expert_scale * y
         if self.residual:
             y = y + x
         if self.normalize_output:
