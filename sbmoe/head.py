@@ -67,7 +67,11 @@ class SBMoEHead(Module):
         identity_init: Scale the experts' combination by a learnable scalar that starts at 0 (ReZero), so the
             head starts as the identity and training starts at the backbone's own embedding. (Zeroing the
             last expert layer instead would feed ``normalize(0)``, whose gradient is ill-defined.)
+        query_only: Transform queries only (DESIRE-ME style): inputs encoded as documents (``task="document"``,
+            as ``encode_document`` sets) pass through unchanged, though their routing is still recorded.
     """
+
+    forward_kwargs = {"task"}
 
     config_keys: list[str] = [
         "in_features",
@@ -80,6 +84,7 @@ class SBMoEHead(Module):
         "residual",
         "normalize_output",
         "identity_init",
+        "query_only",
     ]
     config_file_name = "sbmoe_config.json"
 
@@ -95,6 +100,7 @@ class SBMoEHead(Module):
         residual: bool = True,
         normalize_output: bool = False,
         identity_init: bool = False,
+        query_only: bool = False,
     ):
         super().__init__()
         if num_experts < 1:
@@ -118,6 +124,7 @@ class SBMoEHead(Module):
         self.normalize_output = normalize_output
         self.identity_init = identity_init
         self.expert_scale = nn.Parameter(torch.zeros(())) if identity_init else None
+        self.query_only = query_only
         self.experts = nn.ModuleList(Expert(in_features, self.expert_hidden) for _ in range(num_experts))
         self.router = Router(in_features, num_experts, noise)
         self.aux_loss: Tensor = torch.zeros(())
@@ -154,15 +161,10 @@ class SBMoEHead(Module):
     def forward(self, features: dict[str, Tensor | Any], **kwargs) -> dict[str, Tensor | Any]:
         x = features["sentence_embedding"]
         gates, probs, dispatch = self.gates(x)
-        expert_out = torch.stack([expert(x) for expert in self.experts], dim=1)  # N x E x H
-        if self.routing == "faithful":
-            y = F.normalize((gates.unsqueeze(-1) * expert_out).sum(dim=1), dim=-1)
+        if self.query_only and kwargs.get("task", features.get("task")) == "document":
+            y = x
         else:
-            y = (gates.unsqueeze(-1) * F.normalize(expert_out, dim=-1)).sum(dim=1)
-        if self.expert_scale is not None:
-            y = self.expert_scale * y
-        if self.residual:
-            y = y + x
+            y = self._combine(x, gates)
         if self.normalize_output:
             y = F.normalize(y, dim=-1)
         self.aux_loss = load_balancing_loss(probs, dispatch)
@@ -173,6 +175,19 @@ class SBMoEHead(Module):
         features["expert_index"] = expert_index
         features["router_probs"] = probs
         return features
+
+    def _combine(self, x: Tensor, gates: Tensor) -> Tensor:
+        """The experts' outputs combined by ``gates`` (per routing mode), plus the residual."""
+        expert_out = torch.stack([expert(x) for expert in self.experts], dim=1)  # N x E x H
+        if self.routing == "faithful":
+            y = F.normalize((gates.unsqueeze(-1) * expert_out).sum(dim=1), dim=-1)
+        else:
+            y = (gates.unsqueeze(-1) * F.normalize(expert_out, dim=-1)).sum(dim=1)
+        if self.expert_scale is not None:
+            y = self.expert_scale * y
+        if self.residual:
+            y = y + x
+        return y
 
     def reset_routing_stats(self) -> None:
         """Zero the per-expert counters that :meth:`forward` fills while encoding."""
