@@ -33,7 +33,7 @@ from sbmoe.losses import TrainingDivergedError
 from sbmoe.metrics import per_query
 from sbmoe.model import SBMoEModel, build_model, find_head
 from sbmoe.splits import unseen_dev_split
-from sbmoe.training import HeadTrainConfig, embed, mine_hard_negatives, train_head
+from sbmoe.training import HeadTrainConfig, embed, kmeans_router_init, mine_hard_negatives, train_head
 from sbmoe.trainset import Example, TrainSet, load_train_set
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ class FinetuneArguments:
         default="expert", metadata={"help": "dense head: one expert's width, or the parameters of --num-experts"}
     )
     identity_init: bool = field(default=False, metadata={"help": "head starts as the identity (ReZero scale 0)"})
+    router_init: Literal["random", "kmeans"] = field(
+        default="random", metadata={"help": "kmeans: router fitted to k-means clusters of the training corpus"}
+    )
+    query_only: bool = field(default=False, metadata={"help": "transform queries only; documents pass through"})
     noise: bool = field(default=True, metadata={"help": "noisy router logits while training"})
     similarity: Literal["cos", "dot"] = "cos"
     temperature: float = 0.05
@@ -100,6 +104,7 @@ def make_model(args: FinetuneArguments) -> SBMoEModel:
         return base
     dim = base.get_embedding_dimension()
     options: dict[str, Any] = {"identity_init": args.identity_init, "noise": args.noise, "normalize_output": cos}
+    options["query_only"] = args.query_only
     if args.head == "sbmoe":
         options.update(num_experts=args.num_experts, top_k=args.top_k, routing=args.routing, inference=args.inference)
         options["expert_hidden"] = args.expert_hidden
@@ -140,6 +145,7 @@ class PreparedData:
     dev_ids: list[str] = field(default_factory=list)
     dev_vectors: torch.Tensor | None = None
     dev_qrels: dict[str, dict[str, int]] = field(default_factory=dict)
+    cluster_shares: list[float] | None = None
 
 
 def prepare(model: SBMoEModel, args: FinetuneArguments, data: TrainSet) -> PreparedData:
@@ -161,6 +167,9 @@ def prepare(model: SBMoEModel, args: FinetuneArguments, data: TrainSet) -> Prepa
     anchors = pooled_features(model, anchor_texts, "queries", args.cache_dir)
     docs = pooled_features(model, doc_texts, "corpus", args.cache_dir)
     head, cos = find_head(model), args.similarity == "cos"
+    cluster_shares = None
+    if args.router_init == "kmeans" and head is not None and head.num_experts > 1:
+        cluster_shares = kmeans_router_init(head, docs, seed=args.seed)
     positives: dict[int, set[int]] = {}
     for row, example in examples:
         positives.setdefault(row, set()).add(doc_row[example.positive])
@@ -168,7 +177,11 @@ def prepare(model: SBMoEModel, args: FinetuneArguments, data: TrainSet) -> Prepa
     if args.hard_negatives:
         wanted = [positives.get(i, set()) for i in range(len(anchor_texts))]
         mined = mine_hard_negatives(
-            embed(head, anchors, cos), embed(head, docs, cos), wanted, args.hard_negatives, args.negatives_skip
+            embed(head, anchors, "query", cos),
+            embed(head, docs, "document", cos),
+            wanted,
+            args.hard_negatives,
+            args.negatives_skip,
         )
     rows = []
     for row, example in examples:
@@ -177,6 +190,7 @@ def prepare(model: SBMoEModel, args: FinetuneArguments, data: TrainSet) -> Prepa
         rows.append([row, doc_row[example.positive], *negatives])
     width = min(len(r) for r in rows)
     prepared = PreparedData(anchors, docs, doc_ids, torch.tensor([r[:width] for r in rows]), anchor_texts, doc_texts)
+    prepared.cluster_shares = cluster_shares
     if dev_qrels:
         prepared.dev_ids = sorted(dev_qrels)
         prepared.dev_vectors = pooled_features(
@@ -195,7 +209,8 @@ def _by_query(examples: list[Example]) -> dict[str, list[Example]]:
 
 def dev_ndcg(head: SBMoEHead | None, prepared: PreparedData, cos: bool = True) -> float:
     """nDCG@10 of the dev queries against the whole training corpus, on cached vectors."""
-    queries, docs = embed(head, prepared.dev_vectors, cos).numpy(), embed(head, prepared.docs, cos).numpy()
+    queries = embed(head, prepared.dev_vectors, "query", cos).numpy()
+    docs = embed(head, prepared.docs, "document", cos).numpy()
     result = evaluate_embeddings(
         queries, docs, prepared.dev_ids, prepared.doc_ids, prepared.dev_qrels, top_k=100, metrics=("nDCG@10",)
     )
@@ -308,9 +323,10 @@ def evaluate(model: SBMoEModel, args: FinetuneArguments, routing_before: dict[st
         doc_ids, doc_texts = [doc.id for doc in docs], [doc.full_text for doc in docs]
         doc_vectors = pooled_features(model, doc_texts, "corpus", args.cache_dir)
         queries = pooled_features(model, [dataset.queries[q] for q in query_ids], "queries", args.cache_dir)
+        query_emb, doc_emb = embed(head, queries, "query", cos), embed(head, doc_vectors, "document", cos)
         result = evaluate_embeddings(
-            embed(head, queries, cos).numpy(), embed(head, doc_vectors, cos).numpy(), query_ids, doc_ids,
-            dataset.qrels, top_k=1000, metrics=METRICS, relevance_level=dataset.relevance_level,
+            query_emb.numpy(), doc_emb.numpy(), query_ids, doc_ids, dataset.qrels, top_k=1000, metrics=METRICS,
+            relevance_level=dataset.relevance_level,
         )  # fmt: skip
         scores = per_query(dataset.qrels, result["run"], METRICS, dataset.relevance_level)
         results[spec] = {
@@ -365,6 +381,7 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
         "train_examples": len(prepared.rows),
         "dev_queries": len(prepared.dev_ids),
         "history": history,
+        "kmeans_cluster_shares": prepared.cluster_shares,
     }
     if prepared.dev_ids:
         record["dev_nDCG@10"] = dev_ndcg(find_head(model), prepared, args.similarity == "cos")

@@ -43,14 +43,19 @@ class HeadTrainResult:
     best_epoch: int = 0
 
 
-def embed(head: SBMoEHead | None, x: Tensor, normalize: bool = True, batch_size: int = 4096) -> Tensor:
-    """Apply ``head`` (eval mode, no gradient) to pooled vectors ``x``; with no head, ``x`` (L2-normalised)."""
+def embed(head: SBMoEHead | None, x: Tensor, task: str, normalize: bool = True, batch_size: int = 4096) -> Tensor:
+    """Apply ``head`` (eval mode, no gradient) to pooled vectors ``x`` of ``task`` (``query``/``document``).
+
+    With no head: ``x``, L2-normalised when ``normalize``.
+    """
     if head is None:
         return torch.nn.functional.normalize(x, dim=-1) if normalize else x
     was_training = head.training
     head.eval()
     with torch.no_grad():
-        out = torch.cat([head({"sentence_embedding": b})["sentence_embedding"] for b in x.split(batch_size)])
+        out = torch.cat(
+            [head({"sentence_embedding": b, "task": task})["sentence_embedding"] for b in x.split(batch_size)]
+        )
     head.train(was_training)
     return out
 
@@ -146,9 +151,9 @@ def train_head(
 def _step_loss(head: SBMoEHead, anchors: Tensor, docs: Tensor, rows: Tensor, loss_fn, config) -> tuple[Tensor, float]:
     """Loss of one batch: InfoNCE + weighted aux/z losses + optional pull toward the input embedding."""
     x_query, x_docs = anchors[rows[:, 0]], docs[rows[:, 1:].T.reshape(-1)]
-    query = head({"sentence_embedding": x_query})["sentence_embedding"]
+    query = head({"sentence_embedding": x_query, "task": "query"})["sentence_embedding"]
     aux, z = head.aux_loss, head.z_loss
-    doc = head({"sentence_embedding": x_docs})["sentence_embedding"]
+    doc = head({"sentence_embedding": x_docs, "task": "document"})["sentence_embedding"]
     aux, z = (aux + head.aux_loss) / 2, (z + head.z_loss) / 2
     columns = [query, *doc.view(rows.shape[1] - 1, len(rows), -1).unbind(0)]
     loss = loss_fn.compute_loss_from_embeddings(columns, None)
@@ -157,3 +162,30 @@ def _step_loss(head: SBMoEHead, anchors: Tensor, docs: Tensor, rows: Tensor, los
         pull = 1 - torch.nn.functional.cosine_similarity(torch.cat([query, doc]), torch.cat([x_query, x_docs]))
         loss = loss + config.anchor_weight * pull.mean()
     return loss, aux.item()
+
+
+def kmeans_router_init(head: SBMoEHead, docs: Tensor, seed: int = 0, steps: int = 300) -> list[float]:
+    """Fit the router to the k-means clusters (one per expert) of the documents, so experts start as topics.
+
+    Args:
+        head: The head whose router (without its noise) is trained to predict each document's cluster.
+        docs: D x H pooled document vectors.
+        seed: k-means seed.
+        steps: Full-batch Adam steps of cross-entropy on the cluster labels.
+
+    Returns:
+        The share of documents in each cluster.
+    """
+    import faiss
+
+    unit = torch.nn.functional.normalize(docs, dim=-1).numpy().astype(np.float32)
+    kmeans = faiss.Kmeans(unit.shape[1], head.num_experts, niter=25, seed=seed, spherical=True)
+    kmeans.train(unit)
+    labels = torch.from_numpy(kmeans.index.search(unit, 1)[1][:, 0]).long()
+    optimizer = torch.optim.Adam(head.router.net.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(head.router.net(docs), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (torch.bincount(labels, minlength=head.num_experts).float() / len(labels)).tolist()

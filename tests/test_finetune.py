@@ -14,10 +14,12 @@ from sentence_transformers import SentenceTransformer
 from transformers import BertTokenizerFast, TrainerCallback
 
 from sbmoe.data import DataError
+from sbmoe.features import pooled_model
 from sbmoe.finetune import FinetuneArguments, count_parameters, dense_hidden, main, make_model, run
 from sbmoe.head import SBMoEHead
 from sbmoe.losses import TrainingDivergedError
 from sbmoe.splits import unseen_dev_split
+from sbmoe.training import kmeans_router_init
 
 TOPICS = [
     "cancer cell protein gene",
@@ -194,3 +196,24 @@ def test_dense_head_of_equal_total_parameters() -> None:
     hidden = dense_hidden(384, args)
     moe, dense = SBMoEHead(384, num_experts=6), SBMoEHead(384, num_experts=1, top_k=1, expert_hidden=hidden)
     assert abs(count_parameters(dense) - count_parameters(moe)) <= 2 * 384 + 1
+
+
+def test_query_only_head_passes_documents_through(word_bert: str, toy_beir: Path, tmp_path: Path) -> None:
+    model = make_model(make_args(word_bert, toy_beir, tmp_path, query_only=True))
+    texts = ["cancer cell protein", "brain blood risk"]
+    pooled = torch.nn.functional.normalize(torch.tensor(pooled_model(model).encode(texts)), dim=-1)
+    torch.testing.assert_close(torch.tensor(model.encode_document(texts)), pooled)
+    assert not torch.allclose(torch.tensor(model.encode_query(texts)), pooled, atol=1e-3)
+
+
+def test_kmeans_router_init_routes_documents_by_cluster() -> None:
+    torch.manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1) * 5
+    docs = torch.cat([c + 0.3 * torch.randn(40, 16) for c in centres])
+    head = SBMoEHead(16, num_experts=3)
+    shares = kmeans_router_init(head, docs, seed=0)
+    assert shares == pytest.approx([1 / 3] * 3, abs=0.05)
+    chosen = head.eval()({"sentence_embedding": docs})["expert_index"]
+    assert sorted(torch.bincount(chosen, minlength=3).tolist()) == [40, 40, 40]
+    for group in chosen.view(3, 40):
+        assert (group == group[0]).all()
