@@ -43,18 +43,27 @@ def load_any_model(spec: str, device: str | None = None) -> SentenceTransformer:
         device: torch device; None picks CUDA when available.
     """
     name = spec.removesuffix(PLAIN_SUFFIX)
-    if name == OFFLINE_DEFAULT or name in HUB_IDS:
-        return build_model(name, head=False, device=device)
     path = Path(spec).expanduser()
-    if path.is_dir():
-        return (
-            load_model(str(path), device=device)
-            if (path / "modules.json").is_file()
-            else build_model(str(path), head=False, device=device)
-        )
-    if path.suffix or spec.startswith((".", "/", "~")):
+    if name == OFFLINE_DEFAULT or name in HUB_IDS:
+        model = build_model(name, head=False, device=device)
+    elif (path / "modules.json").is_file():
+        model = load_model(str(path), device=device)
+    elif path.is_dir():
+        model = build_model(str(path), head=False, device=device)
+    elif path.suffix or spec.startswith((".", "/", "~")):
         raise DataError(f"model folder {path} not found")
-    return load_model(spec, device=device)
+    else:
+        model = load_model(spec, device=device)
+    return _cap_length(model)
+
+
+def _cap_length(model: SentenceTransformer) -> SentenceTransformer:
+    """Lower ``max_seq_length`` to the encoder's position limit (small encoders have fewer than 256)."""
+    config = getattr(getattr(model[0], "auto_model", None), "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and model.max_seq_length and model.max_seq_length > limit:
+        model.max_seq_length = limit
+    return model
 
 
 def to_run(
