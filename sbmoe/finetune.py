@@ -273,6 +273,7 @@ def train_full_mode(
         bf16=bf16,
         fp16=cuda and not bf16,
         batch_sampler=BatchSamplers.NO_DUPLICATES,
+        router_mapping={c: "query" if c == "query" else "document" for c in columns},
         save_strategy="steps",
         save_steps=args.save_steps,
         save_total_limit=2,

@@ -217,3 +217,19 @@ def test_kmeans_router_init_routes_documents_by_cluster() -> None:
     assert sorted(torch.bincount(chosen, minlength=3).tolist()) == [40, 40, 40]
     for group in chosen.view(3, 40):
         assert (group == group[0]).all()
+
+
+def test_full_mode_tells_the_head_which_columns_are_documents(
+    word_bert: str, toy_beir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str | None] = []
+    forward = SBMoEHead.forward
+
+    def recording_forward(self, features, **kwargs):
+        seen.append(kwargs.get("task", features.get("task")))
+        return forward(self, features, **kwargs)
+
+    monkeypatch.setattr(SBMoEHead, "forward", recording_forward)
+    args = make_args(word_bert, toy_beir, tmp_path, train="full", max_steps=1, query_only=True, eval_data="")
+    run(args)
+    assert seen[-2:] == ["query", "document"]  # one query pass, one merged pass over positives and negatives
