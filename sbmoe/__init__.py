@@ -1,7 +1,12 @@
 """sbmoe: dense retrieval with Mixture-of-Experts (SB-MoE) heads on sentence-transformers."""
 
 from sbmoe.backbones import HUB_IDS, BackboneUnavailableError, resolve_backbone
+from sbmoe.cache import encode_cached
+from sbmoe.data import DataError, Doc, RetrievalDataset, load_dataset
+from sbmoe.evaluate import evaluate_embeddings, evaluate_model
 from sbmoe.head import SBMoEHead, load_balancing_loss
+from sbmoe.index import DenseIndex, IndexLoadError
+from sbmoe.metrics import evaluate_run, per_query
 from sbmoe.model import SBMoEModel, build_model, find_head, load_model
 
 __all__ = [
@@ -14,4 +19,15 @@ __all__ = [
     "load_balancing_loss",
     "load_model",
     "resolve_backbone",
+    "encode_cached",
+    "DataError",
+    "Doc",
+    "RetrievalDataset",
+    "load_dataset",
+    "evaluate_embeddings",
+    "evaluate_model",
+    "DenseIndex",
+    "IndexLoadError",
+    "evaluate_run",
+    "per_query",
 ]

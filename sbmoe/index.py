@@ -27,6 +27,14 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "doc_ids.txt"
 VECTORS_FILE = "vectors.npy"
 TRAIN_SAMPLE = 200_000
+SETTINGS = {  # the parameters each type uses
+    "flat": (),
+    "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
+    "ivf": ("nlist", "nprobe"),
+    "ivfpq": ("nlist", "nprobe", "pq_m", "pq_bits"),
+    "sq8": (),
+    "binary": ("rescore",),
+}
 
 
 class IndexLoadError(ValueError):
@@ -50,7 +58,8 @@ class DenseIndex:
         model_name: Name of the model that made the embeddings (kept in the manifest).
         model_hash: Fingerprint of that model; :meth:`load` can check it.
         **params: ``hnsw_m`` (32), ``ef_construction`` (200), ``ef_search`` (256, raised to k), ``nlist``
-            (4 sqrt(n)), ``nprobe`` (nlist / 8), ``pq_m`` (dim / 4), ``pq_bits`` (8), ``rescore`` (10).
+            (4 sqrt(n)), ``nprobe`` (nlist / 8), ``pq_m`` (dim / 4), ``pq_bits`` (8), ``rescore`` (10). Those
+            another type uses are accepted and ignored, so one set of parameters can serve all types.
     """
 
     DEFAULTS: dict[str, Any] = {
@@ -82,7 +91,7 @@ class DenseIndex:
             raise ValueError(f"binary index needs a dimension divisible by 8, got {dim}")
         self.dim, self.index_type = dim, index_type
         self.model_name, self.model_hash = model_name, model_hash
-        self.params = {**self.DEFAULTS, **params}
+        self.params = {k: v for k, v in {**self.DEFAULTS, **params}.items() if k in SETTINGS[index_type]}
         self.use_gpu = self._gpu_choice(use_gpu)
         self.doc_ids: list[str] = []
         self._cpu: Any = None
