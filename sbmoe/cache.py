@@ -142,7 +142,7 @@ def _encode_to(
     streaming = hasattr(items, "iter_corpus")
     count = items.corpus_size if streaming else len(items)
     chunks = items.iter_corpus(CHUNK) if streaming else (items[i : i + CHUNK] for i in range(0, count, CHUNK))
-    dim = model.get_sentence_embedding_dimension()
+    dim = model.get_embedding_dimension()
     out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=np.float32, shape=(count, dim))
     head = find_head(model)
     if head is not None:
