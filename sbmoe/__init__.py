@@ -3,7 +3,6 @@
 from sbmoe.backbones import HUB_IDS, BackboneUnavailableError, resolve_backbone
 from sbmoe.cache import encode_cached
 from sbmoe.data import DataError, Doc, RetrievalDataset, load_dataset
-from sbmoe.evaluate import evaluate_embeddings, evaluate_model
 from sbmoe.head import SBMoEHead, load_balancing_loss
 from sbmoe.index import DenseIndex, IndexLoadError
 from sbmoe.metrics import evaluate_run, per_query
@@ -31,3 +30,12 @@ __all__ = [
     "evaluate_run",
     "per_query",
 ]
+
+
+def __getattr__(name: str):
+    """``evaluate_model`` / ``evaluate_embeddings`` load lazily, so ``python -m sbmoe.evaluate`` runs cleanly."""
+    if name in ("evaluate_model", "evaluate_embeddings"):
+        from sbmoe import evaluate
+
+        return getattr(evaluate, name)
+    raise AttributeError(f"module 'sbmoe' has no attribute {name!r}")
