@@ -385,6 +385,10 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
         "kmeans_cluster_shares": prepared.cluster_shares,
     }
     if prepared.dev_ids:
+        if args.train == "full":  # the backbone moved: re-encode the dev queries and the corpus
+            prepared.docs = pooled_features(model, prepared.doc_texts, "corpus", args.cache_dir)
+            dev_texts = [data.queries[q] for q in prepared.dev_ids]
+            prepared.dev_vectors = pooled_features(model, dev_texts, "queries", args.cache_dir)
         record["dev_nDCG@10"] = dev_ndcg(find_head(model), prepared, args.similarity == "cos")
     record["eval"] = evaluate(model, args, routing_before)
     record["seconds"] = time.time() - start
