@@ -93,7 +93,7 @@ def to_run(
 
 def evaluate_embeddings(
     query_embeddings: np.ndarray,
-    doc_embeddings: np.ndarray,
+    doc_embeddings: np.ndarray | None,
     query_ids: Sequence[str],
     doc_ids: Sequence[str],
     qrels: dict[str, dict[str, int]],

@@ -143,8 +143,9 @@ class DenseIndex:
         return faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, p["nlist"], p["pq_m"], p["pq_bits"], ip)
 
     def train(self, sample: np.ndarray, total: int | None = None) -> None:
-        """Create and (for ivf, ivfpq, sq8) train the faiss index on ``sample``; ``total`` sizes the IVF lists."""
+        """Start a new, empty faiss index, trained on ``sample`` (ivf, ivfpq, sq8); ``total`` sizes the IVF lists."""
         sample = self._check(sample)
+        self.doc_ids, self._vectors, self._gpu = [], [], None
         self._cpu = self._new_faiss(total or len(sample))
         if not self._cpu.is_trained:
             self._cpu.train(sample)
@@ -230,14 +231,21 @@ class DenseIndex:
         """The index to search with top-``k``: the GPU copy (made on first use), or the CPU one."""
         if self._cpu is None:
             raise ValueError("the index is empty: add embeddings first")
-        if self.index_type in ("hnsw",):
+        if self.index_type == "hnsw":
             self._cpu.hnsw.efSearch = max(self.params["ef_search"], k)
         elif self.index_type in ("ivf", "ivfpq"):
             self._cpu.nprobe = self.params["nprobe"]
         if not self.use_gpu or k > GPU_MAX_K:
             return self._cpu
         if self._gpu is None:
-            self._gpu = self._to_gpu()
+            try:
+                self._gpu = self._to_gpu()
+            except RuntimeError as err:  # a faiss GPU build without this index type on GPU
+                logger.warning("%s index stays on CPU: faiss cannot move it to GPU (%s)", self.index_type, err)
+                self.use_gpu = False
+                return self._cpu
+        if self.index_type in ("ivf", "ivfpq"):
+            faiss.GpuParameterSpace().set_index_parameter(self._gpu, "nprobe", self.params["nprobe"])
         return self._gpu
 
     def _to_gpu(self) -> Any:
@@ -250,8 +258,6 @@ class DenseIndex:
             options.useFloat16 = self.index_type == "ivfpq"
             self._gpu_resources = [faiss.StandardGpuResources()]
             index = faiss.index_cpu_to_gpu(self._gpu_resources[0], 0, self._cpu, options)
-        if self.index_type in ("ivf", "ivfpq"):
-            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", self.params["nprobe"])
         return index
 
     def _check(self, x: np.ndarray) -> np.ndarray:

@@ -76,6 +76,8 @@ def test_k_is_capped_and_bad_inputs_are_named(vectors: tuple[np.ndarray, np.ndar
     index = DenseIndex(DIM, "flat", use_gpu=False).build(docs[:5], ["a", "b", "c", "d", "e"], show_progress=False)
     scores, ids = index.search(queries[:2], 100)
     assert scores.shape == ids.shape == (2, 5)
+    index.build(docs[:3], ["x", "y", "z"], show_progress=False)  # a new build starts from empty
+    assert (len(index), index.doc_ids) == (3, ["x", "y", "z"])
     with pytest.raises(ValueError, match=r"dimension mismatch: expected n x 32 embeddings, got shape \(2, 16\)"):
         index.search(queries[:2, :16], 3)
     with pytest.raises(ValueError, match="unknown index type 'lsh': expected one of flat, hnsw, ivf, ivfpq, sq8"):
