@@ -39,3 +39,21 @@ def __getattr__(name: str):
 
         return getattr(evaluate, name)
     raise AttributeError(f"module 'sbmoe' has no attribute {name!r}")
+
+# Fine-tuning (issue 5). ``FinetuneArguments`` loads lazily, so ``python -m sbmoe.finetune`` runs cleanly.
+from sbmoe.losses import MoEContrastiveLoss, TrainingDivergedError  # noqa: E402
+from sbmoe.splits import unseen_dev_split  # noqa: E402
+from sbmoe.trainset import TrainSet, load_train_set  # noqa: E402
+
+__all__ += ["MoEContrastiveLoss", "TrainingDivergedError", "unseen_dev_split", "TrainSet", "load_train_set"]
+__all__ += ["FinetuneArguments"]
+_harness_getattr = __getattr__
+
+
+def __getattr__(name: str):  # noqa: F811
+    """``FinetuneArguments`` loads lazily too; everything else as above."""
+    if name == "FinetuneArguments":
+        from sbmoe.finetune import FinetuneArguments
+
+        return FinetuneArguments
+    return _harness_getattr(name)
