@@ -8,13 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from beir.retrieval.custom_metrics import mrr
 from beir.retrieval.evaluation import EvaluateRetrieval
 from beir.retrieval.search.dense import DenseRetrievalExactSearch
 
 from sbmoe.data import RetrievalDataset, load_dataset
-from sbmoe.evaluate import evaluate_model, load_any_model, main
+from sbmoe.evaluate import evaluate_embeddings, evaluate_model, load_any_model, main
 from sbmoe.model import build_model
 
 SLICE_QUERIES = 40
@@ -164,3 +165,21 @@ def test_msmarco_dl19_through_irds_matches_the_sample_folder(
                             top_k=100, cache_dir=tmp_path / "cache", show_progress=False)  # fmt: skip
     assert sample["corpus_from_cache"]  # same passages, same order: the subprocess's cache entry is reused
     assert irds["metrics"]["nDCG@10"] == pytest.approx(sample["metrics"]["nDCG@10"], abs=1e-6)  # grade-0 rows: gain 0
+
+
+def test_evaluate_embeddings_scores_precomputed_vectors() -> None:
+    """Query i's nearest document is doc i; document "q1" shares query q1's id and is dropped, as in BEIR."""
+    rng = np.random.default_rng(0)
+    docs = rng.normal(size=(50, 16)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    doc_ids = [f"d{i}" for i in range(50)]
+    doc_ids[1] = "q1"
+    queries = docs[:3] + 0.01 * rng.normal(size=(3, 16)).astype(np.float32)
+    qrels = {"q0": {"d0": 1}, "q1": {"q1": 1}, "q2": {"d2": 1, "d49": 1}}
+    out = evaluate_embeddings(queries, docs, ["q0", "q1", "q2"], doc_ids, qrels, top_k=10, index="hnsw",
+                              metrics=["MRR@10", "Recall@1"])  # fmt: skip
+    assert out["metrics"] == {"MRR@10": pytest.approx(2 / 3), "Recall@1": pytest.approx((1 + 0 + 0.5) / 3)}
+    assert "q1" not in out["run"]["q1"] and len(out["run"]["q1"]) == 10 and list(out["run"]["q0"])[0] == "d0"
+    kept = evaluate_embeddings(queries, docs, ["q0", "q1", "q2"], doc_ids, qrels, top_k=10, metrics=["MRR@10"],
+                               ignore_identical_ids=False)  # fmt: skip
+    assert kept["metrics"]["MRR@10"] == pytest.approx(1.0)
