@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -89,6 +90,7 @@ def main() -> None:
         "head_params": sum(p.numel() for p in headed.head.parameters()),
         "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
+        "load_average_at_end": os.getloadavg(),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
