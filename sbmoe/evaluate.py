@@ -232,12 +232,15 @@ def evaluate_model(
     }
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (returned as is when they already are)."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+def _unit(x: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """Rows scaled to unit length, chunk by chunk (returned as is, e.g. still memory-mapped, when they already are)."""
+    norms = np.concatenate([np.linalg.norm(x[i : i + chunk], axis=1) for i in range(0, len(x), chunk)] or [[]])
     if np.allclose(norms, 1.0, atol=1e-4):
         return x
-    return x / np.maximum(norms, 1e-12)
+    out = np.empty(x.shape, dtype=np.float32)
+    for i in range(0, len(x), chunk):
+        out[i : i + chunk] = x[i : i + chunk] / np.maximum(norms[i : i + chunk, None], 1e-12)
+    return out
 
 
 def markdown_table(model: str, results: Sequence[dict[str, Any]]) -> str:
