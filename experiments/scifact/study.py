@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--out", default="out/study", help="folder of the individual runs")
     parser.add_argument("--full", action="store_true", help="also run the --train full rows")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--no-title", action="store_true", help="skip the (slow) title self-supervision row")
     cli = parser.parse_args()
     torch.set_num_threads(cli.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -222,9 +223,10 @@ def main() -> None:
         name = f"best recipe, {experts} experts"
         summaries[name] = run_row(Row(name, args, grid={}), root)
         write_results(summaries)
-    row = title_row(best)
-    summaries[row.name] = run_row(row, root)
-    write_results(summaries)
+    if not cli.no_title:
+        row = title_row(best)
+        summaries[row.name] = run_row(row, root)
+        write_results(summaries)
     if cli.full:
         for row in full_rows():
             summaries[row.name] = run_row(row, root)
