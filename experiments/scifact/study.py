@@ -44,6 +44,7 @@ BASE = {
 }
 GRID = {"learning_rate": [1e-4, 3e-4, 1e-3]}
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+RECIPE_KEYS = ("query_only", "anchor_weight", "self_supervised")  # options that apply to a dense head too
 FULL_STEPS = 8  # of 26 in an epoch at batch 32: the CPU time left allowed no more
 
 
@@ -164,11 +165,9 @@ def recipe_rows(best: dict[str, Any]) -> list[Row]:
 
 
 def title_row(best: dict[str, Any]) -> Row:
-    """Title -> abstract self-supervision (7x the pairs per epoch, so it runs last)."""
-    return Row(
-        "recipe: + title->abstract pairs",
-        {**{k: v for k, v in best.items() if k not in GRID}, "self_supervised": "title"},
-    )
+    """Title -> abstract self-supervision from the training corpus (7x the pairs per epoch)."""
+    base = {k: v for k, v in best.items() if k not in GRID}
+    return Row("recipe: + title->abstract pairs", {**base, "self_supervised": "title"})
 
 
 def full_rows() -> list[Row]:
@@ -194,7 +193,6 @@ def main() -> None:
     parser.add_argument("--out", default="out/study", help="folder of the individual runs")
     parser.add_argument("--full", action="store_true", help="also run the --train full rows")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--no-title", action="store_true", help="skip the (slow) title self-supervision row")
     cli = parser.parse_args()
     torch.set_num_threads(cli.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -205,27 +203,25 @@ def main() -> None:
     write_results(summaries)
     best_learned = best_by_dev(summaries, [n for n in summaries if n.startswith("SB-MoE learned")])
     best = summaries[best_learned]["args"]
-    for row in recipe_rows(best):
+    for row in [*recipe_rows(best), title_row(best)]:
         summaries[row.name] = run_row(row, root)
         write_results(summaries)
+    combined = {**summaries["recipe: query-only routing"]["args"], "self_supervised": "title"}
+    row = Row("recipe: query-only + title->abstract pairs", {k: v for k, v in combined.items() if k not in GRID})
+    summaries[row.name] = run_row(row, root)
     best_recipe = best_by_dev(summaries, [n for n in summaries if n.startswith("recipe:")] + [best_learned])
     summaries["chosen"] = {"best_learned": best_learned, "best_recipe": best_recipe}
-    recipe_options = {k: v for k, v in summaries[best_recipe]["args"].items() if k in ("query_only", "anchor_weight")}
-    recipe_options |= {k: v for k, v in summaries[best_recipe]["args"].items() if k == "self_supervised"}
+    recipe_options = {k: v for k, v in summaries[best_recipe]["args"].items() if k in RECIPE_KEYS}
     if recipe_options:
-        name = "dense, equal total parameters, best recipe"
+        name = f"dense, equal total parameters, {best_recipe.removeprefix('recipe: ')}"
         row = Row(name, {"head": "dense", "dense_size": "total", **recipe_options})
         summaries[name] = run_row(row, root)
     for experts in (3, 9, 12):
         args = {**summaries[best_recipe]["args"], "num_experts": experts}
         top_k = args.get("top_k", 2)
         args["top_k"] = experts if top_k >= 6 else min(top_k, experts)  # soft training keeps "all experts"
-        name = f"best recipe, {experts} experts"
+        name = f"best recipe ({best_recipe.removeprefix('recipe: ')}), {experts} experts"
         summaries[name] = run_row(Row(name, args, grid={}), root)
-        write_results(summaries)
-    if not cli.no_title:
-        row = title_row(best)
-        summaries[row.name] = run_row(row, root)
         write_results(summaries)
     if cli.full:
         for row in full_rows():
