@@ -211,11 +211,12 @@ def main() -> None:
     summaries[row.name] = run_row(row, root)
     best_recipe = best_by_dev(summaries, [n for n in summaries if n.startswith("recipe:")] + [best_learned])
     summaries["chosen"] = {"best_learned": best_learned, "best_recipe": best_recipe}
-    recipe_options = {k: v for k, v in summaries[best_recipe]["args"].items() if k in RECIPE_KEYS}
-    if recipe_options:
-        name = f"dense, equal total parameters, {best_recipe.removeprefix('recipe: ')}"
-        row = Row(name, {"head": "dense", "dense_size": "total", **recipe_options})
-        summaries[name] = run_row(row, root)
+    for recipe in dict.fromkeys([best_recipe, "recipe: query-only routing"]):  # dense heads with the same recipe
+        recipe_options = {k: v for k, v in summaries[recipe]["args"].items() if k in RECIPE_KEYS}
+        if recipe_options:
+            name = f"dense, equal total parameters, {recipe.removeprefix('recipe: ')}"
+            row = Row(name, {"head": "dense", "dense_size": "total", **recipe_options})
+            summaries[name] = run_row(row, root)
     for experts in (3, 9, 12):
         args = {**summaries[best_recipe]["args"], "num_experts": experts}
         top_k = args.get("top_k", 2)
