@@ -123,7 +123,12 @@ def paired_test(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
         return {"delta": 0.0, "se": 0.0, "p_ttest": 1.0, "p_randomization": 1.0, "n": len(queries)}
     ttest = stats.ttest_rel(x, y)
     perm = stats.permutation_test(
-        (x, y), lambda u, v: np.mean(u - v), permutation_type="samples", n_resamples=10000, random_state=0
+        (x, y),
+        lambda u, v, axis: np.mean(u - v, axis=axis),
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=10000,
+        random_state=0,
     )
     se = float(diff.std(ddof=1) / np.sqrt(len(diff)))
     return {
