@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
-from transformers import BertTokenizerFast, TrainerCallback
+from transformers import TrainerCallback
 
 from sbmoe.data import DataError
 from sbmoe.features import pooled_model
@@ -31,19 +30,6 @@ TOPICS = [
     "expert router dense vector",
     "search decrease the a",
 ]
-
-
-@pytest.fixture(scope="module")
-def word_bert(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """``tiny_bert`` with a tokenizer that knows its vocabulary.
-
-    Under transformers 5, ``BertTokenizerFast(vocab_file=...)`` in conftest ignores the file and maps every
-    word to [UNK]; ``vocab=`` loads it, so different texts get different vectors.
-    """
-    folder = tmp_path_factory.mktemp("word-bert")
-    shutil.copytree(tiny_bert, folder, dirs_exist_ok=True)
-    BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +78,12 @@ def backbone_weights(folder: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("bert."): v for k, v in weights.items()}
 
 
-def test_head_mode_loss_falls_and_backbone_is_untouched(word_bert: str, toy_beir: Path, tmp_path: Path) -> None:
-    args = make_args(word_bert, toy_beir, tmp_path)
+def test_head_mode_loss_falls_and_backbone_is_untouched(tiny_bert: str, toy_beir: Path, tmp_path: Path) -> None:
+    args = make_args(tiny_bert, toy_beir, tmp_path)
     record = run(args)
     losses = record["history"]["losses"]
     assert len(losses) == 15 and losses[-1] < 0.8 * losses[0]
-    before, after = backbone_weights(Path(word_bert)), backbone_weights(Path(args.output_dir))
+    before, after = backbone_weights(Path(tiny_bert)), backbone_weights(Path(args.output_dir))
     assert before.keys() == after.keys()
     for name, tensor in before.items():
         assert torch.equal(tensor, after[name]), name
@@ -107,8 +93,8 @@ def test_head_mode_loss_falls_and_backbone_is_untouched(word_bert: str, toy_beir
     assert sum(saved["eval"][args.eval_data]["experts"]["shares"]) == pytest.approx(1.0)
 
 
-def test_saved_model_reloads_with_plain_sentence_transformer(word_bert: str, toy_beir: Path, tmp_path: Path) -> None:
-    args = make_args(word_bert, toy_beir, tmp_path, epochs=2)
+def test_saved_model_reloads_with_plain_sentence_transformer(tiny_bert: str, toy_beir: Path, tmp_path: Path) -> None:
+    args = make_args(tiny_bert, toy_beir, tmp_path, epochs=2)
     run(args)
     model = make_model(args)
     model.load_state_dict(SentenceTransformer(args.output_dir, trust_remote_code=True).state_dict())
@@ -117,8 +103,8 @@ def test_saved_model_reloads_with_plain_sentence_transformer(word_bert: str, toy
     assert torch.allclose(torch.tensor(model.encode(text)), torch.tensor(reloaded.encode(text)), atol=1e-6)
 
 
-def test_full_mode_loss_falls_and_aux_loss_is_logged(word_bert: str, toy_beir: Path, tmp_path: Path) -> None:
-    args = make_args(word_bert, toy_beir, tmp_path, train="full", epochs=6, learning_rate=3e-3)
+def test_full_mode_loss_falls_and_aux_loss_is_logged(tiny_bert: str, toy_beir: Path, tmp_path: Path) -> None:
+    args = make_args(tiny_bert, toy_beir, tmp_path, train="full", epochs=6, learning_rate=3e-3)
     args.backbone_learning_rate = 1e-3
     logs = [entry for entry in run(args)["history"]["log_history"] if "loss" in entry]
     assert all("aux" in entry for entry in logs)
@@ -137,11 +123,11 @@ class StopAt(TrainerCallback):
         return control
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(word_bert: str, toy_beir: Path, tmp_path: Path) -> None:
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_bert: str, toy_beir: Path, tmp_path: Path) -> None:
     common = {"train": "full", "max_steps": 4, "save_steps": 2, "eval_data": ""}
-    whole = make_args(word_bert, toy_beir, tmp_path / "whole", **common)
+    whole = make_args(tiny_bert, toy_beir, tmp_path / "whole", **common)
     run(whole)
-    parts = make_args(word_bert, toy_beir, tmp_path / "parts", **common)
+    parts = make_args(tiny_bert, toy_beir, tmp_path / "parts", **common)
     run(parts, callbacks=[StopAt(2)])
     assert (Path(parts.output_dir) / "checkpoints" / "checkpoint-2").is_dir()
     parts.resume = True
@@ -157,29 +143,29 @@ def test_resume_after_interruption_matches_uninterrupted_run(word_bert: str, toy
 
 
 @pytest.mark.parametrize("mode", ["head", "full"])
-def test_nan_loss_stops_with_a_clear_message(word_bert: str, toy_beir: Path, tmp_path: Path, mode: str) -> None:
-    args = make_args(word_bert, toy_beir, tmp_path, train=mode, max_steps=3, epochs=3, learning_rate=1e30)
+def test_nan_loss_stops_with_a_clear_message(tiny_bert: str, toy_beir: Path, tmp_path: Path, mode: str) -> None:
+    args = make_args(tiny_bert, toy_beir, tmp_path, train=mode, max_steps=3, epochs=3, learning_rate=1e30)
     args.backbone_learning_rate = 1e30
     with pytest.raises(TrainingDivergedError, match=r"training loss is (nan|inf) at .*step \d+: training stopped"):
         run(args)
 
 
-def test_malformed_training_data_names_file_and_line(word_bert: str, toy_beir: Path, tmp_path: Path, capsys) -> None:
+def test_malformed_training_data_names_file_and_line(tiny_bert: str, toy_beir: Path, tmp_path: Path, capsys) -> None:
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"query": "cancer", "positive": "cell protein"}\n\n{"query": "brain", "positive": 3}\n')
     with pytest.raises(DataError, match=rf"{bad}:3: 'positive' must be a non-empty string"):
-        run(make_args(word_bert, toy_beir, tmp_path, train_data=str(bad)))
+        run(make_args(tiny_bert, toy_beir, tmp_path, train_data=str(bad)))
     bad.write_text('{"query": "cancer", "positive": "cell protein"}\n{"query": "brain",\n')
-    argv = ["--backbone", word_bert, "--train-data", str(bad), "--cache-dir", str(tmp_path / "c")]
+    argv = ["--backbone", tiny_bert, "--train-data", str(bad), "--cache-dir", str(tmp_path / "c")]
     assert main([*argv, "--output-dir", str(tmp_path / "o")]) == 1
     assert f"{bad}:2: invalid JSON" in capsys.readouterr().err
 
 
-def test_jsonl_with_negatives_trains(word_bert: str, toy_beir: Path, tmp_path: Path) -> None:
+def test_jsonl_with_negatives_trains(tiny_bert: str, toy_beir: Path, tmp_path: Path) -> None:
     data = tmp_path / "train.jsonl"
     lines = [{"query": t, "positive": t + " study", "negatives": [TOPICS[(i + 1) % 8]]} for i, t in enumerate(TOPICS)]
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    record = run(make_args(word_bert, toy_beir, tmp_path, train_data=str(data), hard_negatives=1, eval_data=""))
+    record = run(make_args(tiny_bert, toy_beir, tmp_path, train_data=str(data), hard_negatives=1, eval_data=""))
     assert record["train_examples"] == 8 and record["history"]["losses"][-1] < record["history"]["losses"][0]
 
 
@@ -198,8 +184,8 @@ def test_dense_head_of_equal_total_parameters() -> None:
     assert abs(count_parameters(dense) - count_parameters(moe)) <= 2 * 384 + 1
 
 
-def test_query_only_head_passes_documents_through(word_bert: str, toy_beir: Path, tmp_path: Path) -> None:
-    model = make_model(make_args(word_bert, toy_beir, tmp_path, query_only=True))
+def test_query_only_head_passes_documents_through(tiny_bert: str, toy_beir: Path, tmp_path: Path) -> None:
+    model = make_model(make_args(tiny_bert, toy_beir, tmp_path, query_only=True))
     texts = ["cancer cell protein", "brain blood risk"]
     pooled = torch.nn.functional.normalize(torch.tensor(pooled_model(model).encode(texts)), dim=-1)
     torch.testing.assert_close(torch.tensor(model.encode_document(texts)), pooled)
@@ -220,7 +206,7 @@ def test_kmeans_router_init_routes_documents_by_cluster() -> None:
 
 
 def test_full_mode_tells_the_head_which_columns_are_documents(
-    word_bert: str, toy_beir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_bert: str, toy_beir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[str | None] = []
     forward = SBMoEHead.forward
@@ -230,6 +216,6 @@ def test_full_mode_tells_the_head_which_columns_are_documents(
         return forward(self, features, **kwargs)
 
     monkeypatch.setattr(SBMoEHead, "forward", recording_forward)
-    args = make_args(word_bert, toy_beir, tmp_path, train="full", max_steps=1, query_only=True, eval_data="")
+    args = make_args(tiny_bert, toy_beir, tmp_path, train="full", max_steps=1, query_only=True, eval_data="")
     run(args)
     assert seen[-2:] == ["query", "document"]  # one query pass, one merged pass over positives and negatives

@@ -100,3 +100,11 @@ def test_minilm_round_trip_and_plain_backbone(tmp_path: Path) -> None:
     reference = SentenceTransformer(resolve_backbone("minilm"))
     plain = sbmoe.build_model("minilm", head=False)
     np.testing.assert_allclose(plain.encode(TEXTS), reference.encode(TEXTS), atol=1e-6)
+
+
+def test_tiny_backbone_tokenizes_real_words(tiny_bert: str, tiny_model: sbmoe.SBMoEModel) -> None:
+    """Guard for the fixture itself: distinct texts give distinct token ids and distinct embeddings."""
+    tokens = tiny_model.tokenize(TEXTS[:2])["input_ids"]
+    assert 1 not in tokens[0].tolist()  # no [UNK]
+    emb = tiny_model.encode(TEXTS)
+    assert np.abs(emb[0] - emb[1]).max() > 1e-3
