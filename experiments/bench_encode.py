@@ -22,6 +22,7 @@ import torch
 
 import sbmoe
 from sbmoe.data import load_dataset
+from sbmoe.files import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -92,8 +93,7 @@ def main() -> None:
         "machine": platform.processor() or platform.machine(),
         "load_average_at_end": os.getloadavg(),
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_atomic(args.output, json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from sbmoe.cache import encode_cached
 from sbmoe.data import load_dataset
+from sbmoe.files import write_atomic
 from sbmoe.index import DenseIndex, binary_codes
 from sbmoe.model import build_model
 
@@ -199,14 +200,6 @@ def main() -> None:
     write_atomic(output, json.dumps(report, indent=1) + "\n")
     write_atomic(output.with_suffix(".md"), markdown(report))
     print(markdown(report))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from sentence_transformers import SentenceTransformer
 from sbmoe.backbones import HUB_IDS, OFFLINE_DEFAULT, BackboneUnavailableError
 from sbmoe.cache import cached_embeddings, model_fingerprint
 from sbmoe.data import DataError, RetrievalDataset, load_dataset
+from sbmoe.files import write_atomic
 from sbmoe.index import INDEX_TYPES, DenseIndex, IndexLoadError
 from sbmoe.metrics import DEFAULT_METRICS, evaluate_run, parse_metric
 from sbmoe.model import build_model, load_model
@@ -338,19 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     output = Path(args.output or Path("runs") / "evaluate" / f"{slug(args.model)}.json")
     report = {"model": args.model, "model_fingerprint": model_fingerprint(model), "results": results}
-    _write_atomic(output, json.dumps(report, indent=1) + "\n")
-    _write_atomic(output.with_suffix(".md"), markdown_table(args.model, results))
+    write_atomic(output, json.dumps(report, indent=1) + "\n")
+    write_atomic(output.with_suffix(".md"), markdown_table(args.model, results))
     print(markdown_table(args.model, results), end="")
     print(f"wrote {output} and {output.with_suffix('.md')}")
     return 0
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

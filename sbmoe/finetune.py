@@ -28,6 +28,7 @@ from transformers import HfArgumentParser, TrainerCallback, set_seed
 from sbmoe.data import DataError, RetrievalDataset, load_dataset
 from sbmoe.evaluate import evaluate_embeddings
 from sbmoe.features import pooled_features
+from sbmoe.files import write_atomic
 from sbmoe.head import SBMoEHead
 from sbmoe.losses import TrainingDivergedError
 from sbmoe.metrics import per_query
@@ -392,7 +393,7 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
         record["dev_nDCG@10"] = dev_ndcg(find_head(model), prepared, args.similarity == "cos")
     record["eval"] = evaluate(model, args, routing_before)
     record["seconds"] = time.time() - start
-    (output / "run.json").write_text(json.dumps(record, indent=1))
+    write_atomic(output / "run.json", json.dumps(record, indent=1))
     return record
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from sbmoe.files import write_atomic
 from sbmoe.finetune import FinetuneArguments, run
 
 EVAL = ["scifact:test", "scifact:test-unseen", "cranfield:test"]
@@ -245,10 +246,9 @@ def write_results(summaries: dict[str, Any]) -> None:
             own = entry["per_query_nDCG@10"]
             entry["vs_zero_shot"] = paired_test(own, baseline["eval"][spec]["per_query_nDCG@10"])
             entry["vs_dense_equal"] = paired_test(own, dense["eval"][spec]["per_query_nDCG@10"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
     record = {"base_arguments": BASE, "grid": GRID, "chosen": summaries.get("chosen"), "rows": rows}
-    (RESULTS / "scifact_study.json").write_text(json.dumps(record, indent=1))
-    (RESULTS / "scifact_study.md").write_text(markdown(rows))
+    write_atomic(RESULTS / "scifact_study.json", json.dumps(record, indent=1))
+    write_atomic(RESULTS / "scifact_study.md", markdown(rows))
     plot(rows, RESULTS / "scifact_study.png")
 
 
