@@ -111,3 +111,9 @@ def test_residual_and_normalisation_options() -> None:
 def test_bad_config_raises_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SBMoEHead(DIM, **kwargs)
+
+
+@pytest.mark.parametrize(("dim", "params"), [(312, 638_520), (512, 1_713_420), (768, 3_848_076)])
+def test_head_size_matches_the_paper(dim: int, params: int) -> None:
+    """6 experts on TinyBERT / BERT-small / BERT-base: the paper's 638K, 1.71M and 3.85M parameters."""
+    assert sum(p.numel() for p in SBMoEHead(dim).parameters()) == params
