@@ -23,6 +23,11 @@ class DataError(ValueError):
     """Missing or malformed retrieval data; the message names the file (and line) and what was expected."""
 
 
+def beir_text(title: str | None, text: str | None) -> str:
+    """BEIR's document text: ``title + " " + text``, stripped (title-only and text-only documents work)."""
+    return f"{title or ''} {text or ''}".strip()
+
+
 @dataclass(frozen=True)
 class Doc:
     """One corpus document."""
@@ -33,8 +38,8 @@ class Doc:
 
     @property
     def full_text(self) -> str:
-        """BEIR's document text: ``title + " " + text``, stripped (title-only and text-only documents work)."""
-        return f"{self.title} {self.text}".strip()
+        """BEIR's document text (see :func:`beir_text`)."""
+        return beir_text(self.title, self.text)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
 from sbmoe.backbones import OFFLINE_DEFAULT, resolve_backbone
+from sbmoe.data import beir_text
 from sbmoe.head import SBMoEHead
 
 Document = Mapping[str, str]
@@ -45,11 +46,11 @@ class SBMoEModel(SentenceTransformer):
 
 
 def document_texts(corpus: Sequence[Document] | Mapping[str, Sequence[str]]) -> list[str]:
-    """BEIR's document text: ``title + " " + text``, stripped (title-only and text-only documents work)."""
+    """BEIR's document texts (see :func:`sbmoe.data.beir_text`) of a list of dicts or a dict of columns."""
     if isinstance(corpus, Mapping):
         titles = corpus.get("title") or [""] * len(corpus["text"])
-        return [f"{title} {text}".strip() for title, text in zip(titles, corpus["text"], strict=True)]
-    return [f"{doc.get('title') or ''} {doc.get('text') or ''}".strip() for doc in corpus]
+        return [beir_text(title, text) for title, text in zip(titles, corpus["text"], strict=True)]
+    return [beir_text(doc.get("title"), doc.get("text")) for doc in corpus]
 
 
 def find_head(model: torch.nn.Module) -> SBMoEHead | None:
