@@ -64,6 +64,10 @@ class FinetuneArguments:
         default="random", metadata={"help": "kmeans: router fitted to k-means clusters of the training corpus"}
     )
     query_only: bool = field(default=False, metadata={"help": "transform queries only; documents pass through"})
+    tune_strength: bool = field(
+        default=False,
+        metadata={"help": "after training, pick the head's strength (0 = backbone .. 1 = trained head) on dev"},
+    )
     noise: bool = field(default=True, metadata={"help": "noisy router logits while training"})
     similarity: Literal["cos", "dot"] = "cos"
     temperature: float = 0.05
@@ -93,6 +97,10 @@ class FinetuneArguments:
     resume: bool = field(default=False, metadata={"help": "full mode: continue from the last checkpoint"})
     save_model: bool = field(default=True, metadata={"help": "save the model (False: only run.json)"})
     cache_dir: str | None = field(default=None, metadata={"help": "embedding cache (default .cache/sbmoe)"})
+
+    def __post_init__(self) -> None:
+        if self.tune_strength and (self.head == "none" or not self.dev_queries):
+            raise ValueError("--tune-strength needs a head and a dev split (--dev-queries > 0)")
 
 
 def make_model(args: FinetuneArguments) -> SBMoEModel:
@@ -216,6 +224,25 @@ def dev_ndcg(head: SBMoEHead | None, prepared: PreparedData, cos: bool = True) -
         queries, docs, prepared.dev_ids, prepared.doc_ids, prepared.dev_qrels, top_k=100, metrics=("nDCG@10",)
     )
     return result["metrics"]["nDCG@10"]
+
+
+STRENGTHS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+
+
+def tune_strength(head: SBMoEHead | None, prepared: PreparedData, cos: bool = True) -> dict[str, Any]:
+    """Set ``head.strength`` to the value in :data:`STRENGTHS` with the best dev nDCG@10 (ties: the stronger head).
+
+    Returns:
+        ``{"chosen": strength, "dev_nDCG@10": {strength: score}}``.
+    """
+    if head is None or not prepared.dev_ids:
+        raise ValueError("--tune-strength needs a head and dev queries (--dev-queries > 0)")
+    scores: dict[str, float] = {}
+    for strength in STRENGTHS:
+        head.strength = strength
+        scores[str(strength)] = dev_ndcg(head, prepared, cos)
+    head.strength = max(STRENGTHS, key=lambda s: (scores[str(s)], s))
+    return {"chosen": head.strength, "dev_nDCG@10": scores}
 
 
 def train_head_mode(model: SBMoEModel, args: FinetuneArguments, prepared: PreparedData) -> dict[str, Any]:
@@ -373,10 +400,6 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
         history = train_head_mode(model, args, prepared)
     else:
         history = train_full_mode(model, args, prepared, callbacks or [])
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    if args.save_model:
-        model.save(str(output))
     record: dict[str, Any] = {
         "arguments": asdict(args),
         "head_parameters": count_parameters(find_head(model)),
@@ -391,6 +414,13 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
             dev_texts = [data.queries[q] for q in prepared.dev_ids]
             prepared.dev_vectors = pooled_features(model, dev_texts, "queries", args.cache_dir)
         record["dev_nDCG@10"] = dev_ndcg(find_head(model), prepared, args.similarity == "cos")
+    if args.tune_strength:
+        record["strength"] = tune_strength(find_head(model), prepared, args.similarity == "cos")
+        record["dev_nDCG@10"] = record["strength"]["dev_nDCG@10"][str(record["strength"]["chosen"])]
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    if args.save_model:
+        model.save(str(output))
     record["eval"] = evaluate(model, args, routing_before)
     record["seconds"] = time.time() - start
     write_atomic(output / "run.json", json.dumps(record, indent=1))
@@ -407,9 +437,13 @@ def parse_args(argv: list[str] | None = None) -> FinetuneArguments:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (1 with a one-line message on bad data or divergence)."""
+    """CLI entry point; returns the exit status (2 on contradictory flags, 1 on bad data or divergence)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         record = run(args)
     except (DataError, TrainingDivergedError) as err:

@@ -6,6 +6,9 @@ Data flow for a batch of pooled embeddings ``x`` (N x H)::
     faithful: y = normalize(sum_i g_i * E_i(x)) + x      (Sokli et al.; top-1 while training)
     learned:  y = sum_{i in top-k} g'_i * normalize(E_i(x)) + x   (g' renormalised over the chosen experts)
 
+``strength`` (default 1) scales the experts' term: 0 is the backbone itself, 1 the trained head, and values in
+between interpolate the two (WiSE-FT style; ``finetune --tune-strength`` picks it on dev).
+
 In ``faithful`` top-1 mode the gate cancels inside ``normalize`` so the router receives no gradient (the
 paper's flaw, kept for reproduction). ``learned`` mode applies the gates after normalising each expert, so
 the router learns, and exposes a Switch-style load-balancing loss in :attr:`SBMoEHead.aux_loss`.
@@ -69,6 +72,8 @@ class SBMoEHead(Module):
             last expert layer instead would feed ``normalize(0)``, whose gradient is ill-defined.)
         query_only: Transform queries only (DESIRE-ME style): inputs encoded as documents (``task="document"``,
             as ``encode_document`` sets) pass through unchanged, though their routing is still recorded.
+        strength: Fixed weight of the experts' term against the residual: 0 gives the backbone's embedding,
+            1 the head as trained; in between interpolates the two.
     """
 
     forward_kwargs = {"task"}
@@ -85,6 +90,7 @@ class SBMoEHead(Module):
         "normalize_output",
         "identity_init",
         "query_only",
+        "strength",
     ]
     config_file_name = "sbmoe_config.json"
 
@@ -101,6 +107,7 @@ class SBMoEHead(Module):
         normalize_output: bool = False,
         identity_init: bool = False,
         query_only: bool = False,
+        strength: float = 1.0,
     ):
         super().__init__()
         if num_experts < 1:
@@ -111,6 +118,8 @@ class SBMoEHead(Module):
             raise ValueError(f"unknown routing mode {routing!r}; expected one of {ROUTING_MODES}")
         if inference not in INFERENCE_MODES:
             raise ValueError(f"unknown inference mode {inference!r}; expected one of {INFERENCE_MODES}")
+        if strength < 0:
+            raise ValueError(f"strength must be >= 0, got {strength}")
         if in_features < 2:
             raise ValueError(f"in_features must be >= 2, got {in_features}")
         self.in_features = in_features
@@ -125,6 +134,7 @@ class SBMoEHead(Module):
         self.identity_init = identity_init
         self.expert_scale = nn.Parameter(torch.zeros(())) if identity_init else None
         self.query_only = query_only
+        self.strength = float(strength)
         self.experts = nn.ModuleList(Expert(in_features, self.expert_hidden) for _ in range(num_experts))
         self.router = Router(in_features, num_experts, noise)
         self.aux_loss: Tensor = torch.zeros(())
@@ -185,6 +195,8 @@ class SBMoEHead(Module):
             y = (gates.unsqueeze(-1) * F.normalize(expert_out, dim=-1)).sum(dim=1)
         if self.expert_scale is not None:
             y = self.expert_scale * y
+        if self.strength != 1.0:
+            y = self.strength * y
         if self.residual:
             y = y + x
         return y

@@ -14,9 +14,10 @@ from transformers import TrainerCallback
 
 from sbmoe.data import DataError
 from sbmoe.features import pooled_model
-from sbmoe.finetune import FinetuneArguments, count_parameters, dense_hidden, main, make_model, run
+from sbmoe.finetune import STRENGTHS, FinetuneArguments, count_parameters, dense_hidden, main, make_model, run
 from sbmoe.head import SBMoEHead
 from sbmoe.losses import TrainingDivergedError
+from sbmoe.model import find_head
 from sbmoe.splits import unseen_dev_split
 from sbmoe.training import kmeans_router_init
 
@@ -219,3 +220,21 @@ def test_full_mode_tells_the_head_which_columns_are_documents(
     args = make_args(tiny_bert, toy_beir, tmp_path, train="full", max_steps=1, query_only=True, eval_data="")
     run(args)
     assert seen[-2:] == ["query", "document"]  # one query pass, one merged pass over positives and negatives
+
+
+def test_tune_strength_keeps_the_best_dev_strength_in_the_saved_model(
+    tiny_bert: str, toy_beir: Path, tmp_path: Path
+) -> None:
+    args = make_args(tiny_bert, toy_beir, tmp_path, epochs=3, dev_queries=8, tune_strength=True)
+    record = run(args)
+    scores = record["strength"]["dev_nDCG@10"]
+    assert set(scores) == {str(s) for s in STRENGTHS}
+    chosen = record["strength"]["chosen"]
+    assert scores[str(chosen)] == max(scores.values()) == record["dev_nDCG@10"]
+    head = find_head(SentenceTransformer(args.output_dir, trust_remote_code=True))
+    assert head.strength == chosen
+
+
+def test_tune_strength_without_dev_split_is_refused(capsys) -> None:
+    assert main(["--tune-strength", "--dev-queries", "0"]) == 2
+    assert "--tune-strength needs a head and a dev split" in capsys.readouterr().err

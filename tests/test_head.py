@@ -99,6 +99,17 @@ def test_residual_and_normalisation_options() -> None:
     assert torch.allclose(run_head(no_residual, x).norm(dim=-1), torch.ones(4), atol=1e-5)
 
 
+def test_strength_interpolates_between_backbone_and_head() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, DIM)
+    head = SBMoEHead(DIM).eval()
+    full = run_head(head, x)
+    head.strength = 0.0
+    torch.testing.assert_close(run_head(head, x), x)
+    head.strength = 0.3
+    torch.testing.assert_close(run_head(head, x), x + 0.3 * (full - x))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -106,6 +117,7 @@ def test_residual_and_normalisation_options() -> None:
         ({"num_experts": 3, "top_k": 4}, "top_k must be between 1 and num_experts=3"),
         ({"routing": "magic"}, "unknown routing mode 'magic'"),
         ({"inference": "all"}, "unknown inference mode 'all'"),
+        ({"strength": -0.5}, "strength must be >= 0"),
     ],
 )
 def test_bad_config_raises_clear_error(kwargs: dict, message: str) -> None:
