@@ -45,7 +45,8 @@ BASE = {
 }
 GRID = {"learning_rate": [1e-4, 3e-4, 1e-3]}
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-RECIPE_KEYS = ("query_only", "anchor_weight", "self_supervised")  # options that apply to a dense head too
+# options that apply to a dense head too
+RECIPE_KEYS = ("query_only", "anchor_weight", "self_supervised", "tune_strength")
 
 
 @dataclass
@@ -175,6 +176,20 @@ def title_row(best: dict[str, Any]) -> Row:
     return Row("recipe: + title->abstract pairs", {**base, "self_supervised": "title"})
 
 
+def balance_rows(best: dict[str, Any], query_only: dict[str, Any]) -> list[Row]:
+    """Interpolation toward the backbone (strength chosen on dev) and balanced routing, with query-only routing."""
+    base = {k: v for k, v in best.items() if k not in GRID}
+    query = {k: v for k, v in query_only.items() if k not in GRID}
+    balanced = {**GRID, "aux_loss_weight": [0.1, 1.0]}
+    return [
+        Row("recipe: strength tuned on dev", {**base, "tune_strength": True}),
+        Row("recipe: query-only + strength tuned on dev", {**query, "tune_strength": True}),
+        Row("recipe: query-only + balanced routing", query, grid=balanced),
+        Row("recipe: query-only + balanced routing + strength", {**query, "tune_strength": True}, grid=balanced),
+        Row("recipe: query-only + k-means router init", {**query, "router_init": "kmeans"}),
+    ]
+
+
 def full_rows() -> list[Row]:
     """``--train full`` rows, one epoch and one seed each: batch 32, one mined negative, backbone lr 2e-5.
 
@@ -222,6 +237,9 @@ def main() -> None:
     combined = {**summaries["recipe: query-only routing"]["args"], "self_supervised": "title"}
     row = Row("recipe: query-only + title->abstract pairs", {k: v for k, v in combined.items() if k not in GRID})
     summaries[row.name] = run_row(row, root)
+    for row in balance_rows(best, summaries["recipe: query-only routing"]["args"]):
+        summaries[row.name] = run_row(row, root)
+        write_results(summaries)
     best_recipe = best_by_dev(summaries, [n for n in summaries if n.startswith("recipe:")] + [best_learned])
     summaries["chosen"] = {"best_learned": best_learned, "best_recipe": best_recipe}
     for recipe in dict.fromkeys([best_recipe, "recipe: query-only routing"]):  # dense heads with the same recipe
