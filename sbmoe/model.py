@@ -34,6 +34,16 @@ class SBMoEModel(SentenceTransformer):
         """The SB-MoE head module, or None for a plain (headless) model."""
         return find_head(self)
 
+    def _create_model_card(self, *args, **kwargs) -> None:
+        """Write the model card without counting its example encodes in the head's routing statistics."""
+        head = self.head
+        counts = head.expert_counts.clone() if head is not None else None
+        try:
+            super()._create_model_card(*args, **kwargs)
+        finally:
+            if head is not None:
+                head.expert_counts.copy_(counts)
+
     def encode_queries(self, queries: Sequence[str], batch_size: int = 64, **kwargs) -> np.ndarray | torch.Tensor:
         """Encode query texts (BEIR protocol)."""
         return self.encode_query(list(queries), batch_size=batch_size, **kwargs)

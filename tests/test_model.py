@@ -44,6 +44,14 @@ def test_save_and_reload_give_identical_embeddings(tiny_model: sbmoe.SBMoEModel,
     assert own.head.get_config_dict() == tiny_model.head.get_config_dict()
 
 
+def test_saving_leaves_routing_statistics_alone(tiny_model: sbmoe.SBMoEModel, tmp_path: Path) -> None:
+    """The model card encodes example sentences; they must not count as routed inputs."""
+    tiny_model.head.reset_routing_stats()
+    tiny_model.encode(TEXTS)
+    tiny_model.save(str(tmp_path / "m"))
+    assert tiny_model.head.routing_stats()["total"] == len(TEXTS)
+
+
 def test_plain_reload_without_trust_names_the_flag(tiny_model: sbmoe.SBMoEModel, tmp_path: Path) -> None:
     """sentence-transformers >= 6 imports no class outside its namespace without trust_remote_code."""
     tiny_model.save(str(tmp_path / "m"))
