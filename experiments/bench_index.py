@@ -71,7 +71,7 @@ def raw_search(index: DenseIndex, queries: np.ndarray, k: int) -> Any:
         return index.faiss_index.search(queries, k)
     candidates = k * index.params["rescore"]
     _, cand = index.faiss_index.search(binary_codes(queries), candidates)
-    vectors = np.ascontiguousarray(index._stacked_vectors())
+    vectors = np.ascontiguousarray(index.vectors())
     scores, ids = np.empty((len(queries), k), dtype=np.float32), np.empty((len(queries), k), dtype=np.int64)
     ptr = faiss.swig_ptr
     faiss.knn_inner_products_by_idx(

@@ -210,7 +210,7 @@ class DenseIndex:
         """Hamming search for ``rescore * k`` candidates, then exact inner products over them (inside faiss)."""
         candidates = min(len(self), k * self.params["rescore"])
         _, cand = self._cpu.search(binary_codes(queries), candidates)
-        vectors = np.ascontiguousarray(self._stacked_vectors())
+        vectors = np.ascontiguousarray(self.vectors())
         scores = np.empty((len(queries), k), dtype=np.float32)
         ids = np.empty((len(queries), k), dtype=np.int64)
         ptr = faiss.swig_ptr
@@ -220,7 +220,12 @@ class DenseIndex:
         )
         return scores, ids
 
-    def _stacked_vectors(self) -> np.ndarray:
+    def vectors(self) -> np.ndarray:
+        """A binary index's full-precision vectors (N x dim float32, kept for exact re-scoring)."""
+        if self.index_type != "binary":
+            raise ValueError(f"a {self.index_type!r} index keeps no separate float vectors")
+        if not self._vectors:
+            return np.zeros((0, self.dim), dtype=np.float32)
         if len(self._vectors) > 1:
             self._vectors = [np.concatenate(self._vectors)]
         return self._vectors[0]
@@ -289,7 +294,7 @@ class DenseIndex:
         try:
             if self.index_type == "binary":
                 faiss.write_index_binary(self._cpu, str(tmp / INDEX_FILE))
-                np.save(tmp / VECTORS_FILE, self._stacked_vectors())
+                np.save(tmp / VECTORS_FILE, self.vectors())
             else:
                 faiss.write_index(self._cpu, str(tmp / INDEX_FILE))
             (tmp / IDS_FILE).write_text("".join(f"{doc_id}\n" for doc_id in self.doc_ids), encoding="utf-8")
