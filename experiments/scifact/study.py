@@ -5,7 +5,7 @@ unseen by the remaining train queries (never on test). Each row runs 3 seeds; re
 ``test-unseen`` and Cranfield (zero-shot), with expert utilization and paired significance tests.
 
     python experiments/scifact/study.py                 # head-only rows (cached features; minutes)
-    python experiments/scifact/study.py --full          # also the --train full rows (one epoch, one seed)
+    python experiments/scifact/study.py --full          # also the --train full rows (one epoch, 3 seeds; hours)
 
 Each run's ``run.json`` is kept under ``out/study/`` and reused, so an interrupted study continues where it
 stopped. Results: ``experiments/results/scifact_study.{json,md,png}``.
@@ -191,7 +191,7 @@ def balance_rows(best: dict[str, Any], query_only: dict[str, Any]) -> list[Row]:
 
 
 def full_rows() -> list[Row]:
-    """``--train full`` rows, one epoch and one seed each: batch 32, one mined negative, backbone lr 2e-5.
+    """``--train full`` rows, one epoch each (3 seeds): batch 32, one mined negative, backbone lr 2e-5.
 
     The head is the best learned setting on dev (learned top-1 routing, head lr 1e-3), fixed before the recipes
     finished so that the slow run could start. Checkpoints every 5 steps, so a killed run continues (``--resume``).
@@ -207,8 +207,8 @@ def full_rows() -> list[Row]:
     }
     head = {"routing": "learned", "top_k": 1, "inference": "top1", "learning_rate": 1e-3}
     return [
-        Row("full fine-tuning, no head (1 epoch)", {"head": "none", **full}, grid={}, seeds=[0]),
-        Row("full fine-tuning, SB-MoE head (1 epoch)", {**head, **full}, grid={}, seeds=[0]),
+        Row("full fine-tuning, no head (1 epoch)", {"head": "none", **full}, grid={}),
+        Row("full fine-tuning, SB-MoE head (1 epoch)", {**head, **full}, grid={}),
     ]
 
 
@@ -271,9 +271,16 @@ def write_results(summaries: dict[str, Any]) -> None:
             own = entry["per_query_nDCG@10"]
             entry["vs_zero_shot"] = paired_test(own, baseline["eval"][spec]["per_query_nDCG@10"])
             entry["vs_dense_equal"] = paired_test(own, dense["eval"][spec]["per_query_nDCG@10"])
-    record = {"base_arguments": BASE, "grid": GRID, "chosen": summaries.get("chosen"), "rows": rows}
+    rivals = comparisons(rows)
+    record = {
+        "base_arguments": BASE,
+        "grid": GRID,
+        "chosen": summaries.get("chosen"),
+        "rows": rows,
+        "comparisons": rivals,
+    }
     write_atomic(RESULTS / "scifact_study.json", json.dumps(record, indent=1))
-    write_atomic(RESULTS / "scifact_study.md", markdown(rows))
+    write_atomic(RESULTS / "scifact_study.md", markdown(rows) + comparisons_markdown(rivals))
     plot(rows, RESULTS / "scifact_study.png")
 
 
@@ -305,6 +312,55 @@ def markdown(summaries: dict[str, Any]) -> str:
         "the dense head of equal total parameters (paired t-test and paired randomization test both p < 0.05 on "
         "per-query nDCG@10 averaged over seeds); no mark = not significant.",
     ]
+    return "\n".join(lines) + "\n"
+
+
+def comparisons(rows: dict[str, Any]) -> list[dict[str, Any]]:
+    """Paired tests of SB-MoE rows against their closest dense rival.
+
+    Each recipe row against the equal-size dense head trained with the same recipe, and the full fine-tuning
+    SB-MoE row against full fine-tuning without a head.
+    """
+    pairs = [
+        (name, f"dense, equal total parameters, {name.removeprefix('recipe: ')}")
+        for name in rows
+        if name.startswith("recipe: ")
+    ]
+    pairs += [
+        (name, "full fine-tuning, no head (1 epoch)") for name in rows if name.startswith("full fine-tuning, SB")
+    ]
+    return [
+        {
+            "row": row,
+            "against": other,
+            "tests": {
+                spec: paired_test(
+                    rows[row]["eval"][spec]["per_query_nDCG@10"], rows[other]["eval"][spec]["per_query_nDCG@10"]
+                )
+                for spec in EVAL
+            },
+        }
+        for row, other in pairs
+        if other in rows
+    ]
+
+
+def comparisons_markdown(pairs: list[dict[str, Any]]) -> str:
+    """Row minus rival: nDCG@10 points, standard error of the paired difference, both p values."""
+    lines = [
+        "",
+        "SB-MoE rows minus their closest dense rival (nDCG@10 points ± standard error of the paired difference; "
+        "p from the paired t-test / randomization test):",
+        "",
+        "| row | against | " + " | ".join(EVAL) + " |",
+        "|---" * (len(EVAL) + 2) + "|",
+    ]
+    for pair in pairs:
+        cells = [
+            f"{100 * t['delta']:+.1f} ± {100 * t['se']:.1f} (p {t['p_ttest']:.2f} / {t['p_randomization']:.2f})"
+            for t in (pair["tests"][spec] for spec in EVAL)
+        ]
+        lines.append(f"| {pair['row']} | {pair['against']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
