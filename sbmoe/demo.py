@@ -109,13 +109,17 @@ def scifact_slice(size: int, data_dir: str | None, root: Path) -> Path:
 
 
 def results_table(records: dict[str, dict[str, Any]]) -> Table:
-    """nDCG@10 and MRR@10 per model on each eval set, with the difference to zero-shot."""
+    """nDCG@10 and MRR@10 per model on each eval set, with the difference to zero-shot, and the epoch kept.
+
+    Early stopping keeps the epoch with the best dev nDCG@10; a head that kept epoch 1 of a short run barely moved.
+    """
     table = Table(title="SciFact: zero-shot vs dense head vs SB-MoE head (MiniLM backbone frozen)")
     table.add_column("model")
     for spec in EVAL:
         table.add_column(f"{spec.split(':')[1]} nDCG@10", justify="right")
         table.add_column(f"{spec.split(':')[1]} MRR@10", justify="right")
     table.add_column("dev nDCG@10", justify="right")
+    table.add_column("epoch kept", justify="right")
     base = records["zero-shot MiniLM"]["eval"]
     for name, record in records.items():
         cells = [name]
@@ -126,6 +130,9 @@ def results_table(records: dict[str, dict[str, Any]]) -> Table:
                 shown = f" ({100 * delta:+.1f})" if record is not records["zero-shot MiniLM"] else ""
                 cells.append(f"{value:.4f}{shown}")
         cells.append(f"{record['dev_nDCG@10']:.4f}")
+        history = record["history"]
+        kept = f"{history['best_epoch']} of {len(history['losses'])}" if "losses" in history else "–"
+        cells.append(kept)
         table.add_row(*cells)
     return table
 
