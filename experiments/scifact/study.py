@@ -44,6 +44,9 @@ BASE = {
     "save_model": False,
 }
 GRID = {"learning_rate": [1e-4, 3e-4, 1e-3]}
+# A ReZero scale starting at 0 moves about one learning rate per AdamW step: it needs larger rates to leave zero
+# within the early-stopping window.
+REZERO_GRID = {"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 # options that apply to a dense head too
 RECIPE_KEYS = ("query_only", "anchor_weight", "self_supervised", "tune_strength")
@@ -165,7 +168,7 @@ def recipe_rows(best: dict[str, Any]) -> list[Row]:
         Row("recipe: soft routing while training too", {**base, "top_k": 6, "inference": "soft"}),
         Row("recipe: query-only routing", {**base, "query_only": True}),
         Row("recipe: k-means router init", {**base, "router_init": "kmeans"}),
-        Row("recipe: identity init (ReZero)", {**base, "identity_init": True}),
+        Row("recipe: identity init (ReZero)", {**base, "identity_init": True}, grid=REZERO_GRID),
         Row("recipe: pull toward zero-shot", {**base, "anchor_weight": 1.0}),
     ]
 
@@ -187,6 +190,7 @@ def balance_rows(best: dict[str, Any], query_only: dict[str, Any]) -> list[Row]:
         Row("recipe: query-only + balanced routing", query, grid=balanced),
         Row("recipe: query-only + balanced routing + strength", {**query, "tune_strength": True}, grid=balanced),
         Row("recipe: query-only + k-means router init", {**query, "router_init": "kmeans"}),
+        Row("recipe: query-only + identity init (ReZero)", {**query, "identity_init": True}, grid=REZERO_GRID),
     ]
 
 
