@@ -64,6 +64,7 @@ class FinetuneArguments:
         default="random", metadata={"help": "kmeans: router fitted to k-means clusters of the training corpus"}
     )
     query_only: bool = field(default=False, metadata={"help": "transform queries only; documents pass through"})
+    expert_dropout: float = field(default=0.0, metadata={"help": "share of experts hidden from the router per input"})
     tune_strength: bool = field(
         default=False,
         metadata={"help": "after training, pick the head's strength (0 = backbone .. 1 = trained head) on dev"},
@@ -116,6 +117,7 @@ def make_model(args: FinetuneArguments) -> SBMoEModel:
     options["query_only"] = args.query_only
     if args.head == "sbmoe":
         options.update(num_experts=args.num_experts, top_k=args.top_k, routing=args.routing, inference=args.inference)
+        options["expert_dropout"] = args.expert_dropout
         options["expert_hidden"] = args.expert_hidden
     else:
         options.update(num_experts=1, top_k=1, routing="learned", inference="soft")

@@ -74,6 +74,8 @@ class SBMoEHead(Module):
             as ``encode_document`` sets) pass through unchanged, though their routing is still recorded.
         strength: Fixed weight of the experts' term against the residual: 0 gives the backbone's embedding,
             1 the head as trained; in between interpolates the two.
+        expert_dropout: While training, the probability that an expert is hidden from the router for an input
+            (an input never loses all its experts), so that no expert becomes indispensable.
     """
 
     forward_kwargs = {"task"}
@@ -91,6 +93,7 @@ class SBMoEHead(Module):
         "identity_init",
         "query_only",
         "strength",
+        "expert_dropout",
     ]
     config_file_name = "sbmoe_config.json"
 
@@ -108,6 +111,7 @@ class SBMoEHead(Module):
         identity_init: bool = False,
         query_only: bool = False,
         strength: float = 1.0,
+        expert_dropout: float = 0.0,
     ):
         super().__init__()
         if num_experts < 1:
@@ -118,6 +122,8 @@ class SBMoEHead(Module):
             raise ValueError(f"unknown routing mode {routing!r}; expected one of {ROUTING_MODES}")
         if inference not in INFERENCE_MODES:
             raise ValueError(f"unknown inference mode {inference!r}; expected one of {INFERENCE_MODES}")
+        if not 0 <= expert_dropout < 1:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}")
         if strength < 0:
             raise ValueError(f"strength must be >= 0, got {strength}")
         if in_features < 2:
@@ -135,6 +141,7 @@ class SBMoEHead(Module):
         self.expert_scale = nn.Parameter(torch.zeros(())) if identity_init else None
         self.query_only = query_only
         self.strength = float(strength)
+        self.expert_dropout = float(expert_dropout)
         self.experts = nn.ModuleList(Expert(in_features, self.expert_hidden) for _ in range(num_experts))
         self.router = Router(in_features, num_experts, noise)
         self.aux_loss: Tensor = torch.zeros(())
@@ -156,8 +163,12 @@ class SBMoEHead(Module):
             (the chosen experts, or each input's top-1 expert under soft routing, as in Switch).
         """
         logits = self.router(x)
-        probs = logits.softmax(dim=-1)
         self.z_loss = logits.logsumexp(dim=-1).square().mean()
+        if self.training and self.expert_dropout:
+            hidden = torch.rand_like(logits) < self.expert_dropout
+            hidden &= ~hidden.all(dim=-1, keepdim=True)
+            logits = logits.masked_fill(hidden, float("-inf"))
+        probs = logits.softmax(dim=-1)
         k = self._selected_k()
         top = probs.topk(k if k < self.num_experts else 1, dim=-1).indices
         dispatch = torch.zeros_like(probs).scatter_(-1, top, 1.0)

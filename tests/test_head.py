@@ -110,6 +110,18 @@ def test_strength_interpolates_between_backbone_and_head() -> None:
     torch.testing.assert_close(run_head(head, x), x + 0.3 * (full - x))
 
 
+def test_expert_dropout_hides_experts_while_training_only() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2000, DIM)
+    head = SBMoEHead(DIM, num_experts=4, top_k=1, expert_dropout=0.5).train()
+    probs = head({"sentence_embedding": x})["router_probs"]
+    hidden = (probs == 0).float()
+    # each expert hidden with p = 0.5, except that the 1/16 of rows with all four hidden keep them all
+    assert hidden.mean().item() == pytest.approx(0.5 - 0.5**4, abs=0.02)
+    assert (hidden.sum(dim=-1) < 4).all()
+    assert (head.eval()({"sentence_embedding": x})["router_probs"] > 0).all()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -118,6 +130,7 @@ def test_strength_interpolates_between_backbone_and_head() -> None:
         ({"routing": "magic"}, "unknown routing mode 'magic'"),
         ({"inference": "all"}, "unknown inference mode 'all'"),
         ({"strength": -0.5}, "strength must be >= 0"),
+        ({"expert_dropout": 1.0}, "expert_dropout must be in \\[0, 1\\)"),
     ],
 )
 def test_bad_config_raises_clear_error(kwargs: dict, message: str) -> None:
