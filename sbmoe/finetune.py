@@ -35,7 +35,7 @@ from sbmoe.metrics import per_query
 from sbmoe.model import SBMoEModel, build_model, find_head
 from sbmoe.splits import unseen_dev_split
 from sbmoe.training import HeadTrainConfig, embed, kmeans_router_init, mine_hard_negatives, train_head
-from sbmoe.trainset import Example, TrainSet, load_train_set
+from sbmoe.trainset import Example, TrainSet, cropped_span, load_train_set
 
 logger = logging.getLogger(__name__)
 METRICS = ("nDCG@10", "MAP@100", "Recall@100", "MRR@10")
@@ -81,8 +81,9 @@ class FinetuneArguments:
     anchor_weight: float = field(default=0.0, metadata={"help": "pull toward the input embedding (head mode)"})
     hard_negatives: int = field(default=7, metadata={"help": "negatives per query mined with the initial model"})
     negatives_skip: int = field(default=0, metadata={"help": "top-ranked non-positives skipped when mining"})
-    self_supervised: Literal["none", "title"] = field(
-        default="none", metadata={"help": "add title -> document pairs from the training corpus"}
+    self_supervised: Literal["none", "title", "crop"] = field(
+        default="none",
+        metadata={"help": "add title -> document or cropped span -> document pairs from the training corpus"},
     )
     epochs: float = 30
     max_steps: int = field(default=-1, metadata={"help": "full mode: stop after this many steps (overrides epochs)"})
@@ -174,6 +175,10 @@ def prepare(model: SBMoEModel, args: FinetuneArguments, data: TrainSet) -> Prepa
         titled = [d for d in doc_ids if data.titles.get(d, "").strip()]
         examples += [(len(anchor_texts) + i, Example(f"title:{d}", d)) for i, d in enumerate(titled)]
         anchor_texts += [data.titles[d] for d in titled]
+    elif args.self_supervised == "crop":
+        cropped = [d for d in doc_ids if data.docs[d].strip()]
+        examples += [(len(anchor_texts) + i, Example(f"crop:{d}", d)) for i, d in enumerate(cropped)]
+        anchor_texts += [cropped_span(d, data.docs[d]) for d in cropped]
     doc_texts = [data.docs[d] for d in doc_ids]
     anchors = pooled_features(model, anchor_texts, "queries", args.cache_dir)
     docs = pooled_features(model, doc_texts, "corpus", args.cache_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,3 +145,15 @@ def _load_jsonl(path: Path) -> TrainSet:
         raise DataError(f"{path}: no training examples")
     docs = {i: text for text, i in doc_ids.items()}
     return TrainSet(queries, docs, examples, {e.query: {e.positive: 1} for e in examples})
+
+
+def cropped_span(doc_id: str, text: str, low: float = 0.1, high: float = 0.5, min_words: int = 5) -> str:
+    """A random span of ``text`` (Contriever-style cropping) covering ``low``..``high`` of its words.
+
+    The span depends only on ``doc_id``, so its embedding is cached once for every run and seed.
+    """
+    words = text.split()
+    rng = random.Random(f"crop:{doc_id}")
+    length = min(len(words), max(min_words, round(rng.uniform(low, high) * len(words))))
+    start = rng.randint(0, len(words) - length)
+    return " ".join(words[start : start + length])

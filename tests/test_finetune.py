@@ -20,6 +20,7 @@ from sbmoe.losses import TrainingDivergedError
 from sbmoe.model import find_head
 from sbmoe.splits import unseen_dev_split
 from sbmoe.training import kmeans_router_init
+from sbmoe.trainset import cropped_span
 
 TOPICS = [
     "cancer cell protein gene",
@@ -238,3 +239,16 @@ def test_tune_strength_keeps_the_best_dev_strength_in_the_saved_model(
 def test_tune_strength_without_dev_split_is_refused(capsys) -> None:
     assert main(["--tune-strength", "--dev-queries", "0"]) == 2
     assert "--tune-strength needs a head and a dev split" in capsys.readouterr().err
+
+
+def test_cropped_span_is_a_stable_slice_of_the_document() -> None:
+    text = " ".join(f"w{i}" for i in range(100))
+    span = cropped_span("d1", text)
+    assert span == cropped_span("d1", text) and span in text
+    assert 10 <= len(span.split()) <= 50
+    assert cropped_span("d1", "too short") == "too short"
+
+
+def test_crop_self_supervision_adds_one_pair_per_document(tiny_bert: str, toy_beir: Path, tmp_path: Path) -> None:
+    record = run(make_args(tiny_bert, toy_beir, tmp_path, epochs=1, self_supervised="crop", eval_data=""))
+    assert record["train_examples"] == 32 + 48

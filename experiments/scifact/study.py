@@ -180,7 +180,7 @@ def title_row(best: dict[str, Any]) -> Row:
 
 
 def balance_rows(best: dict[str, Any], query_only: dict[str, Any]) -> list[Row]:
-    """Second round of recipes: strength tuned on dev, balanced routing, query-only variants, expert dropout."""
+    """Second round: strength tuned on dev, balanced routing, query-only variants, expert dropout, cropped spans."""
     base = {k: v for k, v in best.items() if k not in GRID}
     query = {k: v for k, v in query_only.items() if k not in GRID}
     balanced = {**GRID, "aux_loss_weight": [0.1, 1.0]}
@@ -193,6 +193,8 @@ def balance_rows(best: dict[str, Any], query_only: dict[str, Any]) -> list[Row]:
         Row("recipe: query-only + identity init (ReZero)", {**query, "identity_init": True}, grid=REZERO_GRID),
         Row("recipe: expert dropout 0.25", {**base, "expert_dropout": 0.25}),
         Row("recipe: query-only + expert dropout 0.25", {**query, "expert_dropout": 0.25}),
+        Row("recipe: + cropped-span pairs", {**base, "self_supervised": "crop"}),
+        Row("recipe: query-only + cropped-span pairs", {**query, "self_supervised": "crop"}),
     ]
 
 
