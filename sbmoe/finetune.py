@@ -415,15 +415,15 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
         "history": history,
         "kmeans_cluster_shares": prepared.cluster_shares,
     }
-    if prepared.dev_ids:
-        if args.train == "full":  # the backbone moved: re-encode the dev queries and the corpus
-            prepared.docs = pooled_features(model, prepared.doc_texts, "corpus", args.cache_dir)
-            dev_texts = [data.queries[q] for q in prepared.dev_ids]
-            prepared.dev_vectors = pooled_features(model, dev_texts, "queries", args.cache_dir)
-        record["dev_nDCG@10"] = dev_ndcg(find_head(model), prepared, args.similarity == "cos")
-    if args.tune_strength:
+    if prepared.dev_ids and args.train == "full":  # the backbone moved: re-encode the dev queries and the corpus
+        prepared.docs = pooled_features(model, prepared.doc_texts, "corpus", args.cache_dir)
+        dev_texts = [data.queries[q] for q in prepared.dev_ids]
+        prepared.dev_vectors = pooled_features(model, dev_texts, "queries", args.cache_dir)
+    if args.tune_strength:  # scores every strength on dev, 1.0 (the head as trained) included
         record["strength"] = tune_strength(find_head(model), prepared, args.similarity == "cos")
         record["dev_nDCG@10"] = record["strength"]["dev_nDCG@10"][str(record["strength"]["chosen"])]
+    elif prepared.dev_ids:
+        record["dev_nDCG@10"] = dev_ndcg(find_head(model), prepared, args.similarity == "cos")
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if args.save_model:
