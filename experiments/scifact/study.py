@@ -161,30 +161,31 @@ def head_rows() -> list[Row]:
     ]
 
 
+def fixed(args: dict[str, Any]) -> dict[str, Any]:
+    """A row's chosen arguments without the searched ones, to build further rows on."""
+    return {k: v for k, v in args.items() if k not in GRID}
+
+
 def recipe_rows(best: dict[str, Any]) -> list[Row]:
     """Generalisation avenues on top of the best learned setting, each tuned on dev like every row."""
-    base = {k: v for k, v in best.items() if k not in GRID}
+    base = fixed(best)
     return [
         Row("recipe: soft routing while training too", {**base, "top_k": 6, "inference": "soft"}),
         Row("recipe: query-only routing", {**base, "query_only": True}),
         Row("recipe: k-means router init", {**base, "router_init": "kmeans"}),
         Row("recipe: identity init (ReZero)", {**base, "identity_init": True}, grid=REZERO_GRID),
         Row("recipe: pull toward zero-shot", {**base, "anchor_weight": 1.0}),
+        # title -> abstract self-supervision from the training corpus (7x the pairs per epoch)
+        Row("recipe: + title->abstract pairs", {**base, "self_supervised": "title"}),
     ]
 
 
-def title_row(best: dict[str, Any]) -> Row:
-    """Title -> abstract self-supervision from the training corpus (7x the pairs per epoch)."""
-    base = {k: v for k, v in best.items() if k not in GRID}
-    return Row("recipe: + title->abstract pairs", {**base, "self_supervised": "title"})
-
-
-def balance_rows(best: dict[str, Any], query_only: dict[str, Any]) -> list[Row]:
+def second_round_rows(best: dict[str, Any], query_only: dict[str, Any]) -> list[Row]:
     """Second round: strength tuned on dev, balanced routing, query-only variants, expert dropout, cropped spans."""
-    base = {k: v for k, v in best.items() if k not in GRID}
-    query = {k: v for k, v in query_only.items() if k not in GRID}
+    base, query = fixed(best), fixed(query_only)
     balanced = {**GRID, "aux_loss_weight": [0.1, 1.0]}
     return [
+        Row("recipe: query-only + title->abstract pairs", {**query, "self_supervised": "title"}),
         Row("recipe: strength tuned on dev", {**base, "tune_strength": True}),
         Row("recipe: query-only + strength tuned on dev", {**query, "tune_strength": True}),
         Row("recipe: query-only + balanced routing", query, grid=balanced),
@@ -239,13 +240,10 @@ def main() -> None:
     write_results(summaries)
     best_learned = best_by_dev(summaries, [n for n in summaries if n.startswith("SB-MoE learned")])
     best = summaries[best_learned]["args"]
-    for row in [*recipe_rows(best), title_row(best)]:
+    for row in recipe_rows(best):
         summaries[row.name] = run_row(row, root)
         write_results(summaries)
-    combined = {**summaries["recipe: query-only routing"]["args"], "self_supervised": "title"}
-    row = Row("recipe: query-only + title->abstract pairs", {k: v for k, v in combined.items() if k not in GRID})
-    summaries[row.name] = run_row(row, root)
-    for row in balance_rows(best, summaries["recipe: query-only routing"]["args"]):
+    for row in second_round_rows(best, summaries["recipe: query-only routing"]["args"]):
         summaries[row.name] = run_row(row, root)
         write_results(summaries)
     best_recipe = best_by_dev(summaries, [n for n in summaries if n.startswith("recipe:")] + [best_learned])
