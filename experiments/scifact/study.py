@@ -97,6 +97,7 @@ def run_row(row: Row, root: Path) -> dict[str, Any]:
     summary["arguments"] = records[0]["arguments"]
     summary["dev_nDCG@10"] = [r.get("dev_nDCG@10") for r in records]
     summary["epochs_kept"] = [r["history"].get("best_epoch") for r in records]
+    summary["seconds"] = [r["seconds"] for r in records]  # one run each: training, dev choice and evaluation
     summary["head_parameters"] = records[0]["head_parameters"]
     for spec in EVAL:
         results = [r["eval"][spec] for r in records]
