@@ -2,7 +2,7 @@
 (which installs the ``.venv`` itself), then ``make test`` with ``CI=true``; wall time, exit status, the test count
 and the demo's table.
 
-    python3 experiments/fresh_clone.py          # writes experiments/results/fresh_clone.json (about 6 minutes)
+    .venv/bin/python experiments/fresh_clone.py   # writes experiments/results/fresh_clone.json (about 6 minutes)
 
 The clone sits beside this checkout so that ``../shared`` resolves as it does here; it is removed afterwards.
 """
