@@ -323,10 +323,10 @@ def markdown(summaries: dict[str, Any]) -> str:
 
 
 def comparisons(rows: dict[str, Any]) -> list[dict[str, Any]]:
-    """Paired tests of SB-MoE rows against their closest dense rival.
+    """Paired tests of SB-MoE rows against their closest rival.
 
-    Each recipe row against the equal-size dense head trained with the same recipe, and the full fine-tuning
-    SB-MoE row against full fine-tuning without a head.
+    Each recipe row against the equal-size dense head trained with the same recipe, the full fine-tuning SB-MoE row
+    against full fine-tuning without a head, and learned routing against the paper's faithful routing.
     """
     pairs = [
         (name, f"dense, equal total parameters, {name.removeprefix('recipe: ')}")
@@ -336,6 +336,8 @@ def comparisons(rows: dict[str, Any]) -> list[dict[str, Any]]:
     pairs += [
         (name, "full fine-tuning, no head (1 epoch)") for name in rows if name.startswith("full fine-tuning, SB")
     ]
+    learned = [name for name in rows if name.startswith("SB-MoE learned") or name == "recipe: query-only routing"]
+    pairs += [(name, "SB-MoE faithful, cos") for name in learned]
     return [
         {
             "row": row,
@@ -356,7 +358,7 @@ def comparisons_markdown(pairs: list[dict[str, Any]]) -> str:
     """Row minus rival: nDCG@10 points, standard error of the paired difference, both p values."""
     lines = [
         "",
-        "SB-MoE rows minus their closest dense rival (nDCG@10 points ± standard error of the paired difference; "
+        "SB-MoE rows minus their closest rival (nDCG@10 points ± standard error of the paired difference; "
         "p from the paired t-test / randomization test):",
         "",
         "| row | against | " + " | ".join(EVAL) + " |",
