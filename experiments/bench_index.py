@@ -23,11 +23,11 @@ from typing import Any
 import faiss
 import numpy as np
 
-from sbmoe.cache import encode_cached
 from sbmoe.data import load_dataset
 from sbmoe.files import write_atomic
-from sbmoe.index import DenseIndex, binary_codes
 from sbmoe.model import build_model
+from sbmoe.retrieval.cache import encode_cached
+from sbmoe.retrieval.index import DenseIndex, binary_codes
 
 K = 100
 RESULTS = Path(__file__).resolve().parent / "results"

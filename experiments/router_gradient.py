@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sbmoe.files import write_atomic
-from sbmoe.head import SBMoEHead
+from sbmoe.heads.sbmoe_head import SBMoEHead
 
 OUTPUT = Path(__file__).parent / "results" / "router_gradient.json"
 

@@ -1,55 +1,53 @@
-"""sbmoe: dense retrieval with Mixture-of-Experts (SB-MoE) heads on sentence-transformers."""
+"""sbmoe: dense retrieval with Mixture-of-Experts (SB-MoE) heads on sentence-transformers, faiss and BEIR.
 
-from sbmoe.backbones import HUB_IDS, BackboneUnavailableError, resolve_backbone
-from sbmoe.cache import encode_cached
-from sbmoe.data import DataError, Doc, RetrievalDataset, load_dataset
-from sbmoe.head import SBMoEHead, load_balancing_loss
-from sbmoe.index import DenseIndex, IndexLoadError
-from sbmoe.losses import MoEContrastiveLoss, TrainingDivergedError
-from sbmoe.metrics import evaluate_run, per_query
-from sbmoe.model import SBMoEModel, build_model, find_head, load_model
-from sbmoe.splits import unseen_dev_split
-from sbmoe.trainset import TrainSet, load_train_set
+The public names below load on first use, so ``sbmoe search`` and ``import sbmoe`` start quickly.
+"""
 
-# Loaded on first use, so ``python -m sbmoe.evaluate`` / ``python -m sbmoe.finetune`` run without runpy's warning.
+import importlib
+
 _LAZY = {
-    "evaluate_model": "sbmoe.evaluate",
-    "evaluate_embeddings": "sbmoe.evaluate",
-    "FinetuneArguments": "sbmoe.finetune",
+    "HUB_IDS": "sbmoe.backbones",
+    "BackboneUnavailableError": "sbmoe.backbones",
+    "resolve_backbone": "sbmoe.backbones",
+    "SBMoEHead": "sbmoe.heads",
+    "load_balancing_loss": "sbmoe.heads",
+    "SBMoEModel": "sbmoe.model",
+    "build_model": "sbmoe.model",
+    "find_head": "sbmoe.model",
+    "load_model": "sbmoe.model",
+    "load_any_model": "sbmoe.model",
+    "DataError": "sbmoe.data",
+    "Doc": "sbmoe.data",
+    "RetrievalDataset": "sbmoe.data",
+    "load_dataset": "sbmoe.data",
+    "load_corpus": "sbmoe.data",
+    "unseen_dev_split": "sbmoe.data",
+    "TrainSet": "sbmoe.data",
+    "load_train_set": "sbmoe.data",
+    "encode_cached": "sbmoe.retrieval",
+    "DenseIndex": "sbmoe.retrieval",
+    "IndexLoadError": "sbmoe.retrieval",
+    "DocStore": "sbmoe.retrieval",
+    "Hit": "sbmoe.retrieval",
+    "Retriever": "sbmoe.retrieval",
+    "evaluate_model": "sbmoe.evaluation",
+    "evaluate_embeddings": "sbmoe.evaluation",
+    "evaluate_run": "sbmoe.evaluation",
+    "per_query": "sbmoe.evaluation",
+    "FinetuneArguments": "sbmoe.training",
+    "MoEContrastiveLoss": "sbmoe.training",
+    "TrainingDivergedError": "sbmoe.training",
 }
 
-__all__ = [
-    "HUB_IDS",
-    "BackboneUnavailableError",
-    "SBMoEHead",
-    "SBMoEModel",
-    "build_model",
-    "find_head",
-    "load_balancing_loss",
-    "load_model",
-    "resolve_backbone",
-    "encode_cached",
-    "DataError",
-    "Doc",
-    "RetrievalDataset",
-    "load_dataset",
-    "DenseIndex",
-    "IndexLoadError",
-    "evaluate_run",
-    "per_query",
-    "MoEContrastiveLoss",
-    "TrainingDivergedError",
-    "unseen_dev_split",
-    "TrainSet",
-    "load_train_set",
-    *_LAZY,
-]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str):
     """The names in ``_LAZY``, imported from their module on first access."""
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'sbmoe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -1,8 +1,11 @@
-"""Atomic file writes: a crash leaves the old file or the new one, never half of one."""
+"""Atomic file and folder writes (a crash leaves the old one or the new one, never half of one), checksums."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 
@@ -14,3 +17,21 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Move the finished folder ``new`` to ``final``; an existing ``final`` is swapped out first and deleted after."""
+    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(file: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -10,11 +11,13 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
-from sbmoe.backbones import OFFLINE_DEFAULT, resolve_backbone
-from sbmoe.data import beir_text
-from sbmoe.head import SBMoEHead
+from sbmoe.backbones import HUB_IDS, OFFLINE_DEFAULT, resolve_backbone
+from sbmoe.data.dataset import DataError, beir_text
+from sbmoe.heads import SBMoEHead
 
 Document = Mapping[str, str]
+PLAIN_SUFFIX = "-plain"
+LEGACY_HEAD_REF = "sbmoe.head.SBMoEHead"  # models saved before the heads/ package
 
 
 class SBMoEModel(SentenceTransformer):
@@ -25,7 +28,7 @@ class SBMoEModel(SentenceTransformer):
     """
 
     def _load_module_class_from_ref(self, class_ref: str, *args, **kwargs) -> type:
-        if class_ref == f"{SBMoEHead.__module__}.{SBMoEHead.__qualname__}":
+        if class_ref in (f"{SBMoEHead.__module__}.{SBMoEHead.__qualname__}", LEGACY_HEAD_REF):
             return SBMoEHead
         return super()._load_module_class_from_ref(class_ref, *args, **kwargs)
 
@@ -118,3 +121,36 @@ def build_model(
 def load_model(path: str, device: str | None = None) -> SBMoEModel:
     """Load a saved sbmoe model (or any SentenceTransformer folder) as an :class:`SBMoEModel`."""
     return SBMoEModel(path, device=device)
+
+
+def load_any_model(spec: str, device: str | None = None) -> SentenceTransformer:
+    """A model from a name or path.
+
+    Args:
+        spec: A backbone name (``minilm``, ``minilm-plain``, ``bert-base``...: the plain backbone, mean pooling,
+            normalised, max 256 tokens, no head), a SentenceTransformer folder (a saved sbmoe model keeps its
+            head), a plain Hugging Face encoder folder (mean pooling added), or a Hub id of a SentenceTransformer.
+        device: torch device; None picks CUDA when available.
+    """
+    name = spec.removesuffix(PLAIN_SUFFIX)
+    path = Path(spec).expanduser()
+    if name == OFFLINE_DEFAULT or name in HUB_IDS:
+        model = build_model(name, head=False, device=device)
+    elif (path / "modules.json").is_file():
+        model = load_model(str(path), device=device)
+    elif path.is_dir():
+        model = build_model(str(path), head=False, device=device)
+    elif path.suffix or spec.startswith((".", "/", "~")):
+        raise DataError(f"model folder {path} not found")
+    else:
+        model = load_model(spec, device=device)
+    return _cap_length(model)
+
+
+def _cap_length(model: SentenceTransformer) -> SentenceTransformer:
+    """Lower ``max_seq_length`` to the encoder's position limit (small encoders have fewer than 256)."""
+    config = getattr(getattr(model[0], "auto_model", None), "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and model.max_seq_length and model.max_seq_length > limit:
+        model.max_seq_length = limit
+    return model

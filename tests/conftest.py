@@ -12,6 +12,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+@pytest.fixture(autouse=True, scope="session")
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test writes its embedding cache under a temporary folder, never the user's ~/.cache/sbmoe."""
+    path = tmp_path_factory.mktemp("sbmoe-cache")
+    os.environ["SBMOE_CACHE"] = str(path)
+    return path
+
 WORDS = (
     "the a of and to in is was for on with by as cell cells protein gene genes cancer drug study results "
     "patients disease blood brain risk increase decrease effect effects treatment mice human dna rna virus "

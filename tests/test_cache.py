@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from sbmoe.cache import cached_embeddings, default_cache_dir, model_fingerprint
 from sbmoe.model import build_model
+from sbmoe.retrieval.cache import cached_embeddings, default_cache_dir, model_fingerprint
 
 TEXTS = ["the cell protein", "a gene study", "blood risk increase", "dense vector search index", ""]
 
@@ -38,16 +38,20 @@ def test_damaged_entry_is_encoded_again(tiny_bert: str, tmp_path: Path, caplog: 
     (entry,) = tmp_path.iterdir()
     data = (entry / "embeddings.npy").read_bytes()
     (entry / "embeddings.npy").write_bytes(data[: len(data) // 2])
-    with caplog.at_level(logging.WARNING, logger="sbmoe.cache"):
+    with caplog.at_level(logging.WARNING, logger="sbmoe.retrieval.cache"):
         again, meta = cached_embeddings(model, TEXTS, "queries", tmp_path, show_progress=False)
     assert not meta["cached"] and np.array_equal(good, again)
     assert "unreadable embedding cache entry" in caplog.text
 
 
-def test_default_dir_is_project_local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_dir_is_the_users_cache_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SBMOE_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
-    assert default_cache_dir() == tmp_path / ".cache" / "sbmoe"
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "sbmoe"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "sbmoe"
     monkeypatch.setenv("SBMOE_CACHE", str(tmp_path / "elsewhere"))
     assert default_cache_dir() == tmp_path / "elsewhere"
     with pytest.raises(ValueError, match="kind must be one of"):

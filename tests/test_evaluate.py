@@ -14,9 +14,10 @@ from beir.retrieval.custom_metrics import mrr
 from beir.retrieval.evaluation import EvaluateRetrieval
 from beir.retrieval.search.dense import DenseRetrievalExactSearch
 
+from sbmoe.commands.evaluate import main
 from sbmoe.data import RetrievalDataset, load_dataset
-from sbmoe.evaluate import evaluate_embeddings, evaluate_model, load_any_model, main
-from sbmoe.model import build_model
+from sbmoe.evaluation.evaluate import evaluate_embeddings, evaluate_model
+from sbmoe.model import build_model, load_any_model
 
 SLICE_QUERIES = 40
 SLICE_DOCS = 400
@@ -80,7 +81,7 @@ def test_cli_writes_results_and_reuses_the_cache(
                                  "Recall@10", "Recall@100", "Recall@1000", "P@1"}  # fmt: skip
     assert {"encode_corpus_s", "encode_queries_s", "index_s", "search_s", "eval_s", "total_s"} <= set(a["timings"])
     table = out.with_suffix(".md").read_text()
-    assert f"| scifact-slice (test) | {SLICE_QUERIES} | {SLICE_DOCS} | {a['metrics']['nDCG@10']:.4f} |" in table
+    assert f"| scifact-slice (test) | flat | {SLICE_QUERIES} | {SLICE_DOCS} | {a['metrics']['nDCG@10']:.4f} |" in table
     assert "(cached)" in table and "(cached)" in capsys.readouterr().out
 
 
@@ -114,7 +115,7 @@ def test_bad_arguments_and_missing_data(tmp_path: Path, capsys: pytest.CaptureFi
         main(["--model", "minilm", "--datasets", "scifact", "--index", "ivf", "--index-param", "nprobe=many"])
     assert "expected KEY=INTEGER" in capsys.readouterr().err
     assert main(["--model", "minilm", "--datasets", "nope", "--data-dir", str(tmp_path)]) == 1
-    assert "sbmoe.evaluate: error: dataset 'nope' not found" in capsys.readouterr().err
+    assert "sbmoe evaluate: error: dataset 'nope' not found" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "no-model"), "--datasets", "cranfield"]) == 1
     assert f"model folder {tmp_path / 'no-model'} not found" in capsys.readouterr().err
 

@@ -12,15 +12,17 @@ from safetensors.torch import load_file
 from sentence_transformers import SentenceTransformer
 from transformers import TrainerCallback
 
+from sbmoe.commands.finetune import main
 from sbmoe.data import DataError
-from sbmoe.features import pooled_model
-from sbmoe.finetune import STRENGTHS, FinetuneArguments, count_parameters, dense_hidden, main, make_model, run
-from sbmoe.head import SBMoEHead
-from sbmoe.losses import TrainingDivergedError
+from sbmoe.data.splits import unseen_dev_split
+from sbmoe.data.trainset import cropped_span
+from sbmoe.heads.sbmoe_head import SBMoEHead
 from sbmoe.model import find_head
-from sbmoe.splits import unseen_dev_split
-from sbmoe.training import kmeans_router_init
-from sbmoe.trainset import cropped_span
+from sbmoe.retrieval.encode import pooled_model
+from sbmoe.training.arguments import FinetuneArguments, count_parameters, dense_hidden, make_model
+from sbmoe.training.finetune import STRENGTHS, run
+from sbmoe.training.head_trainer import kmeans_router_init
+from sbmoe.training.losses import TrainingDivergedError
 
 TOPICS = [
     "cancer cell protein gene",

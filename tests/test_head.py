@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sbmoe.head import SBMoEHead, load_balancing_loss
+from sbmoe.heads.sbmoe_head import SBMoEHead, load_balancing_loss
 
 DIM = 32
 

@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 
-from sbmoe.index import GPU_MAX_K, INDEX_TYPES, DenseIndex, IndexLoadError, gpu_count
+from sbmoe.retrieval.index import GPU_MAX_K, INDEX_TYPES, DenseIndex, IndexLoadError, gpu_count
 
 DIM = 32
 

@@ -9,7 +9,7 @@ import pytest
 from beir.retrieval.custom_metrics import mrr
 from beir.retrieval.evaluation import EvaluateRetrieval
 
-from sbmoe.metrics import DEFAULT_METRICS, cut_run, evaluate_run, parse_metric, per_query
+from sbmoe.evaluation.metrics import DEFAULT_METRICS, cut_run, evaluate_run, parse_metric, per_query
 
 QRELS = {"q1": {"d1": 1, "d2": 2}, "q2": {"d4": 1}}
 RUN = {"q1": {"d3": 0.9, "d1": 0.8, "d2": 0.7}, "q2": {"d4": 0.5, "d5": 0.4}}

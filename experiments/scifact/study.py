@@ -26,7 +26,7 @@ import torch
 from scipy import stats
 
 from sbmoe.files import write_atomic
-from sbmoe.finetune import FinetuneArguments, run
+from sbmoe.training.finetune import FinetuneArguments, run
 
 EVAL = ["scifact:test", "scifact:test-unseen", "cranfield:test"]
 METRICS = ["nDCG@10", "MAP@100", "Recall@100", "MRR@10"]

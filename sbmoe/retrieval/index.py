@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -15,6 +14,8 @@ from typing import Any
 import faiss
 import numpy as np
 from tqdm.auto import tqdm
+
+from sbmoe.files import replace_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ class DenseIndex:
             else:
                 faiss.write_index(self._cpu, str(tmp / INDEX_FILE))
             (tmp / IDS_FILE).write_text("".join(f"{doc_id}\n" for doc_id in self.doc_ids), encoding="utf-8")
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
             manifest = {
                 "format": FORMAT,
                 "model": {"name": self.model_name, "hash": self.model_hash},
@@ -311,7 +312,7 @@ class DenseIndex:
                 "files": files,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            _replace_dir(tmp, final)
+            replace_dir(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
@@ -399,22 +400,5 @@ def _check_file(file: Path, info: dict[str, Any], verify: bool) -> None:
     size = file.stat().st_size
     if size != info["bytes"]:
         raise IndexLoadError(f"{file}: truncated or altered: {size} bytes, {MANIFEST} says {info['bytes']}")
-    if verify and _sha256(file) != info["sha256"]:
+    if verify and sha256_file(file) != info["sha256"]:
         raise IndexLoadError(f"{file}: corrupt: SHA-256 differs from {MANIFEST}")
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with file.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Move ``new`` to ``final``; an existing ``final`` is swapped out first and deleted after."""
-    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(new, final)
-    shutil.rmtree(old, ignore_errors=True)

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sbmoe.head import SBMoEHead
-from sbmoe.losses import check_finite, info_nce
+from sbmoe.heads.sbmoe_head import SBMoEHead
+from sbmoe.training.losses import check_finite, info_nce
 
 
 @dataclass
@@ -75,7 +75,7 @@ def mine_hard_negatives(
     Returns:
         Q x count int64 array of document rows.
     """
-    from sbmoe.index import DenseIndex
+    from sbmoe.retrieval.index import DenseIndex
 
     depth = min(doc_emb.shape[0], count + exclude_top + max((len(p) for p in positives), default=0))
     index = DenseIndex(doc_emb.shape[1], "flat")

@@ -7,7 +7,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sbmoe.data import DataError, RetrievalDataset, load_dataset
+from sbmoe.data.beir import load_dataset
+from sbmoe.data.dataset import DataError, RetrievalDataset
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Embedding cache on disk, keyed by model and corpus fingerprints; streaming, atomic writes."""
+"""Embedding cache on disk, keyed by model and corpus fingerprints; streaming, atomic, checksummed entries."""
 
 from __future__ import annotations
 
@@ -16,20 +16,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from sbmoe.data.dataset import texts_fingerprint
+from sbmoe.paths import cache_dir as default_cache_dir
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-    from sbmoe.data import Doc, RetrievalDataset
+    from sbmoe.data.dataset import Doc, RetrievalDataset
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("corpus", "queries")
-CHUNK = 2048  # documents per encode call: bounds RAM and moves the progress bar
-
-
-def default_cache_dir() -> Path:
-    """``$SBMOE_CACHE``, else ``.cache/sbmoe`` under the current directory (project-local, never ../shared)."""
-    return Path(os.environ.get("SBMOE_CACHE") or Path.cwd() / ".cache" / "sbmoe").expanduser()
+CHUNK = 512  # documents per encode call: bounds RAM and moves the progress bar
 
 
 def model_fingerprint(model: SentenceTransformer) -> str:
@@ -45,14 +43,6 @@ def model_fingerprint(model: SentenceTransformer) -> str:
     return digest.hexdigest()
 
 
-def texts_fingerprint(texts: Sequence[str]) -> str:
-    """Hash of a list of texts, in order."""
-    digest = hashlib.blake2b(digest_size=16)
-    for text in texts:
-        digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
-    return digest.hexdigest()
-
-
 def cached_embeddings(
     model: SentenceTransformer,
     items: RetrievalDataset | Sequence[str] | Sequence[Doc],
@@ -64,16 +54,16 @@ def cached_embeddings(
     """Encode ``items`` once and reuse the result from disk afterwards.
 
     Args:
-        model: Any SentenceTransformer (an sbmoe head's expert utilization is recorded in the metadata).
+        model: Any SentenceTransformer (sbmoe passes the pooled backbone: see :mod:`sbmoe.retrieval.encode`).
         items: A dataset (its corpus streams in chunks), or a list of texts or :class:`~sbmoe.data.Doc`.
         kind: ``corpus`` (``encode_document``) or ``queries`` (``encode_query``).
-        cache_dir: Cache root (default :func:`default_cache_dir`).
+        cache_dir: Cache root (default :func:`sbmoe.paths.cache_dir`).
         batch_size: Encoder batch size.
         show_progress: Show a tqdm bar over the items.
 
     Returns:
         The embeddings (float32, memory-mapped read-only) and the metadata (fingerprints, count, seconds,
-        ``cached`` = whether it came from disk, ``utilization`` = routing stats of the head or None).
+        ``cached`` = whether it came from disk).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -89,6 +79,7 @@ def cached_embeddings(
     try:
         meta = _encode_to(tmp, model, items, kind, batch_size, show_progress)
         meta.update(model_fingerprint=model_fp, data_fingerprint=data_fp, kind=kind)
+        meta["checksum"] = file_checksum(tmp / "embeddings.npy")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if folder.exists():  # a corrupt entry (or a concurrent writer): replace it
             shutil.rmtree(folder, ignore_errors=True)
@@ -126,6 +117,8 @@ def _read(folder: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
         embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")
         if embeddings.shape != (meta["count"], meta["dim"]):
             raise ValueError(f"shape {embeddings.shape} != ({meta['count']}, {meta['dim']}) in meta.json")
+        if file_checksum(folder / "embeddings.npy") != meta["checksum"]:
+            raise ValueError("embeddings.npy does not match the checksum in meta.json")
     except (OSError, ValueError, KeyError) as err:
         logger.warning("%s: unreadable embedding cache entry (%s); encoding again", folder, err)
         return None
@@ -136,17 +129,12 @@ def _encode_to(
     folder: Path, model: SentenceTransformer, items: Any, kind: str, batch_size: int, show_progress: bool
 ) -> dict[str, Any]:
     """Encode ``items`` chunk by chunk into ``folder/embeddings.npy``; return the metadata."""
-    from sbmoe.model import find_head
-
     encode = model.encode_document if kind == "corpus" else model.encode_query
     streaming = hasattr(items, "iter_corpus")
     count = items.corpus_size if streaming else len(items)
     chunks = items.iter_corpus(CHUNK) if streaming else (items[i : i + CHUNK] for i in range(0, count, CHUNK))
     dim = model.get_embedding_dimension()
     out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=np.float32, shape=(count, dim))
-    head = find_head(model)
-    if head is not None:
-        head.reset_routing_stats()
     start, row = time.perf_counter(), 0
     with tqdm(total=count, desc=f"encode {kind}", unit="doc" if kind == "corpus" else "query",
               disable=not show_progress) as bar:  # fmt: skip
@@ -163,5 +151,13 @@ def _encode_to(
         "count": count,
         "dim": dim,
         "seconds": round(time.perf_counter() - start, 3),
-        "utilization": head.routing_stats() if head is not None else None,
     }
+
+
+def file_checksum(path: Path) -> str:
+    """BLAKE2b of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-from sbmoe.cache import default_cache_dir
-from sbmoe.data import DataError, Doc, RetrievalDataset, _select_queries
+from sbmoe.data.dataset import DataError, Doc, RetrievalDataset, select_queries
+from sbmoe.paths import cache_dir as default_cache_dir
 
 ENV = "IR_DATASETS_HOME"
 # TREC DL convention: for binary metrics (MAP, Recall, P, MRR) grade >= 2 counts as relevant.
@@ -119,7 +119,7 @@ def load_irds(dataset_id: str, data_dir: Path) -> RetrievalDataset:
         all_queries = {q.query_id: getattr(q, "text", None) or q.default_text() for q in dataset.queries_iter()}
     except Exception as err:  # ir-datasets raises bare RuntimeError/ConnectionError when a download fails
         raise failed(err) from err
-    queries, unknown = _select_queries(qrels, all_queries)
+    queries, unknown = select_queries(qrels, all_queries)
 
     def docs() -> Iterator[Doc]:
         try:

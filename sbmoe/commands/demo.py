@@ -25,9 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 from sbmoe.data import load_dataset
-from sbmoe.features import pooled_features
-from sbmoe.finetune import FinetuneArguments, run
 from sbmoe.model import load_model
+from sbmoe.retrieval.encode import pooled_features
+from sbmoe.training.finetune import FinetuneArguments, run
 
 EVAL = ["scifact:test", "scifact:test-unseen"]
 # The recipe chosen on the dev split by experiments/scifact/study.py (see experiments/results/scifact_study.md).

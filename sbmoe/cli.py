@@ -1,0 +1,46 @@
+"""The ``sbmoe`` command: one sub-command per job; each parses its own flags and delegates to the library."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS = {
+    "index": ("sbmoe.commands.index", "encode a corpus, index it with faiss, store its texts"),
+    "search": ("sbmoe.commands.search", "search an index folder: a ranked table, JSON, or a TREC run file"),
+    "evaluate": ("sbmoe.commands.evaluate", "score a model or a run file on BEIR / ir-datasets qrels"),
+    "finetune": ("sbmoe.commands.finetune", "train an SB-MoE, dense or no head (alone or with the backbone)"),
+    "demo": ("sbmoe.commands.demo", "fine-tune heads on SciFact, index, search and print an honest table"),
+}
+USAGE = "usage: sbmoe {" + ",".join(COMMANDS) + "} ... (sbmoe COMMAND --help for its flags)"
+EXAMPLES = """examples:
+  sbmoe index --model minilm --corpus my_docs.jsonl --output indexes/my_docs
+  sbmoe search indexes/my_docs "what causes glioblastoma"
+  sbmoe evaluate --model minilm --datasets scifact"""
+
+
+def help_text() -> str:
+    """``sbmoe --help``: the sub-commands and a few examples."""
+    width = max(map(len, COMMANDS))
+    lines = [USAGE, "", "Dense retrieval with Mixture-of-Experts heads.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join([*lines, "", EXAMPLES])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch ``sbmoe COMMAND ARGS``; returns the command's exit code (2 for an unknown command)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(help_text())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"{USAGE}\nsbmoe: error: unknown command {name!r}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest, prog=f"sbmoe {name}") or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

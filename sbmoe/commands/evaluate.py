@@ -1,0 +1,160 @@
+"""``sbmoe evaluate``: score a model (encode through the cache, index, search) or a TREC run file against qrels."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, new_parser, slug
+from sbmoe.data import RetrievalDataset, load_dataset
+from sbmoe.evaluation.evaluate import evaluate_model
+from sbmoe.evaluation.metrics import DEFAULT_METRICS, evaluate_run, parse_metric
+from sbmoe.evaluation.runs import read_trec_run
+from sbmoe.files import write_atomic
+from sbmoe.model import load_any_model
+from sbmoe.retrieval.cache import model_fingerprint
+from sbmoe.retrieval.index import INDEX_TYPES, DenseIndex
+
+logger = logging.getLogger("sbmoe.evaluate")
+
+TABLE_METRICS = ("nDCG@10", "MAP@100", "MRR@10", "Recall@100", "Recall@1000", "P@1")
+EXAMPLES = (
+    "sbmoe evaluate --model minilm --datasets scifact",
+    "sbmoe evaluate --model out/minilm-sbmoe --datasets scifact,scifact:test-unseen,irds:cranfield --index hnsw",
+    "sbmoe evaluate --run runs/scifact.trec --datasets scifact",
+)
+
+
+def build_parser(prog: str = "sbmoe evaluate") -> argparse.ArgumentParser:
+    """The flags of ``sbmoe evaluate``."""
+    parser = new_parser(prog, __doc__.splitlines()[0].split(": ", 1)[1], EXAMPLES)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="backbone name (minilm = minilm-plain, no head), SentenceTransformer or "
+                        "sbmoe folder, HF encoder folder, or Hub id")  # fmt: skip
+    source.add_argument("--run", help="a TREC run file (qid Q0 docid rank score tag) to score instead of a model")
+    parser.add_argument("--datasets", required=True, help="comma-separated BEIR folder names, paths or irds:<id>")
+    parser.add_argument("--data-dir", help="where BEIR folder names live (default $SBMOE_DATA or ../shared/data)")
+    parser.add_argument("--split", default="test", help="qrels split of BEIR folders (default: test)")
+    add_index_arguments(parser, INDEX_TYPES)
+    parser.add_argument("--top-k", type=int, default=1000, help="documents retrieved per query (default: 1000)")
+    parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default: 64)")
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric names")
+    parser.add_argument("--output", help="JSON result path (default runs/evaluate/<model>.json); .md beside it")
+    parser.add_argument("--cache-dir", help="embedding cache (default $SBMOE_CACHE or ~/.cache/sbmoe)")
+    parser.add_argument("--no-cache", action="store_true", help="encode without reading or writing the cache")
+    parser.add_argument("--save-index", metavar="DIR", help="also save each built index to DIR/<dataset>/")
+    parser.add_argument("--keep-identical-ids", action="store_true",
+                        help="keep documents whose id equals the query id (BEIR drops them by default)")  # fmt: skip
+    parser.add_argument("--device", help="torch device (default: cuda when available)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str = "sbmoe evaluate") -> argparse.Namespace:
+    """Parse and check the flags (argparse exits with 2 on a bad one)."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error("--top-k and --batch-size must be >= 1")
+    try:
+        args.index_params = index_params(args.index_param)
+        DenseIndex(8, args.index, use_gpu=False, **args.index_params)
+        args.metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        for name in args.metric_names:
+            parse_metric(name)
+    except (argparse.ArgumentTypeError, ValueError) as err:
+        parser.error(str(err))
+    args.dataset_specs = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    if not args.dataset_specs:
+        parser.error("--datasets is empty")
+    return args
+
+
+def score_run(
+    run: dict[str, dict[str, float]], dataset: RetrievalDataset, metrics: Sequence[str], keep_identical_ids: bool
+) -> dict[str, Any]:
+    """Score a run against ``dataset``'s qrels with the same metrics code as a model evaluation.
+
+    As in a model evaluation, only the dataset's queries count, and a document whose id equals the query id is
+    dropped unless ``keep_identical_ids``.
+    """
+    run = {
+        qid: {doc: score for doc, score in hits.items() if keep_identical_ids or doc != qid}
+        for qid, hits in run.items()
+        if qid in dataset.queries
+    }
+    return {
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "num_queries": len(run),
+        "num_docs": None,
+        "relevance_level": dataset.relevance_level,
+        "metrics": evaluate_run(dataset.qrels, run, metrics, dataset.relevance_level),
+    }
+
+
+def markdown_table(source: str, results: Sequence[dict[str, Any]]) -> str:
+    """A markdown table of the main metrics, one row per dataset, with the index type and its parameters."""
+    names = [m for m in TABLE_METRICS if all(m in r["metrics"] for r in results)]
+    lines = [
+        f"| model | dataset | index | queries | docs | {' | '.join(names)} | encode s | search s |",
+        "|---|---|---|---:|---:|" + "---:|" * len(names) + "---:|---:|",
+    ]
+    for r in results:
+        values = " | ".join(f"{r['metrics'][m]:.4f}" for m in names)
+        index = r.get("index") or {"type": "run file", "params": {}}
+        params = ",".join(f"{k}={v}" for k, v in index["params"].items() if v is not None)
+        timings = r.get("timings", {})
+        encode = f"{timings['encode_corpus_s']:.1f}" if "encode_corpus_s" in timings else "–"
+        encode += " (cached)" if r.get("corpus_from_cache") else ""
+        search = f"{timings['search_s']:.2f}" if "search_s" in timings else "–"
+        lines.append(
+            f"| {source} | {r['dataset']} ({r['split']}) | {index['type']}{f' {params}' if params else ''} | "
+            f"{r['num_queries']} | {r['num_docs'] if r['num_docs'] is not None else '–'} | {values} | {encode} | "
+            f"{search} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "sbmoe evaluate") -> int:
+    """Run the command; returns the exit code (0 ok, 1 data/model error; argparse exits with 2 on bad flags)."""
+    args = parse_args(argv, prog)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    started = time.perf_counter()
+    try:
+        datasets = [load_dataset(spec, args.split, args.data_dir) for spec in args.dataset_specs]
+        if args.run:
+            run = read_trec_run(args.run)
+            results = [score_run(run, d, args.metric_names, args.keep_identical_ids) for d in datasets]
+            source, report = args.run, {"run": str(args.run)}
+        else:
+            model = load_any_model(args.model, args.device)
+            results = [_evaluate(model, dataset, args) for dataset in datasets]
+            source, report = args.model, {"model": args.model, "model_fingerprint": model_fingerprint(model)}
+    except USER_ERRORS as err:
+        return fail("evaluate", err)
+    output = Path(args.output or Path("runs") / "evaluate" / f"{slug(Path(source).stem if args.run else source)}.json")
+    report.update(results=results, seconds=round(time.perf_counter() - started, 3))
+    write_atomic(output, json.dumps(report, indent=1) + "\n")
+    write_atomic(output.with_suffix(".md"), markdown_table(source, results))
+    print(markdown_table(source, results), end="")
+    print(f"wrote {output} and {output.with_suffix('.md')}")
+    return 0
+
+
+def _evaluate(model: Any, dataset: RetrievalDataset, args: argparse.Namespace) -> dict[str, Any]:
+    logger.info("evaluating %s on %s (%d queries)", args.model, dataset.name, len(dataset.queries))
+    result = evaluate_model(
+        model, dataset, args.top_k, args.index, args.index_params, args.batch_size, args.metric_names,
+        not args.no_cache, args.cache_dir, not args.keep_identical_ids,
+        save_index=Path(args.save_index) / slug(dataset.name) if args.save_index else None,
+        model_name=args.model,
+        show_progress=not args.quiet,
+    )  # fmt: skip
+    logger.info("%s: %s", dataset.name, json.dumps({k: round(v, 4) for k, v in result["metrics"].items()}))
+    return result

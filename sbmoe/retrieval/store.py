@@ -1,0 +1,80 @@
+"""The document store: ids, titles, texts (and each document's expert) in one SQLite table, read without loading."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from sbmoe.data.dataset import Doc
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS docs (id TEXT PRIMARY KEY, title TEXT NOT NULL, text TEXT NOT NULL, expert INTEGER)"
+)
+LOOKUP_BATCH = 500  # ids per SELECT ... IN (...), under SQLite's parameter limit
+
+
+class DocStore:
+    """Documents by id in an SQLite file: written once at indexing, looked up per search hit.
+
+    Args:
+        path: The SQLite file.
+        read_only: Open without write access (a saved retriever's store); :meth:`writable_copy` gives one to add to.
+    """
+
+    def __init__(self, path: str | os.PathLike, read_only: bool = False):
+        self.path = Path(path)
+        if read_only:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"{self.path}: document store not found")
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            self._db = sqlite3.connect(self.path, check_same_thread=False)
+            self._db.execute(SCHEMA)
+        self.read_only = read_only
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM docs").fetchone()[0]
+
+    def add(self, docs: Iterable[Doc], experts: Sequence[int] | None = None) -> int:
+        """Insert documents (a repeated id keeps its first text); returns how many rows were new."""
+        before = len(self)
+        rows = (
+            (doc.id, doc.title, doc.text, None if experts is None else int(experts[i])) for i, doc in enumerate(docs)
+        )
+        with self._db:
+            self._db.executemany("INSERT OR IGNORE INTO docs VALUES (?, ?, ?, ?)", rows)
+        return len(self) - before
+
+    def get(self, ids: Sequence[str]) -> dict[str, tuple[Doc, int | None]]:
+        """``{id: (Doc, expert)}`` for the ids present in the store."""
+        found: dict[str, tuple[Doc, int | None]] = {}
+        for start in range(0, len(ids), LOOKUP_BATCH):
+            batch = list(ids[start : start + LOOKUP_BATCH])
+            marks = ",".join("?" * len(batch))
+            query = f"SELECT id, title, text, expert FROM docs WHERE id IN ({marks})"
+            for doc_id, title, text, expert in self._db.execute(query, batch):
+                found[doc_id] = (Doc(doc_id, title, text), expert)
+        return found
+
+    def missing(self, ids: Sequence[str]) -> list[str]:
+        """The ids (in the given order) that are not in the store."""
+        present: set[str] = set()
+        for start in range(0, len(ids), LOOKUP_BATCH):
+            batch = list(ids[start : start + LOOKUP_BATCH])
+            marks = ",".join("?" * len(batch))
+            present.update(row[0] for row in self._db.execute(f"SELECT id FROM docs WHERE id IN ({marks})", batch))
+        return [doc_id for doc_id in ids if doc_id not in present]
+
+    def copy_to(self, path: str | os.PathLike) -> DocStore:
+        """A consistent copy of the store at ``path`` (SQLite's backup API), opened for writing."""
+        target = sqlite3.connect(path)
+        with target:
+            self._db.backup(target)
+        target.close()
+        return DocStore(path)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._db.close()

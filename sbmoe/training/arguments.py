@@ -1,0 +1,114 @@
+"""The arguments of ``sbmoe finetune`` (one dataclass, from flags or a JSON file) and the model they describe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from sbmoe.heads import SBMoEHead
+from sbmoe.model import SBMoEModel, build_model
+
+
+@dataclass
+class FinetuneArguments:
+    """Arguments of ``sbmoe finetune`` (flags use dashes: ``--train-data``)."""
+
+    backbone: str = field(default="minilm", metadata={"help": "minilm, a backbone name, Hub id or local folder"})
+    train_data: str = field(default="scifact:train", metadata={"help": "NAME:SPLIT, irds:<id> or a .jsonl file"})
+    eval_data: str = field(default="", metadata={"help": "comma-separated NAME:SPLIT or irds:<id> to evaluate"})
+    data_dir: str | None = field(default=None, metadata={"help": "folder of BEIR datasets (default ../shared/data)"})
+    output_dir: str = field(default="out/finetune", metadata={"help": "model folder + run.json"})
+    head: Literal["sbmoe", "dense", "none"] = field(default="sbmoe", metadata={"help": "head on the pooled vector"})
+    num_experts: int = 6
+    top_k: int = 2
+    routing: Literal["learned", "faithful"] = "learned"
+    inference: Literal["soft", "top1", "topk"] = "soft"
+    expert_hidden: int | None = field(default=None, metadata={"help": "expert width (default H/2)"})
+    dense_size: Literal["expert", "total"] = field(
+        default="expert", metadata={"help": "dense head: one expert's width, or the parameters of --num-experts"}
+    )
+    identity_init: bool = field(default=False, metadata={"help": "head starts as the identity (ReZero scale 0)"})
+    router_init: Literal["random", "kmeans"] = field(
+        default="random", metadata={"help": "kmeans: router fitted to k-means clusters of the training corpus"}
+    )
+    query_only: bool = field(default=False, metadata={"help": "transform queries only; documents pass through"})
+    expert_dropout: float = field(default=0.0, metadata={"help": "share of experts hidden from the router per input"})
+    tune_strength: bool = field(
+        default=False,
+        metadata={"help": "after training, pick the head's strength (0 = backbone .. 1 = trained head) on dev"},
+    )
+    noise: bool = field(default=True, metadata={"help": "noisy router logits while training"})
+    similarity: Literal["cos", "dot"] = "cos"
+    temperature: float = 0.05
+    train: Literal["head", "full"] = field(default="head", metadata={"help": "head alone (cached) or everything"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the head"})
+    backbone_learning_rate: float = field(default=2e-5, metadata={"help": "learning rate of the backbone (full)"})
+    weight_decay: float = 0.01
+    aux_loss_weight: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss"})
+    z_loss_weight: float = 0.0
+    anchor_weight: float = field(default=0.0, metadata={"help": "pull toward the input embedding (head mode)"})
+    hard_negatives: int = field(default=7, metadata={"help": "negatives per query mined with the initial model"})
+    negatives_skip: int = field(default=0, metadata={"help": "top-ranked non-positives skipped when mining"})
+    self_supervised: Literal["none", "title", "crop"] = field(
+        default="none",
+        metadata={"help": "add title -> document or cropped span -> document pairs from the training corpus"},
+    )
+    epochs: float = 30
+    max_steps: int = field(default=-1, metadata={"help": "full mode: stop after this many steps (overrides epochs)"})
+    batch_size: int = 64
+    seed: int = 0
+    dev_queries: int = field(
+        default=0, metadata={"help": "train queries held out as a dev split whose positives are unseen in train"}
+    )
+    patience: int = field(default=0, metadata={"help": "head mode: epochs without dev gain before stopping"})
+    max_seq_length: int = 256
+    save_steps: int = field(default=500, metadata={"help": "full mode: checkpoint every N steps"})
+    logging_steps: int = 10
+    resume: bool = field(default=False, metadata={"help": "full mode: continue from the last checkpoint"})
+    save_model: bool = field(default=True, metadata={"help": "save the model (False: only run.json)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "embedding cache (default .cache/sbmoe)"})
+
+    def __post_init__(self) -> None:
+        if self.tune_strength and (self.head == "none" or not self.dev_queries):
+            raise ValueError("--tune-strength needs a head and a dev split (--dev-queries > 0)")
+
+
+def make_model(args: FinetuneArguments) -> SBMoEModel:
+    """The backbone with the head that ``args`` asks for (output normalised for cosine similarity)."""
+    cos = args.similarity == "cos"
+    base = build_model(
+        args.backbone, head=False, normalize=cos and args.head == "none", max_seq_length=args.max_seq_length
+    )
+    if args.head == "none":
+        return base
+    dim = base.get_embedding_dimension()
+    options: dict[str, Any] = {"identity_init": args.identity_init, "noise": args.noise, "normalize_output": cos}
+    options["query_only"] = args.query_only
+    if args.head == "sbmoe":
+        options.update(num_experts=args.num_experts, top_k=args.top_k, routing=args.routing, inference=args.inference)
+        options["expert_dropout"] = args.expert_dropout
+        options["expert_hidden"] = args.expert_hidden
+    else:
+        options.update(num_experts=1, top_k=1, routing="learned", inference="soft")
+        options["expert_hidden"] = dense_hidden(dim, args) if args.dense_size == "total" else args.expert_hidden
+    return SBMoEModel(
+        modules=[*base, SBMoEHead(dim, **options)],
+        device=str(base.device),
+        similarity_fn_name="cosine" if cos else "dot",
+    )
+
+
+def dense_hidden(dim: int, args: FinetuneArguments) -> int:
+    """Hidden width of a one-expert head with as many parameters as the SB-MoE head of ``args``."""
+    moe = SBMoEHead(dim, num_experts=args.num_experts, expert_hidden=args.expert_hidden, noise=args.noise)
+    one = SBMoEHead(dim, num_experts=1, top_k=1, expert_hidden=1, noise=args.noise)
+    per_unit = 2 * dim + 1  # one hidden unit: a row of `up`, its bias, a column of `down`
+    fixed = count_parameters(one) - per_unit
+    return max(1, round((count_parameters(moe) - fixed) / per_unit))
+
+
+def count_parameters(module: torch.nn.Module | None) -> int:
+    """Number of parameters of ``module`` (0 for None)."""
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
