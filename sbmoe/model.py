@@ -94,11 +94,14 @@ def build_model(
         inference: ``soft``, ``top1`` or ``topk`` routing at inference.
         head: False gives the plain backbone with mean pooling (the baseline).
         normalize: L2-normalise the output embedding (cosine similarity).
-        max_seq_length: Token limit of the backbone.
+        max_seq_length: Token limit of the backbone (lowered to its position limit when that is smaller).
         device: torch device; None picks CUDA when available.
         **head_kwargs: Further :class:`SBMoEHead` options (``expert_hidden``, ``noise``, ``residual``).
     """
     transformer = Transformer(resolve_backbone(backbone), max_seq_length=max_seq_length)
+    limit = getattr(transformer.auto_model.config, "max_position_embeddings", None)
+    if limit and max_seq_length > limit:  # small encoders have fewer positions than the requested length
+        transformer.max_seq_length = limit
     dim = transformer.get_embedding_dimension()
     modules: list[torch.nn.Module] = [transformer, Pooling(dim, pooling_mode="mean")]
     if head:

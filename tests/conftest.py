@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import string
 from pathlib import Path
@@ -53,6 +54,26 @@ def write_tiny_bert(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Path of a tiny random BERT backbone (hidden size 32), shared by the whole test session."""
     return str(write_tiny_bert(tmp_path_factory.mktemp("tiny-bert")))
+
+
+def write_beir_slice(folder: Path, data: Path, num_queries: int, num_docs: int) -> Path:
+    """A BEIR folder of the first ``num_queries`` SciFact test queries, their relevant documents and others in file
+    order up to ``num_docs``."""
+    from sbmoe.data import load_dataset
+
+    full = load_dataset("scifact", data_dir=data)
+    qids = list(full.qrels)[:num_queries]
+    relevant = {d for q in qids for d in full.qrels[q]}
+    docs = [d for d in full.iter_docs() if d.id in relevant]
+    docs += [d for d in full.iter_docs() if d.id not in relevant][: num_docs - len(docs)]
+    (folder / "qrels").mkdir(parents=True)
+    with (folder / "corpus.jsonl").open("w") as f:
+        f.writelines(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n" for d in docs)
+    with (folder / "queries.jsonl").open("w") as f:
+        f.writelines(json.dumps({"_id": q, "text": full.queries[q]}) + "\n" for q in qids)
+    rows = [f"{q}\t{d}\t{s}\n" for q in qids for d, s in full.qrels[q].items()]
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(rows))
+    return folder
 
 
 @pytest.fixture(scope="session")

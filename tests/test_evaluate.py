@@ -13,6 +13,7 @@ import pytest
 from beir.retrieval.custom_metrics import mrr
 from beir.retrieval.evaluation import EvaluateRetrieval
 from beir.retrieval.search.dense import DenseRetrievalExactSearch
+from conftest import write_beir_slice
 
 from sbmoe.commands.evaluate import main
 from sbmoe.data import RetrievalDataset, load_dataset
@@ -26,20 +27,7 @@ SLICE_DOCS = 400
 @pytest.fixture(scope="module")
 def scifact_slice(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A BEIR folder: 40 SciFact test queries, their relevant documents and other documents up to 400."""
-    full = load_dataset("scifact", data_dir=shared_data)
-    qids = list(full.qrels)[:SLICE_QUERIES]
-    relevant = {d for q in qids for d in full.qrels[q]}
-    docs = [d for d in full.iter_docs() if d.id in relevant]
-    docs += [d for d in full.iter_docs() if d.id not in relevant][: SLICE_DOCS - len(docs)]
-    folder = tmp_path_factory.mktemp("data") / "scifact-slice"
-    (folder / "qrels").mkdir(parents=True)
-    with (folder / "corpus.jsonl").open("w") as f:
-        f.writelines(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n" for d in docs)
-    with (folder / "queries.jsonl").open("w") as f:
-        f.writelines(json.dumps({"_id": q, "text": full.queries[q]}) + "\n" for q in qids)
-    rows = [f"{q}\t{d}\t{s}\n" for q in qids for d, s in full.qrels[q].items()]
-    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(rows))
-    return folder
+    return write_beir_slice(tmp_path_factory.mktemp("data") / "scifact-slice", shared_data, SLICE_QUERIES, SLICE_DOCS)
 
 
 def test_agrees_with_beir_exact_search(scifact_slice: Path, tmp_path: Path) -> None:

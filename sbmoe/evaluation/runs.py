@@ -17,7 +17,7 @@ def write_trec_run(path: str | os.PathLike, run: Run, tag: str = "sbmoe") -> Pat
     lines = []
     for qid, hits in run.items():
         ranked = sorted(hits.items(), key=lambda item: -item[1])
-        lines += [f"{qid} Q0 {doc_id} {rank} {score:.6f} {tag}" for rank, (doc_id, score) in enumerate(ranked, 1)]
+        lines += [f"{qid} Q0 {doc_id} {rank} {float(score)!r} {tag}" for rank, (doc_id, score) in enumerate(ranked, 1)]
     return write_atomic(path, "".join(f"{line}\n" for line in lines))
 
 
