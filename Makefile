@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m sbmoe.demo
+	$(VENV)/bin/sbmoe demo
 
 test: $(STAMP)
 	$(PY) -m ruff check .

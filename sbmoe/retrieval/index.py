@@ -16,14 +16,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sbmoe.files import replace_dir, sha256_file
+from sbmoe.retrieval.manifest import FORMAT, MANIFEST, IndexLoadError, check_file, read_manifest
 
 logger = logging.getLogger(__name__)
 
 INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq", "sq8", "binary")
 GPU_TYPES = ("flat", "ivf", "ivfpq", "sq8")  # the rest stay on CPU (faiss has no GPU HNSW)
 GPU_MAX_K = 2048  # faiss GPU top-k limit; larger k searches the CPU copy
-FORMAT = 1
-MANIFEST = "manifest.json"
 INDEX_FILE = "index.faiss"
 IDS_FILE = "doc_ids.txt"
 VECTORS_FILE = "vectors.npy"
@@ -36,10 +35,6 @@ SETTINGS = {  # the parameters each type uses
     "sq8": (),
     "binary": ("rescore",),
 }
-
-
-class IndexLoadError(ValueError):
-    """An index folder that cannot be used: missing, truncated or corrupt file, or a manifest mismatch."""
 
 
 def gpu_count() -> int:
@@ -339,7 +334,7 @@ class DenseIndex:
             IndexLoadError: missing/truncated/corrupt file or a dimension/model mismatch, with the file named.
         """
         folder = Path(path)
-        manifest = _read_manifest(folder)
+        manifest = read_manifest(folder)
         if expect_dim is not None and manifest["dim"] != expect_dim:
             raise IndexLoadError(
                 f"{folder}: dimension mismatch: the index holds {manifest['dim']}-d vectors, "
@@ -352,7 +347,7 @@ class DenseIndex:
                 f"(hash {built_by['hash'][:12] or 'none'}), expected hash {expect_model_hash[:12]}"
             )
         for name, info in manifest["files"].items():
-            _check_file(folder / name, info, verify)
+            check_file(folder / name, info, verify)
         index = cls(
             manifest["dim"], manifest["type"], use_gpu, built_by["name"], built_by["hash"], **manifest["params"]
         )
@@ -374,31 +369,3 @@ class DenseIndex:
 def binary_codes(x: np.ndarray) -> np.ndarray:
     """Sign bits of each row, packed 8 per byte (the binary index's codes)."""
     return np.packbits(x > 0, axis=1)
-
-
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    file = folder / MANIFEST
-    if not file.is_file():
-        what = "folder not found" if not folder.exists() else f"no {MANIFEST}"
-        raise IndexLoadError(f"{file}: {what}; expected an index folder written by DenseIndex.save")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise IndexLoadError(f"{file}:{err.lineno}: invalid JSON ({err.msg}); the manifest is corrupt") from err
-    keys = {"format", "model", "dim", "metric", "type", "params", "count", "files"}
-    if not isinstance(manifest, dict) or keys - manifest.keys():
-        missing = sorted(keys - manifest.keys()) if isinstance(manifest, dict) else sorted(keys)
-        raise IndexLoadError(f"{file}: missing keys {missing}; the manifest is corrupt")
-    if manifest["format"] != FORMAT:
-        raise IndexLoadError(f"{file}: format {manifest['format']}, this sbmoe reads format {FORMAT}")
-    return manifest
-
-
-def _check_file(file: Path, info: dict[str, Any], verify: bool) -> None:
-    if not file.is_file():
-        raise IndexLoadError(f"{file}: missing (listed in {MANIFEST})")
-    size = file.stat().st_size
-    if size != info["bytes"]:
-        raise IndexLoadError(f"{file}: truncated or altered: {size} bytes, {MANIFEST} says {info['bytes']}")
-    if verify and sha256_file(file) != info["sha256"]:
-        raise IndexLoadError(f"{file}: corrupt: SHA-256 differs from {MANIFEST}")
