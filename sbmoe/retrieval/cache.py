@@ -92,18 +92,6 @@ def cached_embeddings(
     return hit[0], {**hit[1], "cached": False}
 
 
-def encode_cached(
-    model: SentenceTransformer,
-    items: RetrievalDataset | Sequence[str] | Sequence[Doc],
-    kind: str,
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 64,
-    show_progress: bool = True,
-) -> np.ndarray:
-    """Embeddings of ``items`` from the cache, encoding them first on a miss (see :func:`cached_embeddings`)."""
-    return cached_embeddings(model, items, kind, cache_dir, batch_size, show_progress)[0]
-
-
 def _texts(items: Sequence[str] | Sequence[Doc]) -> list[str]:
     return [item if isinstance(item, str) else item.full_text for item in items]
 

@@ -6,8 +6,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from sbmoe.files import replace_dir, sha256_file
+from sbmoe.files import atomic_dir, sha256_file
 from sbmoe.retrieval.manifest import FORMAT, MANIFEST, IndexLoadError, check_file, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -284,10 +282,7 @@ class DenseIndex:
         if any("\n" in doc_id for doc_id in self.doc_ids):
             raise ValueError("document ids must not contain newlines")
         final = Path(path)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        with atomic_dir(final) as tmp:
             if self.index_type == "binary":
                 faiss.write_index_binary(self._cpu, str(tmp / INDEX_FILE))
                 np.save(tmp / VECTORS_FILE, self.vectors())
@@ -307,9 +302,6 @@ class DenseIndex:
                 "files": files,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            replace_dir(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return final
 
     @classmethod

@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +16,7 @@ from sentence_transformers import SentenceTransformer
 
 from sbmoe.data.corpus import load_corpus
 from sbmoe.data.dataset import Doc, RetrievalDataset
-from sbmoe.files import replace_dir
+from sbmoe.files import atomic_dir
 from sbmoe.model import find_head, load_any_model, load_model
 from sbmoe.retrieval.cache import model_fingerprint
 from sbmoe.retrieval.encode import encode_cached, unit_rows
@@ -184,10 +182,7 @@ class Retriever:
     def save(self, path: str | os.PathLike) -> Path:
         """Write model reference (or the model), index and store to the folder ``path`` atomically."""
         final = Path(path)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        with atomic_dir(final) as tmp:
             if self.model_spec is None:
                 self.model.save(str(tmp / MODEL_DIR))
             self.index.model_name = self.model_spec or MODEL_DIR
@@ -202,9 +197,6 @@ class Retriever:
                 "index": {"type": self.index.index_type, "params": self.index.params},
             }
             (tmp / CONFIG).write_text(json.dumps(config, indent=1))
-            replace_dir(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return final
 
     @classmethod
