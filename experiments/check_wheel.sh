@@ -14,8 +14,8 @@ python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install -q "${wheel}[cpu]"
 cd "$work"
 export SBMOE_CACHE="$work/cache" HF_HUB_OFFLINE=1
-"$work/venv/bin/sbmoe" --help | head -3
+"$work/venv/bin/sbmoe" --help > help.txt && head -3 help.txt
 head -200 "$data/scifact/corpus.jsonl" > docs.jsonl
 "$work/venv/bin/sbmoe" index --model minilm --corpus docs.jsonl --output idx --quiet
-"$work/venv/bin/sbmoe" search idx "stem cells in glioblastoma" -k 3 --json | head -8
+"$work/venv/bin/sbmoe" search idx "stem cells in glioblastoma" -k 3 --json > hits.json && head -8 hits.json
 echo "wheel check passed in $work"

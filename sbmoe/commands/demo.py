@@ -1,7 +1,8 @@
 """``sbmoe demo``: fine-tune heads on SciFact, index it, search it, and print an honest table against zero-shot.
 
 MiniLM's pooled vectors of a SciFact slice are encoded once into the shared cache; an SB-MoE head (6 experts,
-query-only routing: the study's best recipe on unseen queries) and a dense head of equal size then train on them
+query-only routing, the study's best recipe on unseen queries, with its router started from k-means clusters of
+the corpus so that every expert gets a topic) and a dense head of equal size then train on them
 in seconds, for a fixed number of epochs so that both heads move away from the backbone. The demo prints nDCG@10
 and MRR@10 on SciFact ``test`` and ``test-unseen`` for zero-shot MiniLM and both heads, how far each head moved the
 query embeddings, the experts' shares, and then indexes the slice with the SB-MoE model and searches it.
@@ -40,7 +41,8 @@ HEADS = {
     "zero-shot MiniLM": {"head": "none"},
     "dense head (equal parameters)": {"head": "dense", "dense_size": "total", "learning_rate": 1e-4},
     "SB-MoE head (6 experts, query-only)": {
-        "head": "sbmoe", "top_k": 1, "inference": "top1", "query_only": True, "learning_rate": 1e-3,
+        "head": "sbmoe", "top_k": 1, "inference": "top1", "query_only": True, "router_init": "kmeans",
+        "learning_rate": 1e-3,
     },  # fmt: skip
 }
 SBMOE = "SB-MoE head (6 experts, query-only)"
