@@ -3,7 +3,7 @@
 Builds a flat MiniLM index of SciFact with ``sbmoe index`` (encodings cached in ``.cache/bench_search``), then:
 
 1. cold start: wall time from process start to the printed top-10 table, ``sbmoe search DIR "q" -k 10`` versus a
-   plain script (below) in a fresh subprocess each, same environment, rounds interleaved (the order alternates);
+   plain script (PLAIN_SCRIPT) in a fresh subprocess each, same environment, rounds interleaved (the order alternates);
    compared by the ratio within each round. One untimed run of each first warms the OS file cache.
 2. warm latency: in this process, ``Retriever.search(q, k=10)`` versus encode -> faiss -> sqlite, one query at a
    time, ``perf_counter`` per query, the two alternating query by query (order flipped) in rounds; also whether
