@@ -99,9 +99,6 @@ def build_model(
         **head_kwargs: Further :class:`SBMoEHead` options (``expert_hidden``, ``noise``, ``residual``).
     """
     transformer = Transformer(resolve_backbone(backbone), max_seq_length=max_seq_length)
-    limit = getattr(transformer.auto_model.config, "max_position_embeddings", None)
-    if limit and max_seq_length > limit:  # small encoders have fewer positions than the requested length
-        transformer.max_seq_length = limit
     dim = transformer.get_embedding_dimension()
     modules: list[torch.nn.Module] = [transformer, Pooling(dim, pooling_mode="mean")]
     if head:
@@ -118,7 +115,8 @@ def build_model(
         )
     elif normalize:
         modules.append(Normalize())
-    return SBMoEModel(modules=modules, device=device, similarity_fn_name="cosine" if normalize else "dot")
+    model = SBMoEModel(modules=modules, device=device, similarity_fn_name="cosine" if normalize else "dot")
+    return _cap_length(model)
 
 
 def load_model(path: str, device: str | None = None) -> SBMoEModel:

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from sbmoe.commands.common import new_parser
 from sbmoe.data import load_dataset
+from sbmoe.files import write_atomic
 from sbmoe.model import find_head, load_model
 from sbmoe.paths import cache_dir
 from sbmoe.retrieval.encode import pooled_features
@@ -73,7 +74,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe demo") -> int:
         console.print(f"[bold]{name}[/bold]: training {args.epochs} epochs on cached vectors, then evaluating")
         options = {**COMMON, **options, "epochs": args.epochs, "data_dir": data_dir}
         records[name] = run(FinetuneArguments(**options, output_dir=f"{args.out}/{options['head']}"))
-    console.print(results_table(records, movement(args.out, data_dir)))
+    moved = movement(args.out, data_dir)
+    console.print(results_table(records, moved))
     console.print(
         "test: queries whose relevant documents the heads saw in training (memorising counts); test-unseen: "
         "queries whose relevant documents they never saw. The full study (experiments/scifact/README.md) found the "
@@ -83,7 +85,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe demo") -> int:
     console.print("SciFact documents per expert (router of the trained SB-MoE head): "
                   + "  ".join(f"E{i} {share:.0%}" for i, share in enumerate(experts["shares"])))  # fmt: skip
     show_search(console, f"{args.out}/sbmoe", data_dir, args.queries)
+    write_atomic(Path(args.out) / "demo.json", json.dumps(summary(records, moved), indent=1) + "\n")
     return 0
+
+
+def summary(records: dict[str, dict[str, Any]], moved: dict[str, float]) -> dict[str, Any]:
+    """What the demo printed, for scripts: nDCG@10 / MRR@10 per head and eval set, query cosine, expert shares."""
+    rows = {
+        name: {spec: {m: record["eval"][spec]["metrics"][m] for m in ("nDCG@10", "MRR@10")} for spec in EVAL}
+        for name, record in records.items()
+    }
+    for name, cosine in moved.items():
+        rows[name]["query_cos_to_zero_shot"] = cosine
+    return {"heads": rows, "sbmoe_expert_shares": records[SBMOE]["eval"]["scifact:test"]["experts"]["shares"]}
 
 
 def scifact_slice(size: int, data_dir: str | None, root: Path) -> Path:

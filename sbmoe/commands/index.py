@@ -59,9 +59,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe index") -> int:
             )  # fmt: skip
             retriever.save(output)
             message = f"indexed {len(retriever)} documents ({retriever.index.index_type})"
-    except ValueError as err:  # DataError is a ValueError too; both are the user's to fix
-        return fail("index", err)
-    except USER_ERRORS as err:
+    except (ValueError, *USER_ERRORS) as err:  # a refused growth (ValueError) is the user's to fix too
         return fail("index", err)
     print(f"{message} in {output} ({time.perf_counter() - started:.1f} s)")
     print(f'search it: sbmoe search {output} "your question"')

@@ -78,12 +78,13 @@ def apply_tail(
         return x.numpy(), None
     out = np.empty((len(x), model.get_embedding_dimension() or x.shape[1]), dtype=np.float32)
     experts = np.full(len(x), -1, dtype=np.int64)
+    for module in tail:
+        module.eval()
     with torch.no_grad():
         for start in range(0, len(x), TAIL_BATCH):
             features: dict[str, Any] = {"sentence_embedding": x[start : start + TAIL_BATCH].to(model.device)}
             features["task"] = task
             for module in tail:
-                module.eval()
                 features = module(features)
             out[start : start + TAIL_BATCH] = features["sentence_embedding"].float().cpu().numpy()
             if "expert_index" in features:

@@ -65,6 +65,7 @@ class Retriever:
 
     def __init__(self, model: SentenceTransformer, index: DenseIndex, store: DocStore, model_spec: str | None = None):
         self.model, self.index, self.store, self.model_spec = model, index, store, model_spec
+        self.head = find_head(model)
         self.cache_dir: str | os.PathLike | None = None
 
     def __len__(self) -> int:
@@ -168,8 +169,7 @@ class Retriever:
 
     def encode_queries(self, texts: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, list[int] | None]:
         """Query embeddings (unit length for cosine models) and each query's top-1 expert (None without a head)."""
-        head = find_head(self.model)
-        if head is None:
+        if self.head is None:
             vectors = self.model.encode_query(list(texts), batch_size=batch_size, convert_to_numpy=True)
             experts = None
         else:
