@@ -16,11 +16,23 @@ from sbmoe.retrieval.index import IndexLoadError
 USER_ERRORS = (DataError, BackboneUnavailableError, IndexLoadError, OSError)
 
 
-def new_parser(prog: str, description: str, examples: Sequence[str]) -> argparse.ArgumentParser:
-    """An argument parser whose ``--help`` ends with ``examples``."""
-    epilog = "examples:\n" + "\n".join(f"  {example}" for example in examples)
+def description(doc: str) -> str:
+    """A command's description: the first line of its module docstring, after ``sbmoe NAME``: ."""
+    return doc.splitlines()[0].split(": ", 1)[1]
+
+
+def epilog(examples: Sequence[str]) -> str:
+    """The end of a command's ``--help``: its examples."""
+    return "examples:\n" + "\n".join(f"  {example}" for example in examples)
+
+
+def new_parser(prog: str, doc: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+    """An argument parser described by the command's module docstring ``doc``, whose ``--help`` ends with examples."""
     return argparse.ArgumentParser(
-        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog,
+        description=description(doc),
+        epilog=epilog(examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
 

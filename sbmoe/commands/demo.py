@@ -47,12 +47,12 @@ HEADS = {
     },  # fmt: skip
 }
 SBMOE = "SB-MoE head (6 experts, query-only)"
-EXAMPLES = ("sbmoe demo", "sbmoe demo --docs 0 --epochs 8   # the whole corpus (about 6 minutes to encode)")
+EXAMPLES = ("sbmoe demo", "sbmoe demo --docs 0 --epochs 8   # the whole corpus")
 
 
 def build_parser(prog: str = "sbmoe demo") -> argparse.ArgumentParser:
     """The flags of ``sbmoe demo``."""
-    parser = new_parser(prog, __doc__.splitlines()[0].split(": ", 1)[1], EXAMPLES)
+    parser = new_parser(prog, __doc__, EXAMPLES)
     parser.add_argument("--data-dir", default=None, help="folder with scifact/ (default: $SBMOE_DATA, ../shared/data)")
     parser.add_argument("--out", default="out/demo", help="where the trained models and the index are saved")
     parser.add_argument("--docs", type=int, default=1500, help="corpus slice size (0: the whole corpus)")

@@ -32,7 +32,7 @@ EXAMPLES = (
 
 def build_parser(prog: str = "sbmoe evaluate") -> argparse.ArgumentParser:
     """The flags of ``sbmoe evaluate``."""
-    parser = new_parser(prog, __doc__.splitlines()[0].split(": ", 1)[1], EXAMPLES)
+    parser = new_parser(prog, __doc__, EXAMPLES)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="backbone name (minilm = minilm-plain, no head), SentenceTransformer or "
                         "sbmoe folder, HF encoder folder, or Hub id")  # fmt: skip

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from transformers import HfArgumentParser
 
-from sbmoe.commands.common import USER_ERRORS, fail
+from sbmoe.commands.common import USER_ERRORS, description, epilog, fail
 from sbmoe.training.arguments import FinetuneArguments
 from sbmoe.training.finetune import run
 from sbmoe.training.losses import TrainingDivergedError
@@ -27,9 +27,8 @@ def build_parser(prog: str = "sbmoe finetune") -> HfArgumentParser:
     return HfArgumentParser(
         FinetuneArguments,
         prog=prog,
-        description=__doc__.splitlines()[0].split(": ", 1)[1]
-        + " The output directory is a SentenceTransformer folder plus run.json.",
-        epilog="examples:\n" + "\n".join(f"  {example}" for example in EXAMPLES),
+        description=description(__doc__) + " The output directory is a SentenceTransformer folder plus run.json.",
+        epilog=epilog(EXAMPLES),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 

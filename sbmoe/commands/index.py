@@ -22,7 +22,7 @@ EXAMPLES = (
 
 def build_parser(prog: str = "sbmoe index") -> argparse.ArgumentParser:
     """The flags of ``sbmoe index``."""
-    parser = new_parser(prog, __doc__.splitlines()[0].split(": ", 1)[1], EXAMPLES)
+    parser = new_parser(prog, __doc__, EXAMPLES)
     parser.add_argument("--model", required=True, help="backbone name (minilm), sbmoe or SentenceTransformer folder, "
                         "or fine-tuned output folder")  # fmt: skip
     parser.add_argument("--corpus", required=True, help=FORMATS)

@@ -23,7 +23,7 @@ EXAMPLES = (
 
 def build_parser(prog: str = "sbmoe search") -> argparse.ArgumentParser:
     """The flags of ``sbmoe search``."""
-    parser = new_parser(prog, __doc__.splitlines()[0].split(": ", 1)[1], EXAMPLES)
+    parser = new_parser(prog, __doc__, EXAMPLES)
     parser.add_argument("index_dir", metavar="DIR", help="a folder written by `sbmoe index` (or Retriever.save)")
     parser.add_argument("query", nargs="?", help="the query text")
     parser.add_argument("-k", "--top-k", type=int, default=10, help="documents per query (default: 10)")

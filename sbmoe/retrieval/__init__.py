@@ -3,7 +3,7 @@
 :class:`Retriever` puts model, index and document store behind one object.
 """
 
-from sbmoe.retrieval.encode import encode_cached, pooled_features, pooled_vectors
+from sbmoe.retrieval.encode import encode_cached, pooled_features
 from sbmoe.retrieval.index import INDEX_TYPES, DenseIndex, IndexLoadError
 from sbmoe.retrieval.retriever import Hit, Retriever
 from sbmoe.retrieval.store import DocStore
@@ -17,5 +17,4 @@ __all__ = [
     "Retriever",
     "encode_cached",
     "pooled_features",
-    "pooled_vectors",
 ]

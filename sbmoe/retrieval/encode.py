@@ -43,27 +43,6 @@ def pooled_model(model: SentenceTransformer) -> SentenceTransformer:
     )
 
 
-def pooled_vectors(
-    model: SentenceTransformer,
-    items: RetrievalDataset | Sequence[str] | Sequence[Doc],
-    kind: str,
-    cache_dir: str | os.PathLike | None = None,
-    batch_size: int = 64,
-    show_progress: bool = True,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Pooled backbone vectors of ``items`` (N x H float32, memory-mapped) and the cache entry's metadata.
-
-    Args:
-        model: Any SentenceTransformer; only its modules up to pooling are run (and fingerprinted).
-        items: A dataset (its corpus streams), or texts / :class:`~sbmoe.data.Doc` in order.
-        kind: ``corpus`` or ``queries``.
-        cache_dir: Cache root (default :func:`sbmoe.paths.cache_dir`).
-        batch_size: Encoder batch size.
-        show_progress: A progress bar while encoding.
-    """
-    return cached_embeddings(pooled_model(model), items, kind, cache_dir, batch_size, show_progress)
-
-
 def apply_tail(
     model: SentenceTransformer, vectors: np.ndarray | torch.Tensor, task: str
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -102,11 +81,13 @@ def encode_cached(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Embeddings as ``model.encode_document`` / ``encode_query`` gives them, from cached pooled vectors.
 
+    Args: as :func:`sbmoe.retrieval.cache.cached_embeddings`; only the modules up to pooling are encoded (and keyed).
+
     Returns:
         The embeddings and the pooled cache entry's metadata plus ``utilization`` (the SB-MoE head's routing
         statistics over these items) and ``experts`` (each item's top-1 expert), both None without a head.
     """
-    vectors, meta = pooled_vectors(model, items, kind, cache_dir, batch_size, show_progress)
+    vectors, meta = cached_embeddings(pooled_model(model), items, kind, cache_dir, batch_size, show_progress)
     head = find_head(model)
     if head is not None:
         head.reset_routing_stats()
@@ -123,7 +104,7 @@ def pooled_features(
     batch_size: int = 64,
 ) -> torch.Tensor:
     """Pooled backbone vectors of ``items`` as a tensor (the head trainer's input), encoded once, then cached."""
-    vectors, _ = pooled_vectors(model, items, kind, cache_dir, batch_size, show_progress=True)
+    vectors, _ = cached_embeddings(pooled_model(model), items, kind, cache_dir, batch_size, show_progress=True)
     return torch.from_numpy(np.array(vectors))
 
 
