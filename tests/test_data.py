@@ -63,7 +63,7 @@ def test_empty_and_partial_texts_are_kept(tmp_path: Path) -> None:
 def test_malformed_jsonl_line_names_file_and_line(tmp_path: Path) -> None:
     docs = [{"_id": "a", "text": "fine"}, "", '{"_id": "b" "text": "comma missing"}']
     ds = load_dataset(str(write_beir(tmp_path / "d", docs, {"q": "x"}, ["q\ta\t1"])))
-    message = r"corpus\.jsonl:3: invalid JSON \(Expecting ',' delimiter, column 13\); expected one JSON object"
+    message = r"corpus\.jsonl:3: invalid JSON at column 13 \(Expecting ',' delimiter\); expected one JSON object"
     with pytest.raises(DataError, match=message):
         _ = ds.corpus_size
 

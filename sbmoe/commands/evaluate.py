@@ -12,6 +12,7 @@ from typing import Any
 
 from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, new_parser, slug
 from sbmoe.data import RetrievalDataset, load_dataset
+from sbmoe.evaluation.coverage import coverage, describe
 from sbmoe.evaluation.evaluate import evaluate_model
 from sbmoe.evaluation.metrics import DEFAULT_METRICS, evaluate_run, parse_metric
 from sbmoe.evaluation.runs import read_trec_run
@@ -88,10 +89,17 @@ def score_run(
         for qid, hits in run.items()
         if qid in dataset.queries
     }
+    counts = coverage(dataset, run)
+    partial = describe(dataset.name, counts)
+    if partial:
+        logger.warning(partial)
     return {
         "dataset": dataset.name,
         "split": dataset.split,
         "num_queries": len(run),
+        "judged_queries": counts["judged"],
+        "answerable_queries": counts["answerable"],
+        "warnings": [partial] if partial else [],
         "num_docs": None,
         "relevance_level": dataset.relevance_level,
         "metrics": evaluate_run(dataset.qrels, run, metrics, dataset.relevance_level),
@@ -113,9 +121,11 @@ def markdown_table(source: str, results: Sequence[dict[str, Any]]) -> str:
         encode = f"{timings['encode_corpus_s']:.1f}" if "encode_corpus_s" in timings else "–"
         encode += " (cached)" if r.get("corpus_from_cache") else ""
         search = f"{timings['search_s']:.2f}" if "search_s" in timings else "–"
+        judged = r.get("judged_queries", r["num_queries"])
+        queries = f"{r['num_queries']}" + (f" of {judged}" if r["num_queries"] != judged else "")
         lines.append(
             f"| {source} | {r['dataset']} ({r['split']}) | {index['type']}{f' {params}' if params else ''} | "
-            f"{r['num_queries']} | {r['num_docs'] if r['num_docs'] is not None else '–'} | {values} | {encode} | "
+            f"{queries} | {r['num_docs'] if r['num_docs'] is not None else '–'} | {values} | {encode} | "
             f"{search} |"
         )
     return "\n".join(lines) + "\n"

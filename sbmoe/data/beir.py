@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from sbmoe.data.dataset import DataError, Doc, RetrievalDataset, select_queries
+from sbmoe.data.textfile import json_lines, numbered_lines
 from sbmoe.paths import data_dir as _data_dir
 
 IRDS_PREFIX = "irds:"
@@ -41,7 +40,14 @@ def _beir_folder(spec: str, explicit_dir: str | os.PathLike | None) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
+    if path.is_file():
+        raise DataError(
+            f"{path}: is a file; expected a BEIR folder holding corpus.jsonl, queries.jsonl and qrels/<split>.tsv"
+            + (" (give the folder that holds it)" if path.name in ("corpus.jsonl", "queries.jsonl") else "")
+        )
     root = _data_dir(explicit_dir)
+    if root.is_file():
+        raise DataError(f"{root}: the data folder is a file; expected a folder of BEIR datasets (--data-dir)")
     if (root / spec).is_dir():
         return root / spec
     available = sorted(p.name for p in root.iterdir() if (p / "corpus.jsonl").is_file()) if root.is_dir() else []
@@ -77,39 +83,38 @@ def load_beir(folder: Path, split: str = "test") -> RetrievalDataset:
 def read_jsonl(path: Path, text_fields: tuple[str, ...]) -> Iterator[dict[str, str]]:
     """Yield ``{"_id", *text_fields}`` records; missing or null text fields read as ""; blank lines are skipped."""
     expected = f'expected one JSON object per line with "_id" and {", ".join(repr(f) for f in text_fields)}'
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: invalid JSON ({err.msg}, column {err.colno}); {expected}") from err
-            if not isinstance(record, dict) or record.get("_id") in (None, ""):
-                raise DataError(f'{path}:{line_no}: missing "_id"; {expected}')
-            out = {"_id": str(record["_id"])}
-            for name in text_fields:
-                value = record.get(name)
-                if value is not None and not isinstance(value, str):
-                    raise DataError(f"{path}:{line_no}: {name!r} is {type(value).__name__}, expected a string")
-                out[name] = value or ""
-            yield out
+    for line_no, record in json_lines(path, expected):
+        if record.get("_id") in (None, ""):
+            raise DataError(f'{path}:{line_no}: missing "_id"; {expected}')
+        out = {"_id": str(record["_id"])}
+        for name in text_fields:
+            value = record.get(name)
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"{path}:{line_no}: {name!r} is {type(value).__name__}, expected a string")
+            out[name] = value or ""
+        yield out
+
+
+def tsv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Yield ``(line number, fields)`` of a tab-separated UTF-8 file (no quoting); blank lines are skipped."""
+    for line_no, line in numbered_lines(path):
+        if line.strip():
+            yield line_no, line.split("\t")
 
 
 def read_qrels_tsv(path: Path) -> dict[str, dict[str, int]]:
     """Read ``query-id<TAB>corpus-id<TAB>score`` rows (the header line is optional)."""
     qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8", newline="") as handle:
-        for line_no, row in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
-            if not row or (line_no == 1 and row[0] == "query-id"):
-                continue
-            if len(row) != 3:
-                raise DataError(
-                    f"{path}:{line_no}: {len(row)} tab-separated fields, expected 3 (query-id, corpus-id, score)"
-                )
-            try:
-                score = int(row[2])
-            except ValueError as err:
-                raise DataError(f"{path}:{line_no}: score {row[2]!r} is not an integer") from err
-            qrels.setdefault(row[0], {})[row[1]] = score
+    for line_no, row in tsv_rows(path):
+        if line_no == 1 and row[0] == "query-id":
+            continue
+        if len(row) != 3:
+            raise DataError(
+                f"{path}:{line_no}: {len(row)} tab-separated fields, expected 3 (query-id, corpus-id, score)"
+            )
+        try:
+            score = int(row[2])
+        except ValueError as err:
+            raise DataError(f"{path}:{line_no}: score {row[2]!r} is not an integer") from err
+        qrels.setdefault(row[0], {})[row[1]] = score
     return qrels

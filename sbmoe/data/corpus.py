@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from sbmoe.data.beir import IRDS_PREFIX, load_dataset, read_jsonl
+from sbmoe.data.beir import IRDS_PREFIX, load_dataset, read_jsonl, tsv_rows
 from sbmoe.data.dataset import DataError, Doc, RetrievalDataset
 from sbmoe.paths import data_dir as _data_dir
 
@@ -38,6 +37,8 @@ def load_corpus(spec: str | os.PathLike, data_dir: str | os.PathLike | None = No
         if not path.is_file():
             raise DataError(f"{path}: corpus file not found (expected {FORMATS})")
         return RetrievalDataset(path.stem, "corpus", {}, {}, lambda: readers[path.suffix](path))
+    if path.is_file():
+        raise DataError(f"{path}: is a file with extension {path.suffix or '(none)'!r}; expected {FORMATS}")
     folder = path if path.is_dir() else _data_dir(data_dir) / text
     corpus_file = folder / "corpus.jsonl"
     if not corpus_file.is_file():
@@ -51,13 +52,12 @@ def _jsonl_docs(path: Path) -> Iterator[Doc]:
 
 
 def _tsv_docs(path: Path) -> Iterator[Doc]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        for line_no, row in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
-            if not row or (line_no == 1 and row[0] in ("id", "_id")):
-                continue
-            if len(row) != 2 or not row[0]:
-                raise DataError(f"{path}:{line_no}: {len(row)} tab-separated fields, expected 2 (id, text)")
-            yield Doc(row[0], "", row[1])
+    for line_no, row in tsv_rows(path):
+        if line_no == 1 and row[0] in ("id", "_id"):
+            continue
+        if len(row) != 2 or not row[0]:
+            raise DataError(f"{path}:{line_no}: {len(row)} tab-separated fields, expected 2 (id, text)")
+        yield Doc(row[0], "", row[1])
 
 
 def _parquet_docs(path: Path) -> Iterator[Doc]:

@@ -102,6 +102,11 @@ class RetrievalDataset:
     def __repr__(self) -> str:
         return f"RetrievalDataset({self.name!r}, split={self.split!r}, queries={len(self.queries)})"
 
+    @property
+    def unknown_queries(self) -> Problem:
+        """The qrels query ids that have no text in the queries file."""
+        return self._unknown_queries
+
     def iter_docs(self) -> Iterator[Doc]:
         """Stream the corpus one document at a time, in file order."""
         yield from self._docs()
@@ -165,7 +170,7 @@ class RetrievalDataset:
             for doc_id in rels:
                 if doc_id not in scan.qrel_docs_found:
                     unknown_docs.add(f"{qid}/{doc_id}")
-        problems = (self._unknown_queries, unknown_docs, scan.empty_docs, scan.duplicate_ids)
+        problems = (self.unknown_queries, unknown_docs, scan.empty_docs, scan.duplicate_ids)
         return [f"{self.name}: {problem}" for problem in problems if problem.count]
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sbmoe.data.beir import load_dataset
-from sbmoe.data.dataset import DataError, RetrievalDataset
+from sbmoe.data.dataset import DataError, Problem, RetrievalDataset
+from sbmoe.data.textfile import json_lines
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,15 +75,52 @@ def load_train_set(spec: str, data_dir: str | Path | None = None) -> TrainSet:
 
 
 def _from_qrels(dataset: RetrievalDataset) -> TrainSet:
-    """One example per positive qrel; the whole corpus is the pool for negatives."""
+    """One example per positive qrel whose query and document exist; the whole corpus is the pool for negatives.
+
+    Problems (qrels naming unknown queries or documents, blank queries, empty or duplicate documents) are logged
+    as warnings with counts and examples, as evaluation does; a set left with no example is an error.
+
+    Raises:
+        DataError: no usable training example, saying why.
+    """
+    for warning in dataset.validate():
+        logger.warning("training data %s", warning)
     titles, docs = {}, {}
     for doc in dataset.iter_docs():
-        titles[doc.id] = doc.title
-        docs[doc.id] = doc.full_text
-    qrels = {q: {d: 1 for d, s in rel.items() if s > 0} for q, rel in dataset.qrels.items()}
-    qrels = {q: rel for q, rel in qrels.items() if rel}
+        titles.setdefault(doc.id, doc.title)  # a duplicated id keeps its first document, as the index would
+        docs.setdefault(doc.id, doc.full_text)
+    blank = Problem("queries with blank text")
+    qrels: dict[str, dict[str, int]] = {}
+    for qid, rels in dataset.qrels.items():
+        if qid not in dataset.queries:
+            continue
+        if not dataset.queries[qid].strip():
+            blank.add(qid)
+            continue
+        positives = {d: 1 for d, s in rels.items() if s >= dataset.relevance_level and d in docs}
+        if positives:
+            qrels[qid] = positives
+    if blank.count:
+        logger.warning("training data %s: %s, skipped", dataset.name, blank)
+    if not qrels:
+        raise DataError(f"{dataset.name} ({dataset.split}): no usable training example: {_why_empty(dataset, docs)}")
     examples = [Example(q, d) for q in sorted(qrels) for d in sorted(qrels[q])]
-    return TrainSet(dict(dataset.queries), docs, examples, qrels, titles)
+    return TrainSet({q: dataset.queries[q] for q in qrels}, docs, examples, qrels, titles)
+
+
+def _why_empty(dataset: RetrievalDataset, docs: dict[str, str]) -> str:
+    """Why no qrel of ``dataset`` gives a training example."""
+    if not dataset.qrels:
+        return f"qrels split {dataset.split!r} has no judgments"
+    if not dataset.queries:
+        return f"none of the {len(dataset.qrels)} qrels query ids is in the queries file (queries empty or ids differ)"
+    judged = {d for q in dataset.queries for d, s in dataset.qrels[q].items() if s >= dataset.relevance_level}
+    if not judged:
+        return f"no qrel has a score >= {dataset.relevance_level} (expected positive judgments)"
+    if not judged & docs.keys():
+        example = ", ".join(sorted(judged)[:3])
+        return f"none of the {len(judged)} judged document ids is in the corpus (e.g. {example})"
+    return "every query with a judged document has blank text"
 
 
 def _irds_has_docpairs(spec: str) -> bool:
@@ -120,28 +160,20 @@ def _load_jsonl(path: Path) -> TrainSet:
     def doc_id(text: str) -> str:
         return doc_ids.setdefault(text, f"d{len(doc_ids)}")
 
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: invalid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            query, positive = record.get("query"), record.get("positive")
-            negatives = record.get("negatives", [])
-            if not isinstance(query, str) or not query.strip():
-                raise DataError(f"{where}: 'query' must be a non-empty string")
-            if not isinstance(positive, str) or not positive.strip():
-                raise DataError(f"{where}: 'positive' must be a non-empty string")
-            if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
-                raise DataError(f"{where}: 'negatives' must be a list of non-empty strings")
-            qid = f"q{number}"
-            queries[qid] = query
-            examples.append(Example(qid, doc_id(positive), [doc_id(n) for n in negatives]))
+    expected = 'expected {"query": text, "positive": text, "negatives": [text, ...]} (negatives optional)'
+    for number, record in json_lines(path, expected):
+        where = f"{path}:{number}"
+        query, positive = record.get("query"), record.get("positive")
+        negatives = record.get("negatives", [])
+        if not isinstance(query, str) or not query.strip():
+            raise DataError(f"{where}: 'query' must be a non-empty string; {expected}")
+        if not isinstance(positive, str) or not positive.strip():
+            raise DataError(f"{where}: 'positive' must be a non-empty string; {expected}")
+        if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
+            raise DataError(f"{where}: 'negatives' must be a list of non-empty strings; {expected}")
+        qid = f"q{number}"
+        queries[qid] = query
+        examples.append(Example(qid, doc_id(positive), [doc_id(n) for n in negatives]))
     if not examples:
         raise DataError(f"{path}: no training examples")
     docs = {i: text for text, i in doc_ids.items()}

@@ -13,6 +13,7 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from sbmoe.data import RetrievalDataset, load_dataset
+from sbmoe.evaluation.coverage import coverage, describe
 from sbmoe.evaluation.metrics import DEFAULT_METRICS, evaluate_run
 from sbmoe.retrieval.cache import model_fingerprint
 from sbmoe.retrieval.encode import encode_cached, unit_rows
@@ -136,14 +137,19 @@ def evaluate_model(
         model_name: How the model was named (``--model``), for the index manifest.
         show_progress: tqdm bars for encoding and indexing.
 
+    Raises:
+        DataError: no query has a relevant document in the corpus (see :func:`~sbmoe.evaluation.coverage.coverage`).
+
     Returns:
-        A JSON-ready dict: dataset, split, counts, metrics, timings, whether the corpus came from the cache,
+        A JSON-ready dict: dataset, split, counts (queries scored, judged, and scored with a relevant document in
+        the corpus), metrics, timings, whether the corpus came from the cache,
         expert utilization (``None`` for a model without an SB-MoE head) and data warnings.
     """
     if isinstance(dataset, str):
         dataset = load_dataset(dataset)
     started = time.perf_counter()
-    warnings = dataset.validate()
+    counts = coverage(dataset)
+    warnings = dataset.validate() + [line for line in [describe(dataset.name, counts)] if line]
     for warning in warnings:
         logger.warning(warning)
     with tempfile.TemporaryDirectory(prefix="sbmoe-enc-") as scratch:
@@ -170,6 +176,8 @@ def evaluate_model(
         "dataset": dataset.name,
         "split": dataset.split,
         "num_queries": result["num_queries"],
+        "judged_queries": counts["judged"],
+        "answerable_queries": counts["answerable"],
         "num_docs": result["num_docs"],
         "top_k": top_k,
         "index": {"type": result["index"].index_type, "params": result["index"].params},
