@@ -12,7 +12,7 @@ from typing import Any
 
 from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, new_parser, slug
 from sbmoe.data import RetrievalDataset, load_dataset
-from sbmoe.evaluation.coverage import coverage, describe
+from sbmoe.evaluation.coverage import coverage, describe, identical_id_warning
 from sbmoe.evaluation.evaluate import evaluate_model
 from sbmoe.evaluation.metrics import DEFAULT_METRICS, evaluate_run, parse_metric
 from sbmoe.evaluation.runs import read_trec_run
@@ -45,7 +45,8 @@ def build_parser(prog: str = "sbmoe evaluate") -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=1000, help="documents retrieved per query (default: 1000)")
     parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default: 64)")
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric names")
-    parser.add_argument("--output", help="JSON result path (default runs/evaluate/<model>.json); .md beside it")
+    parser.add_argument("--output", help="JSON result path (default runs/evaluate/<model>[-<index>].json); .md beside")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output computed with other settings")
     parser.add_argument("--cache-dir", help="embedding cache (default $SBMOE_CACHE or ~/.cache/sbmoe)")
     parser.add_argument("--no-cache", action="store_true", help="encode without reading or writing the cache")
     parser.add_argument("--save-index", metavar="DIR", help="also save each built index to DIR/<dataset>/")
@@ -90,16 +91,17 @@ def score_run(
         if qid in dataset.queries
     }
     counts = coverage(dataset, run)
-    partial = describe(dataset.name, counts)
-    if partial:
-        logger.warning(partial)
+    notes = [describe(dataset.name, counts), None if keep_identical_ids else identical_id_warning(dataset)]
+    warnings = [line for line in notes if line]
+    for line in warnings:
+        logger.warning(line)
     return {
         "dataset": dataset.name,
         "split": dataset.split,
         "num_queries": len(run),
         "judged_queries": counts["judged"],
         "answerable_queries": counts["answerable"],
-        "warnings": [partial] if partial else [],
+        "warnings": warnings,
         "num_docs": None,
         "relevance_level": dataset.relevance_level,
         "metrics": evaluate_run(dataset.qrels, run, metrics, dataset.relevance_level),
@@ -136,7 +138,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe evaluate") -> int
     args = parse_args(argv, prog)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     started = time.perf_counter()
+    output, settings = output_path(args), result_settings(args)
     try:
+        check_overwrite(output, settings, args.overwrite)
         datasets = [load_dataset(spec, args.split, args.data_dir) for spec in args.dataset_specs]
         if args.run:
             run = read_trec_run(args.run)
@@ -148,8 +152,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe evaluate") -> int
             source, report = args.model, {"model": args.model, "model_fingerprint": model_fingerprint(model)}
     except USER_ERRORS as err:
         return fail("evaluate", err)
-    output = Path(args.output or Path("runs") / "evaluate" / f"{slug(Path(source).stem if args.run else source)}.json")
-    report.update(results=results, seconds=round(time.perf_counter() - started, 3))
+    report.update(settings=settings, results=results, seconds=round(time.perf_counter() - started, 3))
     write_atomic(output, json.dumps(report, indent=1) + "\n")
     write_atomic(output.with_suffix(".md"), markdown_table(source, results))
     print(markdown_table(source, results), end="")
@@ -157,8 +160,45 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe evaluate") -> int
     return 0
 
 
+def output_path(args: argparse.Namespace) -> Path:
+    """``--output``, or ``runs/evaluate/<model or run file>[-<index>].json`` (exact search adds nothing)."""
+    if args.output:
+        return Path(args.output)
+    name = slug(Path(args.run).stem if args.run else args.model)
+    if args.index != "flat":
+        name += "-" + slug("-".join([args.index, *(f"{k}{v}" for k, v in sorted(args.index_params.items()))]))
+    return Path("runs") / "evaluate" / f"{name}.json"
+
+
+def result_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What a result depends on besides the model: a rerun with the same settings may replace it."""
+    keys = ("model", "run", "datasets", "split", "index", "index_params", "top_k", "metric_names")
+    keys += ("keep_identical_ids",)
+    return {key: getattr(args, key) for key in keys}
+
+
+def check_overwrite(output: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to replace a result computed with other settings unless ``overwrite``.
+
+    Raises:
+        FileExistsError: naming the settings that differ.
+    """
+    if overwrite or not output.is_file():
+        return
+    try:
+        old = json.loads(output.read_text()).get("settings", {})
+    except (json.JSONDecodeError, AttributeError):
+        old = {}
+    changed = [f"{key} {old.get(key)!r} -> {value!r}" for key, value in settings.items() if old.get(key) != value]
+    if changed:
+        raise FileExistsError(
+            f"{output} holds a result with other settings ({'; '.join(changed)}); "
+            "pass --overwrite to replace it or --output to write elsewhere"
+        )
+
+
 def _evaluate(model: Any, dataset: RetrievalDataset, args: argparse.Namespace) -> dict[str, Any]:
-    logger.info("evaluating %s on %s (%d queries)", args.model, dataset.name, len(dataset.queries))
+    logger.info("evaluating %s on %s:%s (%d queries)", args.model, dataset.name, dataset.split, len(dataset.queries))
     result = evaluate_model(
         model, dataset, args.top_k, args.index, args.index_params, args.batch_size, args.metric_names,
         not args.no_cache, args.cache_dir, not args.keep_identical_ids,
@@ -166,5 +206,6 @@ def _evaluate(model: Any, dataset: RetrievalDataset, args: argparse.Namespace) -
         model_name=args.model,
         show_progress=not args.quiet,
     )  # fmt: skip
-    logger.info("%s: %s", dataset.name, json.dumps({k: round(v, 4) for k, v in result["metrics"].items()}))
+    metrics = {k: round(v, 4) for k, v in result["metrics"].items()}
+    logger.info("%s:%s: %s", dataset.name, dataset.split, json.dumps(metrics))
     return result

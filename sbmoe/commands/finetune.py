@@ -7,39 +7,37 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from transformers import HfArgumentParser
-
-from sbmoe.commands.common import USER_ERRORS, description, epilog, fail
+from sbmoe.commands.common import USER_ERRORS, fail, new_parser
+from sbmoe.commands.dataclass_args import add_dataclass_arguments, from_json_file
 from sbmoe.training.arguments import FinetuneArguments
 from sbmoe.training.finetune import run
 from sbmoe.training.losses import TrainingDivergedError
 
 EXAMPLES = (
-    "sbmoe finetune --train-data scifact:train --train head --output-dir out/minilm-sbmoe "
+    "sbmoe finetune --train-data scifact:train --output-dir out/minilm-sbmoe "
     "--eval-data scifact:test,scifact:test-unseen,cranfield:test",
     "sbmoe finetune --train full --epochs 1 --hard-negatives 3 --output-dir out/full",
-    "sbmoe finetune config.json            # the same arguments as a JSON file",
+    "sbmoe finetune experiments/scifact/rows/sbmoe-query-only-top1.json   # a study row, all arguments in one file",
 )
 
 
-def build_parser(prog: str = "sbmoe finetune") -> HfArgumentParser:
+def build_parser(prog: str = "sbmoe finetune") -> argparse.ArgumentParser:
     """The flags of ``sbmoe finetune``: the fields of :class:`~sbmoe.training.arguments.FinetuneArguments`."""
-    return HfArgumentParser(
-        FinetuneArguments,
-        prog=prog,
-        description=description(__doc__) + " The output directory is a SentenceTransformer folder plus run.json.",
-        epilog=epilog(EXAMPLES),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = new_parser(prog, __doc__, EXAMPLES)
+    parser.description += (
+        ". The output directory is a SentenceTransformer folder plus run.json; a single .json argument (of these "
+        "names with underscores, or a run.json) gives every argument at once."
     )
+    add_dataclass_arguments(parser, FinetuneArguments)
+    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None, prog: str = "sbmoe finetune") -> FinetuneArguments:
     """Parse flags, or a single ``.json`` config file, into :class:`FinetuneArguments`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(prog)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])[0]
-    return parser.parse_args_into_dataclasses(args=argv)[0]
+        return from_json_file(FinetuneArguments, argv[0])
+    return FinetuneArguments(**vars(build_parser(prog).parse_args(argv)))
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "sbmoe finetune") -> int:
@@ -47,6 +45,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe finetune") -> int
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         args = parse_args(argv, prog)
+    except USER_ERRORS as err:
+        return fail("finetune", err)
     except ValueError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
@@ -54,9 +54,21 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe finetune") -> int
         record = run(args)
     except (*USER_ERRORS, TrainingDivergedError) as err:
         return fail("finetune", err)
-    for spec, result in record["eval"].items():
-        metrics = "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
-        print(f"{spec}: {metrics}")
-    saved = f"saved to {args.output_dir}" if args.save_model else f"run.json in {args.output_dir}"
+    print(results_table(record), end="")
+    saved = f"model and run.json saved to {args.output_dir}" if args.save_model else f"run.json in {args.output_dir}"
     print(f"{saved} ({record['seconds']:.0f} s)")
     return 0
+
+
+def results_table(record: dict) -> str:
+    """Each eval set's metrics: zero-shot backbone, fine-tuned model, and the difference."""
+    lines = []
+    for spec, result in record["eval"].items():
+        base = record.get("zero_shot", {}).get(spec, {}).get("metrics", {})
+        lines.append(f"{spec} ({result['num_queries']} queries)")
+        for name, value in result["metrics"].items():
+            line = f"  {name:<11} fine-tuned {value:.4f}"
+            if name in base:
+                line = f"  {name:<11} zero-shot {base[name]:.4f}  fine-tuned {value:.4f}  {value - base[name]:+.4f}"
+            lines.append(line)
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -51,3 +51,18 @@ def describe(name: str, counts: dict[str, Any]) -> str | None:
     if counts["answerable"] == counts["judged"]:
         return None
     return f"{name}: scored {counts['scored']} of {counts['judged']} judged queries: {'; '.join(counts['notes'])}"
+
+
+def identical_id_warning(dataset: RetrievalDataset) -> str | None:
+    """A warning when dropping documents whose id equals the query id (BEIR's rule) removes judged-relevant ones.
+
+    Where query and document numbering overlap by chance (Cranfield), such a document can never be retrieved.
+    """
+    dropped = Problem("judged-relevant documents have the query's own id and are dropped by the identical-id rule")
+    found = dataset.scan.qrel_docs_found
+    for qid in dataset.queries:
+        if dataset.qrels[qid].get(qid, 0) >= dataset.relevance_level and qid in found:
+            dropped.add(qid)
+    if not dropped.count:
+        return None
+    return f"{dataset.name}: {dropped}; pass --keep-identical-ids to keep them"

@@ -18,13 +18,20 @@ class FinetuneArguments:
     backbone: str = field(default="minilm", metadata={"help": "minilm, a backbone name, Hub id or local folder"})
     train_data: str = field(default="scifact:train", metadata={"help": "NAME:SPLIT, irds:<id> or a .jsonl file"})
     eval_data: str = field(default="", metadata={"help": "comma-separated NAME:SPLIT or irds:<id> to evaluate"})
-    data_dir: str | None = field(default=None, metadata={"help": "folder of BEIR datasets (default ../shared/data)"})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "folder of BEIR datasets (default $SBMOE_DATA or ../shared/data)"}
+    )
     output_dir: str = field(default="out/finetune", metadata={"help": "model folder + run.json"})
     head: Literal["sbmoe", "dense", "none"] = field(default="sbmoe", metadata={"help": "head on the pooled vector"})
-    num_experts: int = 6
-    top_k: int = 2
-    routing: Literal["learned", "faithful"] = "learned"
-    inference: Literal["soft", "top1", "topk"] = "soft"
+    num_experts: int = field(default=6, metadata={"help": "experts in the SB-MoE head"})
+    top_k: int = field(default=2, metadata={"help": "experts each input is routed to while training"})
+    routing: Literal["learned", "faithful"] = field(
+        default="learned",
+        metadata={"help": "learned: gates scale normalised experts (the router learns); faithful: the paper's"},
+    )
+    inference: Literal["soft", "top1", "topk"] = field(
+        default="soft", metadata={"help": "at encode time: all experts by gate weight, the top one, or the top k"}
+    )
     expert_hidden: int | None = field(default=None, metadata={"help": "expert width (default H/2)"})
     dense_size: Literal["expert", "total"] = field(
         default="expert", metadata={"help": "dense head: one expert's width, or the parameters of --num-experts"}
@@ -40,14 +47,14 @@ class FinetuneArguments:
         metadata={"help": "after training, pick the head's strength (0 = backbone .. 1 = trained head) on dev"},
     )
     noise: bool = field(default=True, metadata={"help": "noisy router logits while training"})
-    similarity: Literal["cos", "dot"] = "cos"
-    temperature: float = 0.05
+    similarity: Literal["cos", "dot"] = field(default="cos", metadata={"help": "cosine or dot-product scores"})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature"})
     train: Literal["head", "full"] = field(default="head", metadata={"help": "head alone (cached) or everything"})
     learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the head"})
     backbone_learning_rate: float = field(default=2e-5, metadata={"help": "learning rate of the backbone (full)"})
-    weight_decay: float = 0.01
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (the study: 0.1)"})
     aux_loss_weight: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss"})
-    z_loss_weight: float = 0.0
+    z_loss_weight: float = field(default=0.0, metadata={"help": "weight of the router z-loss"})
     anchor_weight: float = field(default=0.0, metadata={"help": "pull toward the input embedding (head mode)"})
     hard_negatives: int = field(default=7, metadata={"help": "negatives per query mined with the initial model"})
     negatives_skip: int = field(default=0, metadata={"help": "top-ranked non-positives skipped when mining"})
@@ -55,20 +62,32 @@ class FinetuneArguments:
         default="none",
         metadata={"help": "add title -> document or cropped span -> document pairs from the training corpus"},
     )
-    epochs: float = 30
+    epochs: float = field(default=30, metadata={"help": "training epochs (the study: 40 with patience 4)"})
     max_steps: int = field(default=-1, metadata={"help": "full mode: stop after this many steps (overrides epochs)"})
-    batch_size: int = 64
-    seed: int = 0
+    batch_size: int = field(default=64, metadata={"help": "training batch size (in-batch negatives)"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, sampling and noise"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default, every core)"})
     dev_queries: int = field(
-        default=0, metadata={"help": "train queries held out as a dev split whose positives are unseen in train"}
+        default=0,
+        metadata={"help": "train queries held out as a dev split, positives unseen in train (the study: 100)"},
     )
-    patience: int = field(default=0, metadata={"help": "head mode: epochs without dev gain before stopping"})
-    max_seq_length: int = 256
+    patience: int = field(
+        default=0, metadata={"help": "head mode: epochs without dev gain before stopping (0: never; the study: 4)"}
+    )
+    max_seq_length: int = field(default=256, metadata={"help": "tokens per text (longer texts are cut)"})
     save_steps: int = field(default=500, metadata={"help": "full mode: checkpoint every N steps"})
-    logging_steps: int = 10
-    resume: bool = field(default=False, metadata={"help": "full mode: continue from the last checkpoint"})
-    save_model: bool = field(default=True, metadata={"help": "save the model (False: only run.json)"})
-    cache_dir: str | None = field(default=None, metadata={"help": "embedding cache (default .cache/sbmoe)"})
+    logging_steps: int = field(default=10, metadata={"help": "full mode: log the loss every N steps"})
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the last checkpoint (head: one per epoch; full: --save-steps)"}
+    )
+    save_model: bool = field(default=True, metadata={"help": "save the model (--no-save-model: only run.json)"})
+    keep_identical_ids: bool = field(
+        default=False, metadata={"help": "eval: keep documents whose id equals the query id (BEIR drops them)"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --output-dir"})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "embedding cache (default $SBMOE_CACHE or ~/.cache/sbmoe)"}
+    )
 
     def __post_init__(self) -> None:
         if self.tune_strength and (self.head == "none" or not self.dev_queries):
