@@ -17,6 +17,7 @@ import argparse
 import itertools
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ GRID = {"learning_rate": [1e-4, 3e-4, 1e-3]}
 # within the early-stopping window.
 REZERO_GRID = {"learning_rate": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+ROWS = Path(__file__).resolve().parent / "rows"
 # options that apply to a dense head too
 RECIPE_KEYS = ("query_only", "anchor_weight", "self_supervised", "tune_strength")
 
@@ -231,8 +233,14 @@ def main() -> None:
     parser.add_argument("--out", default="out/study", help="folder of the individual runs")
     parser.add_argument("--full", action="store_true", help="also run the --train full rows")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--rows-only", action="store_true",
+                        help="only (re)write experiments/scifact/rows/*.json from the results file")  # fmt: skip
     cli = parser.parse_args()
+    if cli.rows_only:
+        write_row_files(json.loads((RESULTS / "scifact_study.json").read_text())["rows"], cli.threads)
+        return
     torch.set_num_threads(cli.threads)
+    BASE["threads"] = cli.threads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     root = Path(cli.out)
     summaries: dict[str, Any] = {}
@@ -287,8 +295,23 @@ def write_results(summaries: dict[str, Any]) -> None:
         "comparisons": rivals,
     }
     write_atomic(RESULTS / "scifact_study.json", json.dumps(record, indent=1))
+    write_row_files(rows, BASE.get("threads", 1))
     write_atomic(RESULTS / "scifact_study.md", markdown(rows) + comparisons_markdown(rivals))
     plot(rows, RESULTS / "scifact_study.png")
+
+
+def write_row_files(rows: dict[str, Any], threads: int) -> None:
+    """Each row's full arguments (its dev-chosen grid point, seed 0) as ``rows/<row>.json``.
+
+    ``sbmoe finetune rows/<row>.json`` reruns the row's seed-0 run (change ``seed`` in the file for the others).
+    """
+    folder = ROWS
+    folder.mkdir(exist_ok=True)
+    for name, summary in rows.items():
+        file_name = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        arguments = {**summary["arguments"], "seed": 0, "threads": threads, "save_model": True}
+        arguments["output_dir"] = f"out/rows/{file_name}"
+        write_atomic(folder / f"{file_name}.json", json.dumps(arguments, indent=1) + "\n")
 
 
 def markdown(summaries: dict[str, Any]) -> str:

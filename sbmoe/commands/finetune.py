@@ -17,7 +17,7 @@ EXAMPLES = (
     "sbmoe finetune --train-data scifact:train --output-dir out/minilm-sbmoe "
     "--eval-data scifact:test,scifact:test-unseen,cranfield:test",
     "sbmoe finetune --train full --epochs 1 --hard-negatives 3 --output-dir out/full",
-    "sbmoe finetune experiments/scifact/rows/sbmoe-query-only-top1.json   # a study row, all arguments in one file",
+    "sbmoe finetune experiments/scifact/rows/recipe-query-only-routing.json   # a study row: every argument",
 )
 
 
