@@ -66,7 +66,7 @@ class FinetuneArguments:
     max_steps: int = field(default=-1, metadata={"help": "full mode: stop after this many steps (overrides epochs)"})
     batch_size: int = field(default=64, metadata={"help": "training batch size (in-batch negatives)"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation, sampling and noise"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default, every core)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: every core)"})
     dev_queries: int = field(
         default=0,
         metadata={"help": "train queries held out as a dev split, positives unseen in train (the study: 100)"},
