@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from collections.abc import Sequence
@@ -52,6 +53,12 @@ def add_index_arguments(parser: argparse.ArgumentParser, index_types: Sequence[s
     parser.add_argument("--index", default="flat", choices=index_types, help="index type (default: flat, exact)")
     parser.add_argument("--index-param", action="append", default=[], metavar="KEY=INT",
                         help="index parameter, repeatable: nprobe=32, ef_search=512, nlist=1024, ...")  # fmt: skip
+
+
+def setup_logging(level: int = logging.INFO, format: str = "%(name)s: %(message)s") -> None:
+    """Log ``sbmoe`` messages at ``level``; other libraries only from WARNING up (their INFO is noise to a user)."""
+    logging.basicConfig(level=logging.WARNING, format=format)
+    logging.getLogger("sbmoe").setLevel(level)
 
 
 def slug(text: str) -> str:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, new_parser, slug
+from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, new_parser, setup_logging, slug
 from sbmoe.data import RetrievalDataset, load_dataset
 from sbmoe.evaluation.coverage import coverage, describe, identical_id_warning
 from sbmoe.evaluation.evaluate import evaluate_model
@@ -136,7 +136,7 @@ def markdown_table(source: str, results: Sequence[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None, prog: str = "sbmoe evaluate") -> int:
     """Run the command; returns the exit code (0 ok, 1 data/model error; argparse exits with 2 on bad flags)."""
     args = parse_args(argv, prog)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    setup_logging()
     started = time.perf_counter()
     output, settings = output_path(args), result_settings(args)
     try:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-from sbmoe.commands.common import USER_ERRORS, fail, new_parser
+from sbmoe.commands.common import USER_ERRORS, fail, new_parser, setup_logging
 from sbmoe.commands.dataclass_args import add_dataclass_arguments, from_json_file
 from sbmoe.training.arguments import FinetuneArguments
 from sbmoe.training.finetune import run
@@ -42,7 +41,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sbmoe finetune") 
 
 def main(argv: Sequence[str] | None = None, prog: str = "sbmoe finetune") -> int:
     """Run the command; returns the exit status (2 on contradictory flags, 1 on bad data or divergence)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging(format="%(message)s")
     try:
         args = parse_args(argv, prog)
     except USER_ERRORS as err:

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from sbmoe.commands.common import USER_ERRORS, fail, new_parser
+from sbmoe.commands.common import USER_ERRORS, fail, new_parser, setup_logging
 from sbmoe.data.corpus import read_queries
 from sbmoe.evaluation.runs import write_trec_run
 from sbmoe.retrieval.retriever import Hit, Retriever
@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe search") -> int:
         parser.error("give either a QUERY or --queries FILE")
     if args.top_k < 1:
         parser.error("-k must be >= 1")
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    setup_logging(logging.WARNING)
     try:
         queries = read_queries(args.queries) if args.queries else None
         retriever = Retriever.load(args.index_dir, device=args.device)
