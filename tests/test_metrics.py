@@ -71,3 +71,13 @@ def test_agrees_with_beir_evaluator_on_a_random_run() -> None:
     for name in DEFAULT_METRICS:
         key = name.replace("nDCG", "NDCG")
         assert ours[name] == pytest.approx(beir[key], abs=1e-5), name
+
+
+def test_paired_test_sees_a_consistent_gain_and_not_an_identical_run() -> None:
+    from sbmoe.evaluation.significance import paired_test
+
+    base = {f"q{i}": 0.1 * (i % 7) for i in range(40)}
+    assert paired_test(base, base) == {"delta": 0.0, "se": 0.0, "p_ttest": 1.0, "p_randomization": 1.0, "n": 40}
+    better = {q: v + 0.05 + 0.01 * (int(q[1:]) % 3) for q, v in base.items()}
+    test = paired_test(better, base)
+    assert abs(test["delta"] - 0.0598) < 1e-3 and test["p_ttest"] < 1e-6 and test["p_randomization"] < 1e-3

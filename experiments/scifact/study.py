@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 
+from sbmoe.evaluation.significance import paired_test
 from sbmoe.files import write_atomic
 from sbmoe.training.finetune import FinetuneArguments, run
 
@@ -119,32 +119,6 @@ def run_row(row: Row, root: Path) -> dict[str, Any]:
             }
         summary["eval"][spec] = entry
     return summary
-
-
-def paired_test(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    """Mean difference a - b over shared queries, paired t-test p and paired randomization (sign-flip) p."""
-    queries = sorted(set(a) & set(b))
-    x, y = np.array([a[q] for q in queries]), np.array([b[q] for q in queries])
-    diff = x - y
-    if not diff.any():
-        return {"delta": 0.0, "se": 0.0, "p_ttest": 1.0, "p_randomization": 1.0, "n": len(queries)}
-    ttest = stats.ttest_rel(x, y)
-    perm = stats.permutation_test(
-        (x, y),
-        lambda u, v, axis: np.mean(u - v, axis=axis),
-        permutation_type="samples",
-        vectorized=True,
-        n_resamples=10000,
-        random_state=0,
-    )
-    se = float(diff.std(ddof=1) / np.sqrt(len(diff)))
-    return {
-        "delta": float(diff.mean()),
-        "se": se,
-        "p_ttest": float(ttest.pvalue),
-        "p_randomization": float(perm.pvalue),
-        "n": len(queries),
-    }
 
 
 def head_rows() -> list[Row]:

@@ -74,6 +74,41 @@ def load_train_set(spec: str, data_dir: str | Path | None = None) -> TrainSet:
     return _from_qrels(load_dataset(spec, split=split or "train", data_dir=data_dir))
 
 
+def load_train_sets(
+    specs: str, data_dir: str | Path | None = None, max_positives_per_query: int = 0
+) -> list[tuple[str, TrainSet]]:
+    """Load each comma-separated training source (see :func:`load_train_set`), named by its spec.
+
+    Args:
+        specs: One or more training data specs, comma-separated.
+        data_dir: Folder holding BEIR datasets by name.
+        max_positives_per_query: Keep at most this many positives per query (a seeded sample; 0 keeps all).
+
+    Raises:
+        DataError: an empty spec list, a source named twice, or a source's own error.
+    """
+    names = [s.strip() for s in specs.split(",") if s.strip()]
+    if not names:
+        raise DataError("--train-data is empty: expected NAME:SPLIT, irds:<id> or a .jsonl file")
+    if len(set(names)) != len(names):
+        raise DataError(f"--train-data names a source twice: {specs}")
+    sets = [(name, load_train_set(name, data_dir)) for name in names]
+    if max_positives_per_query:
+        sets = [(name, cap_positives(data, max_positives_per_query)) for name, data in sets]
+    return sets
+
+
+def cap_positives(data: TrainSet, limit: int) -> TrainSet:
+    """Keep at most ``limit`` positive examples per query (a sample seeded by the query id); every judged document
+    stays in the qrels, so none is mined as a negative."""
+    kept: dict[str, set[str]] = {}
+    for qid, rels in data.qrels.items():
+        positives = sorted(rels)
+        kept[qid] = set(random.Random(f"cap:{qid}").sample(positives, min(limit, len(positives))))
+    examples = [e for e in data.examples if e.positive in kept.get(e.query, ())]
+    return TrainSet(data.queries, data.docs, examples, data.qrels, data.titles)  # all qrels: never mined
+
+
 def _from_qrels(dataset: RetrievalDataset) -> TrainSet:
     """One example per positive qrel whose query and document exist; the whole corpus is the pool for negatives.
 

@@ -16,7 +16,17 @@ class FinetuneArguments:
     """Arguments of ``sbmoe finetune`` (flags use dashes: ``--train-data``)."""
 
     backbone: str = field(default="minilm", metadata={"help": "minilm, a backbone name, Hub id or local folder"})
-    train_data: str = field(default="scifact:train", metadata={"help": "NAME:SPLIT, irds:<id> or a .jsonl file"})
+    train_data: str = field(
+        default="scifact:train",
+        metadata={"help": "NAME:SPLIT, irds:<id> or a .jsonl file; several, comma-separated, train together"},
+    )
+    train_weights: str = field(
+        default="proportional",
+        metadata={"help": "batches per source: 'proportional' to size, or one weight per source (1,1)"},
+    )
+    max_positives_per_query: int = field(
+        default=0, metadata={"help": "keep at most N relevant documents per training query (0: all)"}
+    )
     eval_data: str = field(default="", metadata={"help": "comma-separated NAME:SPLIT or irds:<id> to evaluate"})
     data_dir: str | None = field(
         default=None, metadata={"help": "folder of BEIR datasets (default $SBMOE_DATA or ../shared/data)"}
@@ -54,6 +64,10 @@ class FinetuneArguments:
     backbone_learning_rate: float = field(default=2e-5, metadata={"help": "learning rate of the backbone (full)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (the study: 0.1)"})
     aux_loss_weight: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss"})
+    domain_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "head mode, several sources: router loss sending each source to its own experts"},
+    )
     z_loss_weight: float = field(default=0.0, metadata={"help": "weight of the router z-loss"})
     anchor_weight: float = field(default=0.0, metadata={"help": "pull toward the input embedding (head mode)"})
     hard_negatives: int = field(default=7, metadata={"help": "negatives per query mined with the initial model"})

@@ -29,6 +29,29 @@ def check_finite(loss: Tensor, where: str) -> None:
         )
 
 
+def domain_experts(num_experts: int, num_domains: int) -> Tensor:
+    """D x E 0/1 mask: expert ``e`` belongs to domain ``e % D`` (each domain gets ``E / D`` experts).
+
+    Raises:
+        ValueError: fewer experts than domains.
+    """
+    if num_experts < num_domains:
+        raise ValueError(f"--domain-loss-weight needs at least one expert per source: {num_experts} < {num_domains}")
+    return (torch.arange(num_experts).unsqueeze(0) % num_domains == torch.arange(num_domains).unsqueeze(1)).float()
+
+
+def domain_routing_loss(probs: Tensor, domains: Tensor, num_domains: int) -> Tensor:
+    """DESIRE-ME-style router supervision: ``-log`` of the router probability on the input's domain's experts.
+
+    Args:
+        probs: N x E router probabilities.
+        domains: N domain (training source) indices.
+        num_domains: How many sources there are.
+    """
+    mask = domain_experts(probs.shape[-1], num_domains).to(probs.device)
+    return -(probs * mask[domains]).sum(dim=-1).clamp_min(1e-9).log().mean()
+
+
 def info_nce(similarity: str, temperature: float) -> MultipleNegativesRankingLoss:
     """sentence-transformers' in-batch + hard-negative InfoNCE with ``similarity`` and ``1 / temperature`` scale.
 
