@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +13,41 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+from transformers.utils import logging as hf_logging
 
-from sbmoe.backbones import HUB_IDS, OFFLINE_DEFAULT, resolve_backbone
-from sbmoe.data.dataset import DataError, beir_text
+from sbmoe.backbones import KNOWN_NAMES, OFFLINE_DEFAULT, locate, resolve_backbone
+from sbmoe.data.dataset import beir_text
 from sbmoe.heads import SBMoEHead
 
 Document = Mapping[str, str]
 PLAIN_SUFFIX = "-plain"
 LEGACY_HEAD_REF = "sbmoe.head.SBMoEHead"  # models saved before the heads/ package
+ST_LOGGER = "sentence_transformers.base.model"  # logs "No device provided, using cpu" (INFO) on every load
+HEAD_ARGS = ("num_experts", "routing", "top_k", "inference")  # build_model's own head arguments
+HEAD_OPTIONS = tuple(k for k in SBMoEHead.config_keys if k not in ("in_features", "normalize_output", *HEAD_ARGS))
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide load-time output a user cannot act on: sentence-transformers' INFO lines (the device it picked, the
+    folder it reads) and transformers' "Loading weights" bar. Warnings still show, so do download bars (the Hub's),
+    and so does that logger's INFO when a user set its level."""
+    st_logger = logging.getLogger(ST_LOGGER)
+    level = st_logger.level
+    if level == logging.NOTSET:
+        st_logger.setLevel(max(st_logger.getEffectiveLevel(), logging.WARNING))
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)  # transformers 5, whose loading shows the bar
+    previous = set_hook(_hidden_bar) if set_hook else None
+    try:
+        yield
+    finally:
+        st_logger.setLevel(level)
+        if set_hook:
+            set_hook(previous)
+
+
+def _hidden_bar(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return factory(*args, **{**kwargs, "disable": True})
 
 
 class SBMoEModel(SentenceTransformer):
@@ -26,6 +56,10 @@ class SBMoEModel(SentenceTransformer):
     It loads its own ``sbmoe`` modules without ``trust_remote_code`` (it trusts only this package's classes);
     the saved folder also reloads with ``SentenceTransformer(path, trust_remote_code=True)``.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with quiet_loading():
+            super().__init__(*args, **kwargs)
 
     def _load_module_class_from_ref(self, class_ref: str, *args, **kwargs) -> type:
         if class_ref in (f"{SBMoEHead.__module__}.{SBMoEHead.__qualname__}", LEGACY_HEAD_REF):
@@ -41,11 +75,29 @@ class SBMoEModel(SentenceTransformer):
         """Write the model card without counting its example encodes in the head's routing statistics."""
         head = self.head
         counts = head.expert_counts.clone() if head is not None else None
+        if head is not None and head.query_only:  # its examples must be encoded as queries and documents
+            self.model_card_data.ir_model = True
         try:
             super()._create_model_card(*args, **kwargs)
         finally:
             if head is not None:
                 head.expert_counts.copy_(counts)
+
+    def encode(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        """``SentenceTransformer.encode``; refused without ``task`` when the head transforms queries only.
+
+        Raises:
+            ValueError: for a ``query_only`` head and no ``task``: whether the texts are queries (transformed) or
+                documents (passed through) would be a guess, and a wrong guess silently spoils an index.
+        """
+        head = self.head
+        if head is not None and head.query_only and kwargs.get("task") is None:
+            raise ValueError(
+                "this model's SB-MoE head transforms queries only (query_only=True), so encode() cannot tell "
+                "queries from documents: call encode_query(texts) for queries and encode_document(texts) for "
+                "documents (or pass task='query' / task='document')"
+            )
+        return super().encode(inputs, *args, **kwargs)
 
     def encode_queries(self, queries: Sequence[str], batch_size: int = 64, **kwargs) -> np.ndarray | torch.Tensor:
         """Encode query texts (BEIR protocol)."""
@@ -73,50 +125,70 @@ def find_head(model: torch.nn.Module) -> SBMoEHead | None:
 
 def build_model(
     backbone: str = OFFLINE_DEFAULT,
-    num_experts: int = 6,
-    routing: str = "learned",
-    top_k: int = 2,
-    inference: str = "soft",
+    num_experts: int | None = None,
+    routing: str | None = None,
+    top_k: int | None = None,
+    inference: str | None = None,
     head: bool = True,
     normalize: bool = True,
     max_seq_length: int = 256,
     device: str | None = None,
-    **head_kwargs: Any,
+    **head_options: Any,
 ) -> SBMoEModel:
     """Build backbone -> mean pooling -> SB-MoE head.
 
     Args:
         backbone: ``minilm`` (offline default), ``tinybert``, ``bert-small``, ``bert-base``, ``contriever``,
             ``contriever-msmarco``, any Hub id, or a local folder (a plain HF encoder or a SentenceTransformer).
-        num_experts: Experts in the head.
+        num_experts: Experts in the head (default 6).
         routing: ``learned`` (default) or ``faithful`` (the paper, whose router gets no gradient).
-        top_k: Experts per input while training in ``learned`` mode.
-        inference: ``soft``, ``top1`` or ``topk`` routing at inference.
-        head: False gives the plain backbone with mean pooling (the baseline).
+        top_k: Experts per input while training in ``learned`` mode (default 2).
+        inference: ``soft`` (default), ``top1`` or ``topk`` routing at inference.
+        head: False gives the plain backbone with mean pooling (the baseline); it takes no head argument.
         normalize: L2-normalise the output embedding (cosine similarity).
         max_seq_length: Token limit of the backbone (lowered to its position limit when that is smaller).
         device: torch device; None picks CUDA when available.
-        **head_kwargs: Further :class:`SBMoEHead` options (``expert_hidden``, ``noise``, ``residual``).
+        **head_options: Further :class:`SBMoEHead` options (``expert_hidden``, ``noise``, ``residual``,
+            ``identity_init``, ``query_only``, ``strength``, ``expert_dropout``).
+
+    Raises:
+        TypeError: a keyword that is no head option.
+        ValueError: head arguments with ``head=False`` (they would be ignored).
+        BackboneUnavailableError: a backbone that cannot be loaded (see :func:`sbmoe.backbones.resolve_backbone`).
     """
-    transformer = Transformer(resolve_backbone(backbone), max_seq_length=max_seq_length)
+    arguments = {"num_experts": num_experts, "routing": routing, "top_k": top_k, "inference": inference}
+    head_args = _head_args({**arguments, **head_options}, head)
+    with quiet_loading():
+        transformer = Transformer(resolve_backbone(backbone), max_seq_length=max_seq_length)
     dim = transformer.get_embedding_dimension()
     modules: list[torch.nn.Module] = [transformer, Pooling(dim, pooling_mode="mean")]
     if head:
-        modules.append(
-            SBMoEHead(
-                dim,
-                num_experts=num_experts,
-                top_k=top_k,
-                routing=routing,
-                inference=inference,
-                normalize_output=normalize,
-                **head_kwargs,
-            )
-        )
+        modules.append(SBMoEHead(dim, normalize_output=normalize, **head_args))
     elif normalize:
         modules.append(Normalize())
     model = SBMoEModel(modules=modules, device=device, similarity_fn_name="cosine" if normalize else "dot")
     return _cap_length(model)
+
+
+def _head_args(arguments: dict[str, Any], head: bool) -> dict[str, Any]:
+    """The head arguments given (not None); TypeError for a keyword that is no head option, ValueError for any
+    head argument without a head."""
+    options = (*HEAD_ARGS, *HEAD_OPTIONS)
+    unknown = [k for k in arguments if k not in options]
+    if unknown:
+        named = ", ".join(_with_closest(k, options) for k in unknown)
+        raise TypeError(f"build_model() got unexpected keyword arguments: {named}; head options: {', '.join(options)}")
+    given = {k: v for k, v in arguments.items() if v is not None}
+    if given and not head:
+        listed = ", ".join(f"{k}={v!r}" for k, v in given.items())
+        raise ValueError(f"build_model(head=False) builds no head, but head arguments were given: {listed}")
+    return given
+
+
+def _with_closest(name: str, options: Sequence[str]) -> str:
+    """``'name'``, followed by ``(did you mean 'option'?)`` when an option is close."""
+    close = get_close_matches(name, options, n=1)
+    return f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 def load_model(path: str, device: str | None = None) -> SBMoEModel:
@@ -132,20 +204,18 @@ def load_any_model(spec: str, device: str | None = None) -> SentenceTransformer:
             normalised, max 256 tokens, no head), a SentenceTransformer folder (a saved sbmoe model keeps its
             head), a plain Hugging Face encoder folder (mean pooling added), or a Hub id of a SentenceTransformer.
         device: torch device; None picks CUDA when available.
+
+    Raises:
+        BackboneUnavailableError: in one line: no such folder (with the closest one), an unknown name (with the
+            closest known one), or a Hub id that is not cached while the Hub is out of reach.
     """
     name = spec.removesuffix(PLAIN_SUFFIX)
-    path = Path(spec).expanduser()
-    if name == OFFLINE_DEFAULT or name in HUB_IDS:
-        model = build_model(name, head=False, device=device)
-    elif (path / "modules.json").is_file():
-        model = load_model(str(path), device=device)
-    elif path.is_dir():
-        model = build_model(str(path), head=False, device=device)
-    elif path.suffix or spec.startswith((".", "/", "~")):
-        raise DataError(f"model folder {path} not found")
-    else:
-        model = load_model(spec, device=device)
-    return _cap_length(model)
+    if name in KNOWN_NAMES:
+        return build_model(name, head=False, device=device)
+    where = locate(spec)
+    if Path(where).is_dir() and not (Path(where) / "modules.json").is_file():
+        return build_model(where, head=False, device=device)
+    return _cap_length(load_model(where, device=device))
 
 
 def _cap_length(model: SentenceTransformer) -> SentenceTransformer:

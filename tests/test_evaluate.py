@@ -105,7 +105,7 @@ def test_bad_arguments_and_missing_data(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["--model", "minilm", "--datasets", "nope", "--data-dir", str(tmp_path)]) == 1
     assert "sbmoe evaluate: error: dataset 'nope' not found" in capsys.readouterr().err
     assert main(["--model", str(tmp_path / "no-model"), "--datasets", "cranfield"]) == 1
-    assert f"model folder {tmp_path / 'no-model'} not found" in capsys.readouterr().err
+    assert f"sbmoe evaluate: error: no such folder: {tmp_path / 'no-model'}" in capsys.readouterr().err
 
 
 def test_cranfield_recall_is_the_same_through_irds_and_beir(tiny_bert: str, shared_data: Path, tmp_path: Path) -> None:

@@ -54,7 +54,7 @@ def test_flat_is_exact(vectors: tuple[np.ndarray, np.ndarray]) -> None:
 
 @pytest.mark.parametrize(
     ("index_type", "params", "floor"),
-    [("hnsw", {}, 0.98), ("ivf", {"nprobe": 16}, 0.98), ("sq8", {}, 0.9),
+    [("hnsw", {}, 0.98), ("ivf", {"nlist": 76, "nprobe": 16}, 0.98), ("sq8", {}, 0.9),
      ("ivfpq", {"pq_m": 16, "pq_bits": 4, "nlist": 32, "nprobe": 16}, 0.5),
      ("binary", {}, 0.75)],  # 32 sign bits are a coarse filter: real embeddings have 384+
 )  # fmt: skip
@@ -105,7 +105,7 @@ def test_k_beyond_the_gpu_limit_searches_the_cpu_copy(vectors: tuple[np.ndarray,
 def test_save_load_round_trip(tmp_path: Path, vectors: tuple[np.ndarray, np.ndarray], index_type: str) -> None:
     docs, queries = vectors
     docs = docs[:1000]
-    params = {"pq_m": 8, "pq_bits": 4} if index_type == "ivfpq" else {}
+    params = {"ivf": {"nlist": 16}, "ivfpq": {"nlist": 16, "pq_m": 8, "pq_bits": 4}}.get(index_type, {})
     ids = [f"doc-{i}" for i in range(len(docs))]
     index = DenseIndex(DIM, index_type, use_gpu=False, model_name="tiny", model_hash="abc123", **params)
     index.build(docs, ids, show_progress=False)

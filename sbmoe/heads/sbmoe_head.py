@@ -71,7 +71,9 @@ class SBMoEHead(Module):
             head starts as the identity and training starts at the backbone's own embedding. (Zeroing the
             last expert layer instead would feed ``normalize(0)``, whose gradient is ill-defined.)
         query_only: Transform queries only (DESIRE-ME style): inputs encoded as documents (``task="document"``,
-            as ``encode_document`` sets) pass through unchanged, though their routing is still recorded.
+            as ``encode_document`` sets) pass through unchanged, though their routing is still recorded. Inputs
+            without a task are transformed; :class:`~sbmoe.model.SBMoEModel` refuses ``encode()`` without a task
+            for such a head, so that documents are never transformed by mistake.
         strength: Fixed weight of the experts' term against the residual: 0 gives the backbone's embedding,
             1 the head as trained; in between interpolates the two.
         expert_dropout: While training, the probability that an expert is hidden from the router for an input

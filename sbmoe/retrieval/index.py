@@ -13,6 +13,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from sbmoe.data.dataset import DataError
 from sbmoe.files import atomic_dir, sha256_file
 from sbmoe.retrieval.manifest import FORMAT, MANIFEST, IndexLoadError, check_file, read_manifest
 
@@ -25,6 +26,14 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "doc_ids.txt"
 VECTORS_FILE = "vectors.npy"
 TRAIN_SAMPLE = 200_000
+IVF_TYPES = ("ivf", "ivfpq")
+MIN_SCAN = 8192  # vectors a default IVF search scans at least: enough for a reliable top 1,000 (bench_ivf_defaults)
+EXACT_BELOW = 2 * MIN_SCAN  # smaller corpora: default IVF would scan half of them, so exact search is used instead
+POINTS_PER_LIST = 39  # faiss asks for 39 training points per centroid; the default nlist keeps to it
+FALLBACK_WARNING = (
+    "%s index on %d vectors: searching exactly (flat) instead: below %d vectors IVF would have to scan at least half "
+    "of them (default: %d of %d lists) to find the top results reliably; pass nlist to force IVF"
+)
 SETTINGS = {  # the parameters each type uses
     "flat": (),
     "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
@@ -51,21 +60,17 @@ class DenseIndex:
             shard the index. HNSW and binary always run on CPU.
         model_name: Name of the model that made the embeddings (kept in the manifest).
         model_hash: Fingerprint of that model; :meth:`load` can check it.
-        **params: ``hnsw_m`` (32), ``ef_construction`` (200), ``ef_search`` (256, raised to k), ``nlist``
-            (4 sqrt(n)), ``nprobe`` (nlist / 8), ``pq_m`` (dim / 4), ``pq_bits`` (8), ``rescore`` (10). Those
-            another type uses are accepted and ignored, so one set of parameters can serve all types.
+        **params: Positive integers: ``hnsw_m`` (32), ``ef_construction`` (200), ``ef_search`` (256, raised to
+            k), ``nlist`` (4 sqrt(n), at most n / 39), ``nprobe`` (see :func:`ivf_defaults`), ``pq_m`` (a divisor
+            of dim, up to dim / 4), ``pq_bits`` (8), ``rescore`` (10). Those another type uses are accepted and
+            ignored, so one set of parameters can serve all types. Without ``nlist``, ``ivf`` and ``ivfpq`` on fewer
+            than 16,384 vectors search exactly: a warning says so and :attr:`params` records ``fallback="flat"``.
+            A setting that is no positive integer raises DataError, as does, at training, one the vectors cannot meet.
     """
 
-    DEFAULTS: dict[str, Any] = {
-        "hnsw_m": 32,
-        "ef_construction": 200,
-        "ef_search": 256,
-        "nlist": None,
-        "nprobe": None,
-        "pq_m": None,
-        "pq_bits": 8,
-        "rescore": 10,
-    }
+    DEFAULTS: dict[str, Any] = dict(
+        hnsw_m=32, ef_construction=200, ef_search=256, nlist=None, nprobe=None, pq_m=None, pq_bits=8, rescore=10
+    )
 
     def __init__(
         self,
@@ -83,9 +88,13 @@ class DenseIndex:
             raise ValueError(f"unknown index parameters {sorted(unknown)}: expected some of {sorted(self.DEFAULTS)}")
         if index_type == "binary" and dim % 8:
             raise ValueError(f"binary index needs a dimension divisible by 8, got {dim}")
+        for key, value in params.items():  # faiss misbehaves or aborts on anything else
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise DataError(f"index parameter {key}={value!r}: expected a positive integer")
         self.dim, self.index_type = dim, index_type
         self.model_name, self.model_hash = model_name, model_hash
-        self.params = {k: v for k, v in {**self.DEFAULTS, **params}.items() if k in SETTINGS[index_type]}
+        self.requested = {k: v for k, v in {**self.DEFAULTS, **params}.items() if k in SETTINGS[index_type]}
+        self.params = dict(self.requested)  # what the built index uses: defaults filled in at training
         self.use_gpu = self._gpu_choice(use_gpu)
         self.doc_ids: list[str] = []
         self._cpu: Any = None
@@ -98,6 +107,11 @@ class DenseIndex:
 
     def __repr__(self) -> str:
         return f"DenseIndex({self.index_type!r}, dim={self.dim}, count={len(self)}, gpu={self.use_gpu})"
+
+    @property
+    def structure(self) -> str:
+        """The faiss structure searched: the index type, or ``flat`` where a small corpus fell back to exact search."""
+        return self.params.get("fallback", self.index_type)
 
     @property
     def faiss_index(self) -> Any:
@@ -114,9 +128,14 @@ class DenseIndex:
             raise ValueError(f"index type {self.index_type!r} runs on CPU only; GPU types: {', '.join(GPU_TYPES)}")
         return bool(use_gpu)
 
-    def _new_faiss(self, n: int) -> Any:
+    def _new_faiss(self, n: int, train_size: int) -> Any:
+        """An untrained faiss index for ``n`` vectors, trained on ``train_size`` of them; fills in defaults."""
+        self.params = dict(self.requested)
         p, d, ip = self.params, self.dim, faiss.METRIC_INNER_PRODUCT
-        if self.index_type == "flat":
+        if self.index_type in IVF_TYPES and p["nlist"] is None and n < EXACT_BELOW:  # recorded for the manifest
+            logger.warning(FALLBACK_WARNING, self.index_type, n, EXACT_BELOW, *reversed(ivf_defaults(n)))
+            self.params = p = {k: None for k in p} | {"fallback": "flat"}
+        if self.structure == "flat":
             return faiss.IndexFlatIP(d)
         if self.index_type == "hnsw":
             index = faiss.IndexHNSWFlat(d, p["hnsw_m"], ip)
@@ -126,21 +145,17 @@ class DenseIndex:
             return faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, ip)
         if self.index_type == "binary":
             return faiss.IndexBinaryFlat(d)
-        if p["nlist"] is None:
-            p["nlist"] = max(1, min(int(4 * math.sqrt(n)), n // 39))
-        if p["nprobe"] is None:
-            p["nprobe"] = max(1, p["nlist"] // 8)
+        p.update(ivf_settings(n, train_size, p["nlist"], p["nprobe"]))
         if self.index_type == "ivf":
             return faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, p["nlist"], ip)
-        if p["pq_m"] is None:
-            p["pq_m"] = max(m for m in range(1, d // 4 + 1) if d % m == 0)
+        p["pq_m"] = pq_subquantizers(d, train_size, p["pq_m"], p["pq_bits"])
         return faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, p["nlist"], p["pq_m"], p["pq_bits"], ip)
 
     def train(self, sample: np.ndarray, total: int | None = None) -> None:
         """Start a new, empty faiss index, trained on ``sample`` (ivf, ivfpq, sq8); ``total`` sizes the IVF lists."""
         sample = self._check(sample)
         self.doc_ids, self._vectors, self._gpu = [], [], None
-        self._cpu = self._new_faiss(total or len(sample))
+        self._cpu = self._new_faiss(total or len(sample), len(sample))
         if not self._cpu.is_trained:
             self._cpu.train(sample)
 
@@ -166,11 +181,7 @@ class DenseIndex:
         self._gpu = None
 
     def build(
-        self,
-        embeddings: np.ndarray,
-        ids: list[str] | None = None,
-        batch_size: int = 65_536,
-        show_progress: bool = True,
+        self, embeddings: np.ndarray, ids: list[str] | None = None, batch_size: int = 65536, show_progress: bool = True
     ) -> DenseIndex:
         """Train on a random sample (at most 200k rows) of ``embeddings`` (may be a memmap), then add in batches."""
         n = len(embeddings)
@@ -230,7 +241,7 @@ class DenseIndex:
             raise ValueError("the index is empty: add embeddings first")
         if self.index_type == "hnsw":
             self._cpu.hnsw.efSearch = max(self.params["ef_search"], k)
-        elif self.index_type in ("ivf", "ivfpq"):
+        elif self.structure in IVF_TYPES:
             self._cpu.nprobe = self.params["nprobe"]
         if not self.use_gpu or k > GPU_MAX_K:
             return self._cpu
@@ -241,21 +252,19 @@ class DenseIndex:
                 logger.warning("%s index stays on CPU: faiss cannot move it to GPU (%s)", self.index_type, err)
                 self.use_gpu = False
                 return self._cpu
-        if self.index_type in ("ivf", "ivfpq"):
+        if self.structure in IVF_TYPES:
             faiss.GpuParameterSpace().set_index_parameter(self._gpu, "nprobe", self.params["nprobe"])
         return self._gpu
 
     def _to_gpu(self) -> Any:
         if gpu_count() > 1:
             options = faiss.GpuMultipleClonerOptions()
-            options.shard, options.useFloat16 = True, self.index_type == "ivfpq"
-            index = faiss.index_cpu_to_all_gpus(self._cpu, co=options)
-        else:
-            options = faiss.GpuClonerOptions()
-            options.useFloat16 = self.index_type == "ivfpq"
-            self._gpu_resources = [faiss.StandardGpuResources()]
-            index = faiss.index_cpu_to_gpu(self._gpu_resources[0], 0, self._cpu, options)
-        return index
+            options.shard, options.useFloat16 = True, self.structure == "ivfpq"
+            return faiss.index_cpu_to_all_gpus(self._cpu, co=options)
+        options = faiss.GpuClonerOptions()
+        options.useFloat16 = self.structure == "ivfpq"
+        self._gpu_resources = [faiss.StandardGpuResources()]
+        return faiss.index_cpu_to_gpu(self._gpu_resources[0], 0, self._cpu, options)
 
     def _check(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -290,17 +299,9 @@ class DenseIndex:
                 faiss.write_index(self._cpu, str(tmp / INDEX_FILE))
             (tmp / IDS_FILE).write_text("".join(f"{doc_id}\n" for doc_id in self.doc_ids), encoding="utf-8")
             files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
-            manifest = {
-                "format": FORMAT,
-                "model": {"name": self.model_name, "hash": self.model_hash},
-                "dim": self.dim,
-                "metric": "inner_product",
-                "type": self.index_type,
-                "params": self.params,
-                "count": len(self),
-                "faiss_version": faiss.__version__,
-                "files": files,
-            }
+            manifest = {"format": FORMAT, "model": {"name": self.model_name, "hash": self.model_hash}, "dim": self.dim,
+                        "metric": "inner_product", "type": self.index_type, "params": self.params, "count": len(self),
+                        "faiss_version": faiss.__version__, "files": files}  # fmt: skip
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         return final
 
@@ -340,9 +341,9 @@ class DenseIndex:
             )
         for name, info in manifest["files"].items():
             check_file(folder / name, info, verify)
-        index = cls(
-            manifest["dim"], manifest["type"], use_gpu, built_by["name"], built_by["hash"], **manifest["params"]
-        )
+        settings = {k: v for k, v in manifest["params"].items() if k != "fallback"}
+        index = cls(manifest["dim"], manifest["type"], use_gpu, built_by["name"], built_by["hash"], **settings)
+        index.params = dict(manifest["params"])
         reader = faiss.read_index_binary if manifest["type"] == "binary" else faiss.read_index
         try:
             index._cpu = reader(str(folder / INDEX_FILE))
@@ -361,3 +362,39 @@ class DenseIndex:
 def binary_codes(x: np.ndarray) -> np.ndarray:
     """Sign bits of each row, packed 8 per byte (the binary index's codes)."""
     return np.packbits(x > 0, axis=1)
+
+
+def ivf_defaults(n: int, nlist: int | None = None) -> tuple[int, int]:
+    """``(nlist, nprobe)`` for ``n`` vectors: nlist = min(4 sqrt(n), n / 39) unless given; nprobe = nlist / 8,
+    or more, to scan ``MIN_SCAN`` vectors."""
+    nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // POINTS_PER_LIST))
+    return nlist, min(nlist, max(1, nlist // 8, math.ceil(MIN_SCAN * nlist / n)))
+
+
+def ivf_settings(n: int, train_size: int, nlist: int | None, nprobe: int | None) -> dict[str, int]:
+    """``nlist`` and ``nprobe`` for ``n`` vectors (defaults where None), checked against ``train_size`` vectors."""
+    where = "" if nlist else f" (the default for {n} vectors)"
+    nlist, default_nprobe = ivf_defaults(n, nlist)
+    if nlist > train_size:
+        advised = max(1, train_size // POINTS_PER_LIST)
+        raise DataError(
+            f"nlist={nlist}: {nlist} lists need at least {nlist} training vectors, got {train_size}; lower nlist "
+            f"(faiss advises {POINTS_PER_LIST} vectors per list: nlist={advised}) or leave it out to get a default"
+        )
+    if (nprobe or 0) > nlist:
+        raise DataError(f"nprobe={nprobe} > nlist={nlist}{where}: a search cannot probe more lists than there are")
+    return {"nlist": nlist, "nprobe": nprobe or default_nprobe}
+
+
+def pq_subquantizers(dim: int, train_size: int, pq_m: int | None, pq_bits: int) -> int:
+    """``pq_m`` (default: the largest divisor of ``dim`` up to dim / 4), checked against ``dim`` and the sample."""
+    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
+    pq_m = pq_m or max(m for m in divisors if m <= max(1, dim // 4))
+    if dim % pq_m:
+        raise DataError(f"pq_m={pq_m} does not divide the dimension {dim}; divisors: {', '.join(map(str, divisors))}")
+    if train_size < 2**pq_bits:
+        raise DataError(
+            f"pq_bits={pq_bits}: {2**pq_bits} centroids per sub-quantizer need at least {2**pq_bits} training "
+            f"vectors, got {train_size}; lower pq_bits (at most {int(math.log2(train_size))} here)"
+        )
+    return pq_m

@@ -1,0 +1,160 @@
+"""Model names and paths that cannot load fail in one line; loading is quiet; the untyped encode of a query-only
+model and build_model's ignored or misspelled arguments are refused."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sbmoe.backbones import BackboneUnavailableError, resolve_backbone
+from sbmoe.cli import main as cli_main
+from sbmoe.model import ST_LOGGER, SBMoEModel, build_model, load_any_model, load_model, quiet_loading
+from sbmoe.retrieval.encode import encode_cached, pooled_model
+
+TEXTS = ["cells and genes", "the protein increase in blood", "a drug study of mice"]
+KNOWN = "known: minilm, tinybert, bert-small, bert-base, contriever, contriever-msmarco"
+OFFLINE = (
+    "model 'no-such-org/no-such-encoder' is not in the local Hugging Face cache and the Hub is not reachable "
+    "(HF_HUB_OFFLINE is set): download it where the Hub is reachable (`hf download no-such-org/no-such-encoder "
+    "--local-dir DIR`) and give the folder DIR instead, or use the offline default backbone 'minilm'"
+)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working folder holding ``out/minilm-sbmoe/`` and a file ``notes.txt``; the Hub is offline, nothing cached."""
+    (tmp_path / "out" / "minilm-sbmoe").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("not a model")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("sbmoe.backbones._is_cached", lambda hub_id: False)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("out/minilm-sbmo", "no such folder: out/minilm-sbmo; did you mean out/minilm-sbmoe?"),
+        ("./out/minilm-sbmo", "no such folder: ./out/minilm-sbmo; did you mean out/minilm-sbmoe?"),
+        ("ot/minilm-sbmoe/x", "no such folder: ot/minilm-sbmoe/x; did you mean out?"),  # more than one slash
+        ("./elsewhere", "no such folder: ./elsewhere"),
+        ("notes.txt", "not a folder: notes.txt (a model is a folder holding config.json or modules.json)"),
+        ("minlm", f"unknown backbone name 'minlm'; {KNOWN}; did you mean 'minilm'?"),
+        ("tinybret", f"unknown backbone name 'tinybret'; {KNOWN}; did you mean 'tinybert'?"),
+        ("xyz", f"unknown backbone name 'xyz'; {KNOWN}; or give a local folder or a Hub id org/name"),
+        ("no-such-org/no-such-encoder", OFFLINE),
+    ],
+)
+def test_a_model_that_cannot_load_is_named_in_one_line(workdir: Path, spec: str, message: str) -> None:
+    for load in (resolve_backbone, load_any_model, build_model):
+        with pytest.raises(BackboneUnavailableError) as info:
+            load(spec)
+        assert str(info.value) == message
+
+
+def test_a_known_name_that_is_not_cached_names_its_hub_id(workdir: Path) -> None:
+    with pytest.raises(BackboneUnavailableError) as info:
+        build_model("tinybert")
+    assert str(info.value).startswith(
+        "backbone 'tinybert' (huawei-noah/TinyBERT_General_4L_312D) is not in the local Hugging Face cache and the "
+        "Hub is not reachable (HF_HUB_OFFLINE is set): download it"
+    )
+
+
+def test_an_invalid_hub_id_is_named(workdir: Path) -> None:
+    with pytest.raises(BackboneUnavailableError, match=r"^model 'a b/c' is neither a local folder nor a valid Hub "):
+        load_any_model("a b/c")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["evaluate", "--model", "out/minilm-sbmo", "--datasets", "scifact"],
+         "sbmoe evaluate: error: no such folder: out/minilm-sbmo; did you mean out/minilm-sbmoe?"),
+        (["evaluate", "--model", "minlm", "--datasets", "scifact"],
+         f"sbmoe evaluate: error: unknown backbone name 'minlm'; {KNOWN}; did you mean 'minilm'?"),
+        (["evaluate", "--model", "no-such-org/no-such-encoder", "--datasets", "scifact"],
+         f"sbmoe evaluate: error: {OFFLINE}"),
+        (["finetune", "--backbone", "out/minilm-sbmo", "--train-data", "scifact:train", "--output-dir", "ft"],
+         "sbmoe finetune: error: no such folder: out/minilm-sbmo; did you mean out/minilm-sbmoe?"),
+    ],
+)  # fmt: skip
+def test_the_cli_prints_one_line_and_exits_1(
+    workdir: Path, shared_data: Path, capsys: pytest.CaptureFixture, argv: list[str], message: str
+) -> None:
+    assert cli_main([*argv, "--data-dir", str(shared_data)]) == 1
+    assert capsys.readouterr().err.splitlines() == [message]
+
+
+def test_loading_is_quiet_but_keeps_warnings(
+    tiny_bert: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    build_model(tiny_bert, num_experts=2).save(str(tmp_path / "m"))
+    caplog.clear()
+    capsys.readouterr()
+    load_model(str(tmp_path / "m"))
+    load_any_model(tiny_bert)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("sentence_transformers")]
+    assert "Loading weights" not in capsys.readouterr().err
+    with quiet_loading():
+        logging.getLogger(ST_LOGGER).warning("a warning a user can act on")
+    assert caplog.messages == ["a warning a user can act on"]
+    assert logging.getLogger(ST_LOGGER).level == logging.NOTSET  # restored
+
+
+@pytest.fixture(scope="module")
+def query_only(tiny_bert: str) -> SBMoEModel:
+    """A query-only SB-MoE model on the tiny backbone."""
+    torch.manual_seed(0)
+    return build_model(tiny_bert, num_experts=2, query_only=True).eval()
+
+
+def test_query_only_model_refuses_an_untyped_encode(query_only: SBMoEModel, tmp_path: Path) -> None:
+    message = (
+        "this model's SB-MoE head transforms queries only (query_only=True), so encode() cannot tell queries from "
+        "documents: call encode_query(texts) for queries and encode_document(texts) for documents (or pass "
+        "task='query' / task='document')"
+    )
+    with pytest.raises(ValueError) as info:
+        query_only.encode(TEXTS)
+    assert str(info.value) == message
+    query_only.save(str(tmp_path / "q"))  # its model card encodes examples as queries and documents
+    with pytest.raises(ValueError, match=r"transforms queries only \(query_only=True\)"):
+        load_model(str(tmp_path / "q")).encode(TEXTS)
+
+
+def test_query_only_model_typed_paths_are_unchanged(query_only: SBMoEModel, tmp_path: Path) -> None:
+    pooled = torch.nn.functional.normalize(torch.tensor(pooled_model(query_only).encode(TEXTS)), dim=-1).numpy()
+    documents, queries = query_only.encode_document(TEXTS), query_only.encode_query(TEXTS)
+    np.testing.assert_allclose(documents, pooled, atol=1e-6)  # documents pass through
+    assert np.abs(queries - pooled).max() > 1e-3  # queries are transformed
+    np.testing.assert_allclose(query_only.encode(TEXTS, task="document"), documents, atol=1e-6)
+    np.testing.assert_allclose(query_only.encode(TEXTS, task="query"), queries, atol=1e-6)
+    cached_docs, _ = encode_cached(query_only, TEXTS, "corpus", tmp_path, show_progress=False)
+    cached_queries, _ = encode_cached(query_only, TEXTS, "queries", tmp_path, show_progress=False)
+    np.testing.assert_allclose(cached_docs, documents, atol=1e-5)
+    np.testing.assert_allclose(cached_queries, queries, atol=1e-5)
+
+
+def test_build_model_refuses_unknown_and_ignored_arguments(tiny_bert: str) -> None:
+    options = (
+        "num_experts, routing, top_k, inference, expert_hidden, noise, residual, identity_init, query_only, "
+        "strength, expert_dropout"
+    )
+    with pytest.raises(TypeError) as info:
+        build_model(tiny_bert, head=False, num_experts=8, anything=1)
+    assert str(info.value) == f"build_model() got unexpected keyword arguments: 'anything'; head options: {options}"
+    with pytest.raises(TypeError, match=r"arguments: 'expert_hiden' \(did you mean 'expert_hidden'\?\); head "):
+        build_model(tiny_bert, expert_hiden=16)
+    with pytest.raises(ValueError) as info:
+        build_model(tiny_bert, head=False, num_experts=8, noise=False)
+    given = "num_experts=8, noise=False"
+    assert str(info.value) == f"build_model(head=False) builds no head, but head arguments were given: {given}"
+    head = build_model(tiny_bert, num_experts=3, expert_hidden=8).head  # the head's own defaults fill the rest
+    settings = (head.num_experts, head.top_k, head.routing, head.inference, head.expert_hidden)
+    assert settings == (3, 2, "learned", "soft", 8)
