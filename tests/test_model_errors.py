@@ -16,7 +16,7 @@ from sbmoe.model import ST_LOGGER, SBMoEModel, build_model, load_any_model, load
 from sbmoe.retrieval.encode import encode_cached, pooled_model
 
 TEXTS = ["cells and genes", "the protein increase in blood", "a drug study of mice"]
-KNOWN = "known: minilm, tinybert, bert-small, bert-base, contriever, contriever-msmarco"
+KNOWN = "known: minilm, minilm-l3, minilm-l2, tinybert, bert-small, bert-base, contriever, contriever-msmarco"
 OFFLINE = (
     "model 'no-such-org/no-such-encoder' is not in the local Hugging Face cache and the Hub is not reachable "
     "(HF_HUB_OFFLINE is set): download it where the Hub is reachable (`hf download no-such-org/no-such-encoder "
@@ -45,6 +45,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         ("notes.txt", "not a folder: notes.txt (a model is a folder holding config.json or modules.json)"),
         ("minlm", f"unknown backbone name 'minlm'; {KNOWN}; did you mean 'minilm'?"),
         ("tinybret", f"unknown backbone name 'tinybret'; {KNOWN}; did you mean 'tinybert'?"),
+        ("minilm-l4", f"unknown backbone name 'minilm-l4'; {KNOWN}; did you mean 'minilm-l3'?"),
         ("xyz", f"unknown backbone name 'xyz'; {KNOWN}; or give a local folder or a Hub id org/name"),
         ("no-such-org/no-such-encoder", OFFLINE),
     ],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 
 from sbmoe.data.dataset import DataError
 from sbmoe.files import atomic_dir, sha256_file
+from sbmoe.retrieval.ivf import IVF_TYPES, fallback_message, filled_params
 from sbmoe.retrieval.manifest import FORMAT, MANIFEST, IndexLoadError, check_file, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -26,14 +26,6 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "doc_ids.txt"
 VECTORS_FILE = "vectors.npy"
 TRAIN_SAMPLE = 200_000
-IVF_TYPES = ("ivf", "ivfpq")
-MIN_SCAN = 8192  # vectors a default IVF search scans at least: enough for a reliable top 1,000 (bench_ivf_defaults)
-EXACT_BELOW = 2 * MIN_SCAN  # smaller corpora: default IVF would scan half of them, so exact search is used instead
-POINTS_PER_LIST = 39  # faiss asks for 39 training points per centroid; the default nlist keeps to it
-FALLBACK_WARNING = (
-    "%s index on %d vectors: searching exactly (flat) instead: below %d vectors IVF would have to scan at least half "
-    "of them (default: %d of %d lists) to find the top results reliably; pass nlist to force IVF"
-)
 SETTINGS = {  # the parameters each type uses
     "flat": (),
     "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
@@ -61,16 +53,24 @@ class DenseIndex:
         model_name: Name of the model that made the embeddings (kept in the manifest).
         model_hash: Fingerprint of that model; :meth:`load` can check it.
         **params: Positive integers: ``hnsw_m`` (32), ``ef_construction`` (200), ``ef_search`` (256, raised to
-            k), ``nlist`` (4 sqrt(n), at most n / 39), ``nprobe`` (see :func:`ivf_defaults`), ``pq_m`` (a divisor
-            of dim, up to dim / 4), ``pq_bits`` (8), ``rescore`` (10). Those another type uses are accepted and
-            ignored, so one set of parameters can serve all types. Without ``nlist``, ``ivf`` and ``ivfpq`` on fewer
-            than 16,384 vectors search exactly: a warning says so and :attr:`params` records ``fallback="flat"``.
-            A setting that is no positive integer raises DataError, as does, at training, one the vectors cannot meet.
+            k), ``nlist`` (4 sqrt(n), at most n / 39), ``nprobe`` (see :func:`sbmoe.retrieval.ivf.ivf_defaults`),
+            ``pq_m`` (a divisor of dim, up to dim / 4), ``pq_bits`` (8), ``rescore`` (10). Those another type uses
+            are accepted and ignored, so one set of parameters can serve all types. Without ``nlist``, ``ivf`` and
+            ``ivfpq`` on fewer than 16,384 vectors search exactly: a warning says so and :attr:`params` records
+            ``fallback="flat"``. A setting that is no positive integer raises DataError, as does, at training, one
+            the vectors cannot meet.
     """
 
-    DEFAULTS: dict[str, Any] = dict(
-        hnsw_m=32, ef_construction=200, ef_search=256, nlist=None, nprobe=None, pq_m=None, pq_bits=8, rescore=10
-    )
+    DEFAULTS: dict[str, Any] = {
+        "hnsw_m": 32,
+        "ef_construction": 200,
+        "ef_search": 256,
+        "nlist": None,
+        "nprobe": None,
+        "pq_m": None,
+        "pq_bits": 8,
+        "rescore": 10,
+    }
 
     def __init__(
         self,
@@ -83,16 +83,13 @@ class DenseIndex:
     ):
         if index_type not in INDEX_TYPES:
             raise ValueError(f"unknown index type {index_type!r}: expected one of {', '.join(INDEX_TYPES)}")
-        unknown = set(params) - set(self.DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown index parameters {sorted(unknown)}: expected some of {sorted(self.DEFAULTS)}")
+        self._check_params(params)
         if index_type == "binary" and dim % 8:
             raise ValueError(f"binary index needs a dimension divisible by 8, got {dim}")
-        for key, value in params.items():  # faiss misbehaves or aborts on anything else
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise DataError(f"index parameter {key}={value!r}: expected a positive integer")
-        self.dim, self.index_type = dim, index_type
-        self.model_name, self.model_hash = model_name, model_hash
+        self.dim = dim
+        self.index_type = index_type
+        self.model_name = model_name
+        self.model_hash = model_hash
         self.requested = {k: v for k, v in {**self.DEFAULTS, **params}.items() if k in SETTINGS[index_type]}
         self.params = dict(self.requested)  # what the built index uses: defaults filled in at training
         self.use_gpu = self._gpu_choice(use_gpu)
@@ -128,28 +125,40 @@ class DenseIndex:
             raise ValueError(f"index type {self.index_type!r} runs on CPU only; GPU types: {', '.join(GPU_TYPES)}")
         return bool(use_gpu)
 
+    @classmethod
+    def _check_params(cls, params: dict[str, Any]) -> None:
+        """ValueError for an unknown parameter name, DataError for a value that is no positive integer (None is a
+        default); faiss misbehaves or aborts on anything else."""
+        unknown = set(params) - set(cls.DEFAULTS)
+        if unknown:
+            expected = sorted(cls.DEFAULTS)
+            raise ValueError(f"unknown index parameters {sorted(unknown)}: expected some of {expected}")
+        for key, value in params.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise DataError(f"index parameter {key}={value!r}: expected a positive integer")
+
     def _new_faiss(self, n: int, train_size: int) -> Any:
-        """An untrained faiss index for ``n`` vectors, trained on ``train_size`` of them; fills in defaults."""
-        self.params = dict(self.requested)
-        p, d, ip = self.params, self.dim, faiss.METRIC_INNER_PRODUCT
-        if self.index_type in IVF_TYPES and p["nlist"] is None and n < EXACT_BELOW:  # recorded for the manifest
-            logger.warning(FALLBACK_WARNING, self.index_type, n, EXACT_BELOW, *reversed(ivf_defaults(n)))
-            self.params = p = {k: None for k in p} | {"fallback": "flat"}
+        """An untrained faiss index for ``n`` vectors, trained on ``train_size`` of them; fills in :attr:`params`."""
+        self.params = filled_params(self.index_type, self.dim, n, train_size, self.requested)
+        if "fallback" in self.params:
+            logger.warning(fallback_message(self.index_type, n))
+        params = self.params
+        dim = self.dim
+        metric = faiss.METRIC_INNER_PRODUCT
         if self.structure == "flat":
-            return faiss.IndexFlatIP(d)
+            return faiss.IndexFlatIP(dim)
         if self.index_type == "hnsw":
-            index = faiss.IndexHNSWFlat(d, p["hnsw_m"], ip)
-            index.hnsw.efConstruction = p["ef_construction"]
+            index = faiss.IndexHNSWFlat(dim, params["hnsw_m"], metric)
+            index.hnsw.efConstruction = params["ef_construction"]
             return index
         if self.index_type == "sq8":
-            return faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, ip)
+            return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, metric)
         if self.index_type == "binary":
-            return faiss.IndexBinaryFlat(d)
-        p.update(ivf_settings(n, train_size, p["nlist"], p["nprobe"]))
+            return faiss.IndexBinaryFlat(dim)
+        quantizer = faiss.IndexFlatIP(dim)
         if self.index_type == "ivf":
-            return faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, p["nlist"], ip)
-        p["pq_m"] = pq_subquantizers(d, train_size, p["pq_m"], p["pq_bits"])
-        return faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, p["nlist"], p["pq_m"], p["pq_bits"], ip)
+            return faiss.IndexIVFFlat(quantizer, dim, params["nlist"], metric)
+        return faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["pq_m"], params["pq_bits"], metric)
 
     def train(self, sample: np.ndarray, total: int | None = None) -> None:
         """Start a new, empty faiss index, trained on ``sample`` (ivf, ivfpq, sq8); ``total`` sizes the IVF lists."""
@@ -181,7 +190,11 @@ class DenseIndex:
         self._gpu = None
 
     def build(
-        self, embeddings: np.ndarray, ids: list[str] | None = None, batch_size: int = 65536, show_progress: bool = True
+        self,
+        embeddings: np.ndarray,
+        ids: list[str] | None = None,
+        batch_size: int = 65_536,
+        show_progress: bool = True,
     ) -> DenseIndex:
         """Train on a random sample (at most 200k rows) of ``embeddings`` (may be a memmap), then add in batches."""
         n = len(embeddings)
@@ -220,8 +233,17 @@ class DenseIndex:
         ids = np.empty((len(queries), k), dtype=np.int64)
         ptr = faiss.swig_ptr
         faiss.knn_inner_products_by_idx(
-            ptr(queries), ptr(vectors), ptr(cand), self.dim, len(queries), len(vectors), candidates, k,
-            ptr(scores), ptr(ids), candidates,  # ld_ids given explicitly: faiss 1.15 misreads the -1 default
+            ptr(queries),
+            ptr(vectors),
+            ptr(cand),
+            self.dim,
+            len(queries),
+            len(vectors),
+            candidates,  # nsubset: candidates per query
+            k,
+            ptr(scores),
+            ptr(ids),
+            candidates,  # ld_ids given explicitly: faiss 1.15 misreads the -1 default
         )
         return scores, ids
 
@@ -299,9 +321,17 @@ class DenseIndex:
                 faiss.write_index(self._cpu, str(tmp / INDEX_FILE))
             (tmp / IDS_FILE).write_text("".join(f"{doc_id}\n" for doc_id in self.doc_ids), encoding="utf-8")
             files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
-            manifest = {"format": FORMAT, "model": {"name": self.model_name, "hash": self.model_hash}, "dim": self.dim,
-                        "metric": "inner_product", "type": self.index_type, "params": self.params, "count": len(self),
-                        "faiss_version": faiss.__version__, "files": files}  # fmt: skip
+            manifest = {
+                "format": FORMAT,
+                "model": {"name": self.model_name, "hash": self.model_hash},
+                "dim": self.dim,
+                "metric": "inner_product",
+                "type": self.index_type,
+                "params": self.params,
+                "count": len(self),
+                "faiss_version": faiss.__version__,
+                "files": files,
+            }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         return final
 
@@ -362,39 +392,3 @@ class DenseIndex:
 def binary_codes(x: np.ndarray) -> np.ndarray:
     """Sign bits of each row, packed 8 per byte (the binary index's codes)."""
     return np.packbits(x > 0, axis=1)
-
-
-def ivf_defaults(n: int, nlist: int | None = None) -> tuple[int, int]:
-    """``(nlist, nprobe)`` for ``n`` vectors: nlist = min(4 sqrt(n), n / 39) unless given; nprobe = nlist / 8,
-    or more, to scan ``MIN_SCAN`` vectors."""
-    nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // POINTS_PER_LIST))
-    return nlist, min(nlist, max(1, nlist // 8, math.ceil(MIN_SCAN * nlist / n)))
-
-
-def ivf_settings(n: int, train_size: int, nlist: int | None, nprobe: int | None) -> dict[str, int]:
-    """``nlist`` and ``nprobe`` for ``n`` vectors (defaults where None), checked against ``train_size`` vectors."""
-    where = "" if nlist else f" (the default for {n} vectors)"
-    nlist, default_nprobe = ivf_defaults(n, nlist)
-    if nlist > train_size:
-        advised = max(1, train_size // POINTS_PER_LIST)
-        raise DataError(
-            f"nlist={nlist}: {nlist} lists need at least {nlist} training vectors, got {train_size}; lower nlist "
-            f"(faiss advises {POINTS_PER_LIST} vectors per list: nlist={advised}) or leave it out to get a default"
-        )
-    if (nprobe or 0) > nlist:
-        raise DataError(f"nprobe={nprobe} > nlist={nlist}{where}: a search cannot probe more lists than there are")
-    return {"nlist": nlist, "nprobe": nprobe or default_nprobe}
-
-
-def pq_subquantizers(dim: int, train_size: int, pq_m: int | None, pq_bits: int) -> int:
-    """``pq_m`` (default: the largest divisor of ``dim`` up to dim / 4), checked against ``dim`` and the sample."""
-    divisors = [m for m in range(1, dim + 1) if dim % m == 0]
-    pq_m = pq_m or max(m for m in divisors if m <= max(1, dim // 4))
-    if dim % pq_m:
-        raise DataError(f"pq_m={pq_m} does not divide the dimension {dim}; divisors: {', '.join(map(str, divisors))}")
-    if train_size < 2**pq_bits:
-        raise DataError(
-            f"pq_bits={pq_bits}: {2**pq_bits} centroids per sub-quantizer need at least {2**pq_bits} training "
-            f"vectors, got {train_size}; lower pq_bits (at most {int(math.log2(train_size))} here)"
-        )
-    return pq_m

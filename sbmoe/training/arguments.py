@@ -15,7 +15,10 @@ from sbmoe.model import SBMoEModel, build_model
 class FinetuneArguments:
     """Arguments of ``sbmoe finetune`` (flags use dashes: ``--train-data``)."""
 
-    backbone: str = field(default="minilm", metadata={"help": "minilm, a backbone name, Hub id or local folder"})
+    backbone: str = field(
+        default="minilm",
+        metadata={"help": "minilm (MiniLM-L6), minilm-l3 / minilm-l2 (its first layers), a name, Hub id or folder"},
+    )
     train_data: str = field(
         default="scifact:train",
         metadata={"help": "NAME:SPLIT, irds:<id> or a .jsonl file; several, comma-separated, train together"},
