@@ -107,6 +107,8 @@ class FinetuneArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.domain_loss_weight and (self.train == "full" or "," not in self.train_data):
+            raise ValueError("--domain-loss-weight needs --train head and several --train-data sources")
         if self.tune_strength and (self.head == "none" or not self.dev_queries):
             raise ValueError("--tune-strength needs a head and a dev split (--dev-queries > 0)")
 

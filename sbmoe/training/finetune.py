@@ -6,10 +6,11 @@ metrics with per-query values) to the output directory.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ import torch
 from transformers import TrainerCallback, set_seed
 
 from sbmoe.data import RetrievalDataset, load_dataset
-from sbmoe.data.splits import unseen_dev_split
-from sbmoe.data.trainset import Example, TrainSet, cropped_span, load_train_set
+from sbmoe.data.trainset import load_train_sets
+from sbmoe.evaluation.coverage import coverage, describe, identical_id_warning
 from sbmoe.evaluation.evaluate import evaluate_embeddings
 from sbmoe.evaluation.metrics import per_query
 from sbmoe.files import write_atomic
@@ -27,99 +28,12 @@ from sbmoe.heads import SBMoEHead
 from sbmoe.model import SBMoEModel, find_head
 from sbmoe.retrieval.encode import pooled_features
 from sbmoe.training.arguments import FinetuneArguments, count_parameters, make_model
-from sbmoe.training.head_trainer import HeadTrainConfig, embed, kmeans_router_init, mine_hard_negatives, train_head
+from sbmoe.training.head_trainer import HeadTrainConfig, embed, kmeans_router_init, train_head
+from sbmoe.training.prepared import PreparedData, dev_ndcg, prepare, reencode
+from sbmoe.training.sampling import WeightedSourceBatchSampler, parse_weights
 
 logger = logging.getLogger(__name__)
 METRICS = ("nDCG@10", "MAP@100", "Recall@100", "MRR@10")
-
-
-@dataclass
-class PreparedData:
-    """Training rows over cached vectors: anchors (queries, then titles), documents, example rows, dev data."""
-
-    anchors: torch.Tensor
-    docs: torch.Tensor
-    doc_ids: list[str]
-    rows: torch.Tensor
-    anchor_texts: list[str]
-    doc_texts: list[str]
-    dev_ids: list[str] = field(default_factory=list)
-    dev_vectors: torch.Tensor | None = None
-    dev_qrels: dict[str, dict[str, int]] = field(default_factory=dict)
-    cluster_shares: list[float] | None = None
-
-
-def prepare(model: SBMoEModel, args: FinetuneArguments, data: TrainSet) -> PreparedData:
-    """Split off the dev queries, compute (cached) pooled vectors, and mine hard negatives with the initial model."""
-    dev_qrels: dict[str, dict[str, int]] = {}
-    if args.dev_queries:
-        train_qrels, dev_qrels = unseen_dev_split(data.qrels, args.dev_queries)
-        data = data.restrict(set(train_qrels))
-    doc_ids = list(data.docs)
-    doc_row = {d: i for i, d in enumerate(doc_ids)}
-    query_ids = sorted({e.query for e in data.examples})
-    anchor_texts = [data.queries[q] for q in query_ids]
-    examples = [(i, e) for i, q in enumerate(query_ids) for e in _by_query(data.examples)[q]]
-    if args.self_supervised == "title":
-        titled = [d for d in doc_ids if data.titles.get(d, "").strip()]
-        examples += [(len(anchor_texts) + i, Example(f"title:{d}", d)) for i, d in enumerate(titled)]
-        anchor_texts += [data.titles[d] for d in titled]
-    elif args.self_supervised == "crop":
-        cropped = [d for d in doc_ids if data.docs[d].strip()]
-        examples += [(len(anchor_texts) + i, Example(f"crop:{d}", d)) for i, d in enumerate(cropped)]
-        anchor_texts += [cropped_span(d, data.docs[d]) for d in cropped]
-    doc_texts = [data.docs[d] for d in doc_ids]
-    anchors = pooled_features(model, anchor_texts, "queries", args.cache_dir)
-    docs = pooled_features(model, doc_texts, "corpus", args.cache_dir)
-    head, cos = find_head(model), args.similarity == "cos"
-    cluster_shares = None
-    if args.router_init == "kmeans" and head is not None and head.num_experts > 1:
-        cluster_shares = kmeans_router_init(head, docs, seed=args.seed)
-    positives: dict[int, set[int]] = {}
-    for row, example in examples:
-        positives.setdefault(row, set()).add(doc_row[example.positive])
-    mined = np.zeros((len(anchor_texts), 0), dtype=np.int64)
-    if args.hard_negatives:
-        wanted = [positives.get(i, set()) for i in range(len(anchor_texts))]
-        mined = mine_hard_negatives(
-            embed(head, anchors, "query", cos),
-            embed(head, docs, "document", cos),
-            wanted,
-            args.hard_negatives,
-            args.negatives_skip,
-        )
-    rows = []
-    for row, example in examples:
-        given = [doc_row[n] for n in example.negatives if n in doc_row]
-        negatives = (given + [int(m) for m in mined[row] if m not in given])[: max(args.hard_negatives, len(given))]
-        rows.append([row, doc_row[example.positive], *negatives])
-    width = min(len(r) for r in rows)
-    prepared = PreparedData(anchors, docs, doc_ids, torch.tensor([r[:width] for r in rows]), anchor_texts, doc_texts)
-    prepared.cluster_shares = cluster_shares
-    if dev_qrels:
-        prepared.dev_ids = sorted(dev_qrels)
-        prepared.dev_vectors = pooled_features(
-            model, [data.queries[q] for q in prepared.dev_ids], "queries", args.cache_dir
-        )
-        prepared.dev_qrels = dev_qrels
-    return prepared
-
-
-def _by_query(examples: list[Example]) -> dict[str, list[Example]]:
-    grouped: dict[str, list[Example]] = {}
-    for example in examples:
-        grouped.setdefault(example.query, []).append(example)
-    return grouped
-
-
-def dev_ndcg(head: SBMoEHead | None, prepared: PreparedData, cos: bool = True) -> float:
-    """nDCG@10 of the dev queries against the whole training corpus, on cached vectors."""
-    queries = embed(head, prepared.dev_vectors, "query", cos).numpy()
-    docs = embed(head, prepared.docs, "document", cos).numpy()
-    result = evaluate_embeddings(
-        queries, docs, prepared.dev_ids, prepared.doc_ids, prepared.dev_qrels, top_k=100, metrics=("nDCG@10",)
-    )
-    return result["metrics"]["nDCG@10"]
 
 
 STRENGTHS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
@@ -131,7 +45,7 @@ def tune_strength(head: SBMoEHead | None, prepared: PreparedData, cos: bool = Tr
     Returns:
         ``{"chosen": strength, "dev_nDCG@10": {strength: score}}``.
     """
-    if head is None or not prepared.dev_ids:
+    if head is None or not prepared.dev_queries:
         raise ValueError("--tune-strength needs a head and dev queries (--dev-queries > 0)")
     scores: dict[str, float] = {}
     for strength in STRENGTHS:
@@ -158,10 +72,16 @@ def train_head_mode(model: SBMoEModel, args: FinetuneArguments, prepared: Prepar
         anchor_weight=args.anchor_weight,
         patience=args.patience,
         seed=args.seed,
+        source_weights=parse_weights(args.train_weights, len(prepared.sources)),
+        domain_loss_weight=args.domain_loss_weight,
     )
     cos = args.similarity == "cos"
-    dev = (lambda h: dev_ndcg(h, prepared, cos)) if prepared.dev_ids else None
-    result = train_head(head, prepared.anchors, prepared.docs, prepared.rows, config, dev)
+    dev = (lambda h: dev_ndcg(h, prepared, cos)) if prepared.dev_queries else None
+    checkpoints = Path(args.output_dir) / "checkpoints" / "head"
+    result = train_head(
+        head, prepared.anchors, prepared.docs, prepared.rows, config, dev, checkpoints, args.resume, "dev nDCG@10",
+        prepared.row_source,
+    )
     return asdict(result)
 
 
@@ -169,17 +89,16 @@ def train_full_mode(
     model: SBMoEModel, args: FinetuneArguments, prepared: PreparedData, callbacks: list[TrainerCallback]
 ) -> dict[str, Any]:
     """Train backbone and head with the SentenceTransformerTrainer (checkpoints, resume, mixed precision)."""
-    from datasets import Dataset
+    from datasets import DatasetDict
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
 
     from sbmoe.training.losses import MoEContrastiveLoss
 
-    rows = prepared.rows.tolist()
-    columns = {"query": [prepared.anchor_texts[r[0]] for r in rows]}
-    columns["positive"] = [prepared.doc_texts[r[1]] for r in rows]
-    for j in range(2, len(rows[0])):
-        columns[f"negative_{j - 1}"] = [prepared.doc_texts[r[j]] for r in rows]
+    train_dataset = DatasetDict({source.name: _columns(prepared, i) for i, source in enumerate(prepared.sources)})
+    if len(prepared.sources) == 1:
+        train_dataset = train_dataset[prepared.sources[0].name]
+    weights = parse_weights(args.train_weights, len(prepared.sources))
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
     head_name = next((name for name, module in model.named_children() if isinstance(module, SBMoEHead)), None)
@@ -196,8 +115,10 @@ def train_full_mode(
         data_seed=args.seed,
         bf16=bf16,
         fp16=cuda and not bf16,
+        dataloader_pin_memory=cuda,
         batch_sampler=BatchSamplers.NO_DUPLICATES,
-        router_mapping={c: "query" if c == "query" else "document" for c in columns},
+        router_mapping={c: "query" if c == "query" else "document" for c in _columns(prepared, 0).column_names},
+        multi_dataset_batch_sampler=functools.partial(WeightedSourceBatchSampler, weights=weights),
         save_strategy="steps",
         save_steps=args.save_steps,
         save_total_limit=2,
@@ -207,13 +128,25 @@ def train_full_mode(
     )
     loss = MoEContrastiveLoss(model, args.similarity, args.temperature, args.aux_loss_weight, args.z_loss_weight)
     trainer = SentenceTransformerTrainer(
-        model=model, args=training_args, train_dataset=Dataset.from_dict(columns), loss=loss, callbacks=callbacks
+        model=model, args=training_args, train_dataset=train_dataset, loss=loss, callbacks=callbacks
     )
     has_checkpoint = any(Path(training_args.output_dir).glob("checkpoint-*"))
     if args.resume and not has_checkpoint:
         logger.warning("--resume: no checkpoint under %s, starting from scratch", training_args.output_dir)
     trainer.train(resume_from_checkpoint=bool(args.resume and has_checkpoint))
     return {"log_history": trainer.state.log_history, "global_step": trainer.state.global_step}
+
+
+def _columns(prepared: PreparedData, source: int) -> Any:
+    """One source's rows as a ``datasets.Dataset`` of texts: query, positive, negative_1..."""
+    from datasets import Dataset
+
+    rows = prepared.rows[prepared.row_source == source].tolist()
+    columns = {"query": [prepared.anchor_texts[r[0]] for r in rows]}
+    columns["positive"] = [prepared.doc_texts[r[1]] for r in rows]
+    for j in range(2, len(rows[0])):
+        columns[f"negative_{j - 1}"] = [prepared.doc_texts[r[j]] for r in rows]
+    return Dataset.from_dict(columns)
 
 
 def expert_choice(head: SBMoEHead, vectors: torch.Tensor) -> torch.Tensor:
@@ -233,16 +166,26 @@ def utilization(chosen: torch.Tensor, num_experts: int, initial: torch.Tensor | 
     return out
 
 
-def evaluate(model: SBMoEModel, args: FinetuneArguments, routing_before: dict[str, torch.Tensor]) -> dict[str, Any]:
+def evaluate(
+    model: SBMoEModel, args: FinetuneArguments, routing_before: dict[str, torch.Tensor], use_head: bool = True
+) -> dict[str, Any]:
     """Metrics, per-query values and expert utilization on each ``--eval-data`` set.
 
     Documents and queries go through the (cached) pooled backbone and then the head in eval mode, which is
-    exactly what ``model.encode`` computes.
+    exactly what ``model.encode`` computes; ``use_head=False`` scores the backbone alone (the zero-shot baseline).
+
+    Raises:
+        DataError: an eval set with no query that can be scored (see :func:`~sbmoe.evaluation.coverage.coverage`).
     """
     results: dict[str, Any] = {}
-    head, cos = find_head(model), args.similarity == "cos"
+    head, cos = find_head(model) if use_head else None, args.similarity == "cos"
     for spec in eval_specs(args):
         dataset = load_dataset(spec, data_dir=args.data_dir)
+        counts = coverage(dataset)
+        notes = [describe(spec, counts), None if args.keep_identical_ids else identical_id_warning(dataset)]
+        if not use_head:  # the zero-shot pass runs before training: warn then, once
+            for line in filter(None, notes):
+                logger.warning(line)
         query_ids = list(dataset.queries)
         docs = list(dataset.iter_docs())
         doc_ids, doc_texts = [doc.id for doc in docs], [doc.full_text for doc in docs]
@@ -251,11 +194,15 @@ def evaluate(model: SBMoEModel, args: FinetuneArguments, routing_before: dict[st
         query_emb, doc_emb = embed(head, queries, "query", cos), embed(head, doc_vectors, "document", cos)
         result = evaluate_embeddings(
             query_emb.numpy(), doc_emb.numpy(), query_ids, doc_ids, dataset.qrels, top_k=1000, metrics=METRICS,
-            relevance_level=dataset.relevance_level,
+            relevance_level=dataset.relevance_level, ignore_identical_ids=not args.keep_identical_ids,
         )  # fmt: skip
         scores = per_query(dataset.qrels, result["run"], METRICS, dataset.relevance_level)
         results[spec] = {
             "metrics": result["metrics"],
+            "num_queries": len(query_ids),
+            "judged_queries": counts["judged"],
+            "answerable_queries": counts["answerable"],
+            "warnings": [line for line in notes if line],
             "per_query": {name: {q: values[name] for q, values in scores.items()} for name in METRICS},
         }
         if head is not None and head.num_experts > 1:
@@ -283,13 +230,35 @@ def initial_routing(model: SBMoEModel, args: FinetuneArguments) -> dict[str, tor
     return out
 
 
+def check_output_dir(output: Path, args: FinetuneArguments) -> None:
+    """Refuse to replace a finished run (``run.json`` present) unless ``--overwrite`` or ``--resume``.
+
+    Raises:
+        FileExistsError: naming the folder and the ways out.
+    """
+    if (output / "run.json").is_file() and not (args.overwrite or args.resume):
+        raise FileExistsError(
+            f"{output} already holds a finished run (run.json); pass --overwrite to replace it, "
+            "or choose another --output-dir"
+        )
+
+
 def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Fine-tune as ``args`` says, save the model and ``run.json`` to ``args.output_dir``, return the run record."""
     start = time.time()
+    output = Path(args.output_dir)
+    check_output_dir(output, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     set_seed(args.seed)
     model = make_model(args)
-    data = load_train_set(args.train_data, args.data_dir)
-    prepared = prepare(model, args, data)
+    sets = load_train_sets(args.train_data, args.data_dir, args.max_positives_per_query)
+    zero_shot = evaluate(model, args, {}, use_head=False)  # also checks every eval set before training
+    prepared = prepare(model, args, sets)
+    head = find_head(model)
+    cluster_shares = None
+    if args.router_init == "kmeans" and head is not None and head.num_experts > 1:
+        cluster_shares = kmeans_router_init(head, prepared.docs, seed=args.seed)
     routing_before = initial_routing(model, args)
     set_seed(args.seed)
     if args.train == "head":
@@ -298,26 +267,26 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
         history = train_full_mode(model, args, prepared, callbacks or [])
     record: dict[str, Any] = {
         "arguments": asdict(args),
+        "threads": torch.get_num_threads(),
         "head_parameters": count_parameters(find_head(model)),
         "train_examples": len(prepared.rows),
-        "dev_queries": len(prepared.dev_ids),
+        "sources": [source.summary() for source in prepared.sources],
+        "dev_queries": prepared.dev_queries,
         "history": history,
-        "kmeans_cluster_shares": prepared.cluster_shares,
+        "kmeans_cluster_shares": cluster_shares,
     }
-    if prepared.dev_ids and args.train == "full":  # the backbone moved: re-encode the dev queries and the corpus
-        prepared.docs = pooled_features(model, prepared.doc_texts, "corpus", args.cache_dir)
-        dev_texts = [data.queries[q] for q in prepared.dev_ids]
-        prepared.dev_vectors = pooled_features(model, dev_texts, "queries", args.cache_dir)
+    if prepared.dev_queries and args.train == "full":  # the backbone moved: re-encode the dev queries and the corpus
+        reencode(model, prepared, args.cache_dir)
     if args.tune_strength:  # scores every strength on dev, 1.0 (the head as trained) included
         record["strength"] = tune_strength(find_head(model), prepared, args.similarity == "cos")
         record["dev_nDCG@10"] = record["strength"]["dev_nDCG@10"][str(record["strength"]["chosen"])]
-    elif prepared.dev_ids:
+    elif prepared.dev_queries:
         record["dev_nDCG@10"] = dev_ndcg(find_head(model), prepared, args.similarity == "cos")
-    output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     if args.save_model:
         model.save(str(output))
     record["eval"] = evaluate(model, args, routing_before)
+    record["zero_shot"] = {spec: {"metrics": result["metrics"]} for spec, result in zero_shot.items()}
     record["seconds"] = time.time() - start
     write_atomic(output / "run.json", json.dumps(record, indent=1))
     return record

@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sbmoe.files import atomic_file
 from sbmoe.heads.sbmoe_head import SBMoEHead
-from sbmoe.training.losses import check_finite, info_nce
+from sbmoe.training.losses import check_finite, domain_routing_loss, info_nce
+from sbmoe.training.sampling import homogeneous_batches
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "state.pt"
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -31,16 +43,40 @@ class HeadTrainConfig:
     anchor_weight: float = 0.0
     patience: int = 0
     seed: int = 0
+    source_weights: list[float] | None = None
+    domain_loss_weight: float = 0.0
 
 
 @dataclass
 class HeadTrainResult:
-    """What :func:`train_head` measured: mean loss per epoch, dev score per epoch, the epoch kept."""
+    """What :func:`train_head` measured: mean loss and dev score per epoch, the epoch kept and why.
+
+    ``resumed_from`` is the epoch of the checkpoint training resumed from (0: from the start); ``kept`` says in
+    words which epoch the head holds and why.
+    """
 
     losses: list[float] = field(default_factory=list)
     aux_losses: list[float] = field(default_factory=list)
+    domain_losses: list[float] = field(default_factory=list)
     dev_scores: list[float] = field(default_factory=list)
     best_epoch: int = 0
+    stopped_early: bool = False
+    resumed_from: int = 0
+    kept: str = ""
+
+
+@dataclass
+class _Progress:
+    """Everything the loop carries from epoch to epoch besides the head and optimizer (checkpointed with them)."""
+
+    result: HeadTrainResult
+    best_state: dict[str, Tensor]
+    best_score: float = -math.inf
+    stale: int = 0
+
+    @property
+    def epoch(self) -> int:
+        return len(self.result.losses)
 
 
 def embed(head: SBMoEHead | None, x: Tensor, task: str, normalize: bool = True, batch_size: int = 4096) -> Tensor:
@@ -95,8 +131,15 @@ def train_head(
     examples: Tensor,
     config: HeadTrainConfig,
     dev_score: Callable[[SBMoEHead], float] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    dev_name: str = "dev score",
+    sources: Tensor | None = None,
 ) -> HeadTrainResult:
     """Train ``head`` alone with in-batch + hard-negative InfoNCE on cached vectors.
+
+    The result depends only on the inputs, ``config`` and the torch thread count: the same seed gives the same
+    weights bit for bit, and so does a run killed and resumed from its checkpoint.
 
     Args:
         head: The head to train in place; on return it holds the weights of the best dev epoch (or the last).
@@ -105,6 +148,13 @@ def train_head(
         examples: N x (2 + negatives) int64 rows ``[anchor row, positive doc row, negative doc rows...]``.
         config: Optimisation settings.
         dev_score: Called after each epoch; higher is better. Enables early stopping with ``config.patience``.
+        checkpoint_dir: Where the state after each epoch is written (atomically), or None for no checkpoints.
+        resume: Continue from the checkpoint in ``checkpoint_dir`` when it holds one of this run (same settings,
+            data and head); otherwise start from the beginning and replace it.
+        dev_name: What ``dev_score`` measures, for the closing message.
+        sources: Each example row's training source; with several, every batch comes from one source, sources get
+            batches by ``config.source_weights`` (None: by size), and ``config.domain_loss_weight`` can supervise
+            the router to send each source to its own experts (:func:`~sbmoe.training.losses.domain_routing_loss`).
 
     Raises:
         TrainingDivergedError: when the loss becomes NaN or infinite.
@@ -113,47 +163,180 @@ def train_head(
     torch.manual_seed(config.seed)
     loss_fn = info_nce(config.similarity, config.temperature)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    result = HeadTrainResult()
-    best_score, best_state, stale = -math.inf, copy.deepcopy(head.state_dict()), 0
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
-    for epoch in tqdm(range(1, config.epochs + 1), desc="head epochs", leave=False):
+    progress = _Progress(HeadTrainResult(), copy.deepcopy(head.state_dict()))
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    key = _run_key(head, anchors, docs, examples, config)
+    if checkpoint is not None and resume:
+        _resume(checkpoint, key, head, optimizer, generator, progress)
+    elif checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # another run's: --resume must not pick it up
+    num_sources = 1 if sources is None else int(sources.max()) + 1
+    epochs = tqdm(range(progress.epoch + 1, config.epochs + 1), desc="head epochs", leave=False,
+                  initial=progress.epoch, total=config.epochs)  # fmt: skip
+    for epoch in epochs:
+        if progress.result.stopped_early:
+            break
         head.train()
-        total, total_aux = 0.0, 0.0
-        order = torch.randperm(len(examples), generator=generator)
-        for step, rows in enumerate(examples[order].split(config.batch_size), start=1):
-            loss, aux = _step_loss(head, anchors, docs, rows, loss_fn, config)
+        total, total_aux, total_domain = 0.0, 0.0, 0.0
+        batches = epoch_batches(examples, sources, config, generator)
+        for step, (rows, domain) in enumerate(batches, start=1):
+            loss, aux, domain_loss = _step_loss(head, anchors, docs, rows, loss_fn, config, domain, num_sources)
             check_finite(loss, f"epoch {epoch}, step {step}")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += loss.item()
             total_aux += aux
-        result.losses.append(total / steps_per_epoch)
-        result.aux_losses.append(total_aux / steps_per_epoch)
-        if dev_score is None:
-            continue
-        score = dev_score(head)
-        result.dev_scores.append(score)
-        if score > best_score:
-            best_score, best_state, stale, result.best_epoch = score, copy.deepcopy(head.state_dict()), 0, epoch
-        else:
-            stale += 1
-            if config.patience and stale >= config.patience:
-                break
+            total_domain += domain_loss
+        progress.result.losses.append(total / len(batches))
+        progress.result.aux_losses.append(total_aux / len(batches))
+        if config.domain_loss_weight:
+            progress.result.domain_losses.append(total_domain / len(batches))
+        if dev_score is not None:
+            _score_epoch(head, dev_score(head), config, progress)
+        if checkpoint is not None:
+            _save(checkpoint, key, head, optimizer, generator, progress)
     if dev_score is None:
-        result.best_epoch = len(result.losses)
+        progress.result.best_epoch = progress.epoch
     else:
-        head.load_state_dict(best_state)
+        head.load_state_dict(progress.best_state)
     head.eval()
-    return result
+    progress.result.kept = kept_message(progress.result, config, dev_name if dev_score is not None else None)
+    logger.info(progress.result.kept)
+    return progress.result
 
 
-def _step_loss(head: SBMoEHead, anchors: Tensor, docs: Tensor, rows: Tensor, loss_fn, config) -> tuple[Tensor, float]:
-    """Loss of one batch: InfoNCE + weighted aux/z losses + optional pull toward the input embedding."""
+def _score_epoch(head: SBMoEHead, score: float, config: HeadTrainConfig, progress: _Progress) -> None:
+    """Record the epoch's dev score; keep the head's weights if it is the best so far; decide early stopping."""
+    result = progress.result
+    result.dev_scores.append(score)
+    if score > progress.best_score:
+        progress.best_score, progress.best_state, progress.stale = score, copy.deepcopy(head.state_dict()), 0
+        result.best_epoch = progress.epoch
+    else:
+        progress.stale += 1
+        result.stopped_early = bool(config.patience) and progress.stale >= config.patience
+
+
+def kept_message(result: HeadTrainResult, config: HeadTrainConfig, dev_name: str | None) -> str:
+    """Which epoch the trained head holds and why, in words (``dev_name`` None: there was no dev split)."""
+    ran = len(result.losses)
+    resumed = f"; resumed after epoch {result.resumed_from}" if result.resumed_from else ""
+    if dev_name is None:
+        return f"kept the last epoch, {ran} of {config.epochs} (no dev split){resumed}"
+    best = result.dev_scores[result.best_epoch - 1]
+    message = f"kept epoch {result.best_epoch} of {ran}: best {dev_name} {best:.4f}"
+    if result.stopped_early:
+        message += f"; stopped after {config.patience} epochs without gain ({config.epochs} planned)"
+    elif result.best_epoch < ran:
+        message += f"; the last epoch scored {result.dev_scores[-1]:.4f}"
+    else:
+        message += " (the last epoch)"
+    return message + resumed
+
+
+def _run_key(head: SBMoEHead, anchors: Tensor, docs: Tensor, examples: Tensor, config: HeadTrainConfig) -> str:
+    """A fingerprint of what decides a run's weights, bar the number of epochs: a checkpoint resumes only its run."""
+    digest = hashlib.blake2b(digest_size=16)
+    settings = {k: v for k, v in asdict(config).items() if k != "epochs"}
+    head_config = head.get_config_dict() if hasattr(head, "get_config_dict") else {}
+    digest.update(json.dumps([settings, head_config], sort_keys=True, default=str).encode())
+    for tensor in (anchors, docs, examples, *head.state_dict().values()):
+        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _save(
+    file: Path,
+    key: str,
+    head: SBMoEHead,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    progress: _Progress,
+) -> None:
+    """Write the state after an epoch to ``file`` atomically (a kill leaves the previous epoch's state)."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "key": key,
+        "head": head.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "result": asdict(progress.result),
+        "best_state": progress.best_state,
+        "best_score": progress.best_score,
+        "stale": progress.stale,
+    }
+    with atomic_file(file) as tmp:
+        torch.save(state, tmp)
+
+
+def _resume(
+    file: Path,
+    key: str,
+    head: SBMoEHead,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    progress: _Progress,
+) -> None:
+    """Load the checkpoint ``file`` into head, optimizer, random generators and ``progress``, if it is this run's."""
+    if not file.is_file():
+        logger.warning("--resume: no head checkpoint at %s, starting from the first epoch", file)
+        return
+    try:
+        state: dict[str, Any] = torch.load(file, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as err:
+        logger.warning("--resume: %s cannot be read (%s); starting from the first epoch", file, err)
+        return
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("key") != key:
+        logger.warning("--resume: %s is another run's (other settings or data); starting from the first epoch", file)
+        return
+    head.load_state_dict(state["head"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    progress.result = HeadTrainResult(**state["result"])
+    progress.best_state, progress.best_score, progress.stale = state["best_state"], state["best_score"], state["stale"]
+    progress.result.resumed_from = progress.epoch
+    logger.info("--resume: continuing after epoch %d from %s", progress.epoch, file)
+
+
+def epoch_batches(
+    examples: Tensor, sources: Tensor | None, config: HeadTrainConfig, generator: torch.Generator
+) -> list[tuple[Tensor, int | None]]:
+    """One epoch of ``(example rows, source)`` batches: a shuffled split for one source (source None), homogeneous
+    batches by :func:`~sbmoe.training.sampling.homogeneous_batches` for several."""
+    if sources is None or int(sources.max()) == 0:
+        order = torch.randperm(len(examples), generator=generator)
+        return [(rows, None) for rows in examples[order].split(config.batch_size)]
+    members = [torch.nonzero(sources == s).squeeze(1) for s in range(int(sources.max()) + 1)]
+    sizes = [len(m) for m in members]
+    batches = homogeneous_batches(sizes, config.batch_size, config.source_weights, generator)
+    return [(examples[members[source][local]], source) for source, local in batches]
+
+
+def _step_loss(
+    head: SBMoEHead,
+    anchors: Tensor,
+    docs: Tensor,
+    rows: Tensor,
+    loss_fn,
+    config: HeadTrainConfig,
+    domain: int | None = None,
+    num_sources: int = 1,
+) -> tuple[Tensor, float, float]:
+    """Loss of one batch: InfoNCE + weighted aux/z losses + optional pull toward the input embedding + optional
+    domain routing loss on the queries and positives (the batch's source is ``domain``)."""
     x_query, x_docs = anchors[rows[:, 0]], docs[rows[:, 1:].T.reshape(-1)]
-    query = head({"sentence_embedding": x_query, "task": "query"})["sentence_embedding"]
+    query_out = head({"sentence_embedding": x_query, "task": "query"})
+    query, query_probs = query_out["sentence_embedding"], query_out["router_probs"]
     aux, z = head.aux_loss, head.z_loss
-    doc = head({"sentence_embedding": x_docs, "task": "document"})["sentence_embedding"]
+    doc_out = head({"sentence_embedding": x_docs, "task": "document"})
+    doc = doc_out["sentence_embedding"]
     aux, z = (aux + head.aux_loss) / 2, (z + head.z_loss) / 2
     columns = [query, *doc.view(rows.shape[1] - 1, len(rows), -1).unbind(0)]
     loss = loss_fn.compute_loss_from_embeddings(columns, None)
@@ -161,7 +344,12 @@ def _step_loss(head: SBMoEHead, anchors: Tensor, docs: Tensor, rows: Tensor, los
     if config.anchor_weight:
         pull = 1 - torch.nn.functional.cosine_similarity(torch.cat([query, doc]), torch.cat([x_query, x_docs]))
         loss = loss + config.anchor_weight * pull.mean()
-    return loss, aux.item()
+    domain_loss = torch.zeros(())
+    if config.domain_loss_weight and domain is not None:
+        probs = torch.cat([query_probs, doc_out["router_probs"][: len(rows)]])
+        domain_loss = domain_routing_loss(probs, torch.full((len(probs),), domain), num_sources)
+        loss = loss + config.domain_loss_weight * domain_loss
+    return loss, aux.item(), domain_loss.item()
 
 
 def kmeans_router_init(head: SBMoEHead, docs: Tensor, seed: int = 0, steps: int = 300) -> list[float]:
