@@ -28,10 +28,11 @@ from sbmoe.training.finetune import FinetuneArguments, run
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 EVAL = ["scifact:test", "scifact:test-unseen", "nfcorpus:test", "cranfield:test", "msmarco-sample:test"]
-FULL_EVAL = ["scifact:test", "scifact:test-unseen", "cranfield:test", "nfcorpus:test"]
+FULL_EVAL = ["scifact:test", "scifact:test-unseen", "cranfield:test"]  # re-encoded per run: 2 cores allow these
 REGIMES = {"scifact": "scifact:train", "nfcorpus": "nfcorpus:train", "both": "scifact:train,nfcorpus:train"}
 LEAKY = {"nfcorpus:test": ("nfcorpus", "both")}  # NFCorpus test shares relevant documents with its train split
 SEEDS = [0, 1, 2]
+FULL_SEEDS = [0]  # two CPU cores allow one seed of the pilot; experiments/multidomain/gpu.sh runs three
 HEAD_BASE = {
     "backbone": "minilm",
     "dev_queries": 100,
@@ -48,6 +49,7 @@ FULL_BASE = {
     "train": "full",
     "train_data": REGIMES["both"],
     "epochs": 1,
+    "max_steps": 30,  # a pilot: 10-20 s per step on two shared cores; a whole epoch is the GPU script's job
     "batch_size": 32,
     "hard_negatives": 1,
     "max_positives_per_query": 2,
@@ -65,9 +67,9 @@ HEAD_ROWS = {
     "SB-MoE domain-supervised": {"head": "sbmoe", "domain_loss_weight": 0.1},
 }
 FULL_ROWS = {
-    "L3 full, no head": {"head": "none"},
-    "L3 full, SB-MoE head": {"head": "sbmoe"},
-    "L3 full, dense head of equal size": {"head": "dense", "dense_size": "total"},
+    "full, no head": {"head": "none"},
+    "full, SB-MoE head": {"head": "sbmoe"},
+    "full, dense head of equal size": {"head": "dense", "dense_size": "total"},
 }
 GRID = [3e-4, 1e-3]
 
@@ -79,14 +81,16 @@ def run_once(args: dict[str, Any], out: Path) -> dict[str, Any]:
     return run(FinetuneArguments(**{**args, "output_dir": str(out)}))
 
 
-def run_row(args: dict[str, Any], root: Path, grid: list[float] | None) -> list[dict[str, Any]]:
+def run_row(
+    args: dict[str, Any], root: Path, grid: list[float] | None, seeds: list[int] = SEEDS
+) -> list[dict[str, Any]]:
     """Choose the learning rate on dev (seed 0) when ``grid`` is given, then run every seed."""
     rate = args.get("learning_rate")
     if grid:
         dev = {lr: run_once({**args, "learning_rate": lr, "seed": 0}, root / f"lr{lr}" / "seed0") for lr in grid}
         rate = max(grid, key=lambda lr: dev[lr].get("dev_nDCG@10") or 0.0)
     folder = root / (f"lr{rate}" if grid else "fixed")
-    return [run_once({**args, "learning_rate": rate, "seed": s}, folder / f"seed{s}") for s in SEEDS]
+    return [run_once({**args, "learning_rate": rate, "seed": s}, folder / f"seed{s}") for s in seeds]
 
 
 def summarize(records: list[dict[str, Any]], specs: list[str]) -> dict[str, Any]:
@@ -106,42 +110,42 @@ def summarize(records: list[dict[str, Any]], specs: list[str]) -> dict[str, Any]
     return summary
 
 
-def head_part(root: Path) -> dict[str, Any]:
-    """Every regime's head rows (zero-shot once: it does not depend on the training data)."""
+def head_part(root: Path, regimes: list[str]) -> dict[str, Any]:
+    """The head rows of ``regimes`` (zero-shot once: it does not depend on the training data)."""
     rows: dict[str, Any] = {}
     zero = run_once({**HEAD_BASE, "head": "none", "train_data": "scifact:train", "eval_data": ",".join(EVAL),
                      "seed": 0}, root / "zero-shot")  # fmt: skip
     rows["zero-shot MiniLM-L6"] = {"regime": "-", **summarize([zero] * len(SEEDS), EVAL)}
-    for regime, train_data in REGIMES.items():
+    for regime in regimes:
         for name, options in HEAD_ROWS.items():
             if "domain_loss_weight" in options and regime != "both":
                 continue
-            args = {**HEAD_BASE, **options, "train_data": train_data, "eval_data": ",".join(EVAL)}
+            args = {**HEAD_BASE, **options, "train_data": REGIMES[regime], "eval_data": ",".join(EVAL)}
             records = run_row(args, root / regime / name, GRID)
             rows[f"{name} [{regime}]"] = {"regime": regime, **summarize(records, EVAL)}
             write_results(rows, "multidomain_head")
     return rows
 
 
-def full_part(root: Path) -> dict[str, Any]:
-    """MiniLM-L3 full fine-tuning rows on both domains, and zero-shot L3 / L6 references."""
+def full_part(root: Path, stem: str) -> dict[str, Any]:
+    """Full fine-tuning rows on both domains, and the zero-shot reference of the same backbone (128 tokens)."""
+    label = {"minilm-l3": "MiniLM-L3", "minilm-l2": "MiniLM-L2", "minilm": "MiniLM-L6"}.get(FULL_BASE["backbone"])
     rows: dict[str, Any] = {}
-    for backbone in ("minilm-l3", "minilm"):
-        args = {**FULL_BASE, "backbone": backbone, "train": "head", "head": "none", "seed": 0}
-        args["train_data"] = "scifact:train"  # nothing is trained; its corpus is an eval corpus (one encoding)
-        record = run_once(args, root / f"zero-shot-{backbone}")
-        rows[f"zero-shot {backbone} (128 tokens)"] = {"regime": "-", **summarize([record] * len(SEEDS), FULL_EVAL)}
+    args = {**FULL_BASE, "train": "head", "head": "none", "seed": 0}
+    args["train_data"] = "scifact:train"  # nothing is trained; its corpus is an eval corpus (one encoding)
+    rows[f"zero-shot {label}"] = {"regime": "-", **summarize([run_once(args, root / "zero-shot")] * 3, FULL_EVAL)}
     for name, options in FULL_ROWS.items():
-        records = run_row({**FULL_BASE, **options}, root / "full" / name, None)
-        rows[name] = {"regime": "both", **summarize(records, FULL_EVAL)}
-        write_results(rows, "multidomain_full")
+        records = run_row({**FULL_BASE, **options}, root / "full" / name.replace("full, ", "L3 full, "), None,
+                          FULL_SEEDS)  # fmt: skip
+        rows[f"{label} {name}"] = {"regime": "both", **summarize(records, FULL_EVAL)}
+        write_results(rows, stem)
     return rows
 
 
 def rival(name: str, rows: dict[str, Any]) -> str | None:
     """The closest dense rival of a row: the dense head of the same regime, or plain fine-tuning."""
-    if name.startswith("L3 full, SB-MoE"):
-        return "L3 full, no head"
+    if "full, SB-MoE" in name:
+        return name.replace("SB-MoE head", "no head")
     if name.startswith("SB-MoE"):
         regime = name.rsplit("[", 1)[1]
         return next((n for n in rows if n.startswith("dense") and n.endswith(f"[{regime}")), None)
@@ -166,7 +170,7 @@ def write_results(rows: dict[str, Any], stem: str) -> None:
 def markdown(rows: dict[str, Any]) -> str:
     """nDCG@10 mean +- std per eval set; deltas vs zero-shot with p; leaky cells marked."""
     specs = list(next(iter(rows.values()))["eval"])
-    lines = ["| row | " + " | ".join(specs) + " | s/run |", "|---|" + "---:|" * (len(specs) + 1)]
+    lines = ["| row | " + " | ".join(specs) + " | seeds | s/run |", "|---|" + "---:|" * (len(specs) + 2)]
     for name, row in rows.items():
         cells = []
         for spec in specs:
@@ -178,9 +182,10 @@ def markdown(rows: dict[str, Any]) -> str:
             if row["regime"] in LEAKY.get(spec, ()):
                 cell += " †"
             cells.append(cell)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {np.mean(row['seconds']):.0f} |")
+        seeds = 1 if name.startswith("zero-shot") else len(row["seconds"])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds} | {np.mean(row['seconds']):.0f} |")
     lines.append("")
-    lines.append("nDCG@10 mean ± std over 3 seeds; (points vs zero-shot, paired t-test p). † in-domain and leaky: "
+    lines.append("nDCG@10 mean ± std over seeds; (points vs zero-shot, paired t-test p). † in-domain and leaky: "
                  "NFCorpus test shares relevant documents with NFCorpus train.")  # fmt: skip
     return "\n".join(lines) + "\n" + expert_table(rows)
 
@@ -225,12 +230,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["head", "full"], required=True)
     parser.add_argument("--out", default="out/multidomain", help="folder of the individual runs")
+    parser.add_argument("--regimes", default=",".join(REGIMES), help="head part: training regimes to run")
+    parser.add_argument("--full-seeds", default="0", help="full part: seeds (the GPU script runs 0,1,2)")
+    parser.add_argument("--max-steps", type=int, default=30, help="full part: steps (-1: one whole epoch)")
+    parser.add_argument("--backbone", default="minilm-l3", help="full part: backbone (the GPU script adds minilm)")
     cli = parser.parse_args()
+    FULL_SEEDS[:] = [int(s) for s in cli.full_seeds.split(",")]
+    FULL_BASE.update(max_steps=cli.max_steps, backbone=cli.backbone)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("sbmoe").setLevel(logging.INFO)
     root = Path(cli.out)
-    rows = head_part(root / "head") if cli.part == "head" else full_part(root / "full")
-    write_results(rows, f"multidomain_{cli.part}")
+    pilot = cli.backbone == "minilm-l3" and cli.max_steps == 30
+    suffix = "" if pilot else f"_{cli.backbone}_steps{cli.max_steps}"
+    if cli.part == "head":
+        write_results(head_part(root / "head", cli.regimes.split(",")), "multidomain_head")
+    else:
+        write_results(full_part(root / f"full{suffix}", f"multidomain_full{suffix}"), f"multidomain_full{suffix}")
 
 
 if __name__ == "__main__":
