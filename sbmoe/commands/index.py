@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, new_parser
 from sbmoe.data.corpus import FORMATS
+from sbmoe.files import recover_dir
 from sbmoe.retrieval.index import INDEX_TYPES, DenseIndex
 from sbmoe.retrieval.retriever import CONFIG, Retriever, absolute_spec
 
@@ -50,6 +51,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe index") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     output, started = Path(args.output), time.perf_counter()
     try:
+        recover_dir(output)  # what a killed earlier run left beside it
+        _check_output(output)
         if (output / CONFIG).is_file() and not args.rebuild:
             message = _grow(output, args)
         else:
@@ -64,6 +67,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe index") -> int:
     print(f"{message} in {output} ({time.perf_counter() - started:.1f} s)")
     print(f'search it: sbmoe search {output} "your question"')
     return 0
+
+
+def _check_output(output: Path) -> None:
+    """Refuse an ``--output`` that holds something other than an index: saving replaces the whole folder."""
+    if (output / CONFIG).is_file() or not output.exists() or (output.is_dir() and not any(output.iterdir())):
+        return
+    raise ValueError(
+        f"{output} exists and is not an index folder (no {CONFIG}); saving would replace it whole, so it is left "
+        "alone: choose another --output, or remove it first"
+    )
 
 
 def _grow(output: Path, args: argparse.Namespace) -> str:
@@ -81,7 +94,7 @@ def _grow(output: Path, args: argparse.Namespace) -> str:
         )
     retriever.cache_dir = args.cache_dir
     before = len(retriever)
-    added = retriever.add(args.corpus, args.data_dir, args.batch_size)
+    added = retriever.add(args.corpus, args.data_dir, args.batch_size, show_progress=not args.quiet)
     if not added:
         return f"up to date: all {before} documents already indexed"
     retriever.save(output)

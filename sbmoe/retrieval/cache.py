@@ -7,9 +7,9 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sbmoe.data.dataset import texts_fingerprint
+from sbmoe.files import remove_stale, replace_dir, scratch_name
 from sbmoe.paths import cache_dir as default_cache_dir
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; concurrent writers of one entry are then not serialised
+    fcntl = None
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -27,7 +33,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 KINDS = ("corpus", "queries")
-CHUNK = 512  # documents per encode call: bounds RAM and moves the progress bar
+CHUNK = 512  # documents per encode call: bounds RAM (the progress bar moves per batch within it)
+TEMP = ".tmp-"  # prefix of entries being written
 
 
 def model_fingerprint(model: SentenceTransformer) -> str:
@@ -75,21 +82,47 @@ def cached_embeddings(
     if hit is not None:
         return hit[0], {**hit[1], "cached": True}
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=root))
+    remove_stale(root, TEMP)  # entries that killed writers left half written
+    tmp = root / scratch_name(f"{TEMP}{folder.name}")
+    tmp.mkdir()
     try:
         meta = _encode_to(tmp, model, items, kind, batch_size, show_progress)
         meta.update(model_fingerprint=model_fp, data_fingerprint=data_fp, kind=kind)
         meta["checksum"] = file_checksum(tmp / "embeddings.npy")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if folder.exists():  # a corrupt entry (or a concurrent writer): replace it
-            shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        _publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     hit = _read(folder)
     if hit is None:
         raise OSError(f"{folder}: the embedding cache entry just written does not read back")
     return hit[0], {**hit[1], "cached": False}
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Put the finished entry ``tmp`` in place as ``folder``, unless another writer's valid entry is there already.
+
+    A valid entry is never replaced (a reader may have it open); a damaged one is swapped out in one step.
+    """
+    with _locked(folder.parent):
+        if folder.is_dir() and _read(folder) is not None:
+            logger.info("%s: another process wrote this entry meanwhile; keeping it", folder)
+            return
+        replace_dir(tmp, folder)
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``folder`` itself (no lock file; released if the process dies)."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _texts(items: Sequence[str] | Sequence[Doc]) -> list[str]:
@@ -125,12 +158,12 @@ def _encode_to(
     out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=np.float32, shape=(count, dim))
     start, row = time.perf_counter(), 0
     with tqdm(total=count, desc=f"encode {kind}", unit="doc" if kind == "corpus" else "query",
-              disable=not show_progress) as bar:  # fmt: skip
+              disable=not show_progress) as bar, _progress_per_batch(model, bar):  # fmt: skip
         for chunk in chunks:
             vectors = encode(_texts(chunk), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
             out[row : row + len(chunk)] = vectors
             row += len(chunk)
-            bar.update(len(chunk))
+            bar.update(row - bar.n)  # a no-op, unless the model's forward hooks did not run
     if row != count:
         raise ValueError(f"encoded {row} items but expected {count}: the corpus changed while it was read")
     out.flush()
@@ -140,6 +173,20 @@ def _encode_to(
         "dim": dim,
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+@contextmanager
+def _progress_per_batch(model: SentenceTransformer, bar: tqdm) -> Iterator[None]:
+    """Advance ``bar`` by each encoder batch as the model returns it (a forward hook): per batch, not per call."""
+
+    def count(module: Any, inputs: Any, output: dict[str, Any]) -> None:
+        bar.update(len(output.get("sentence_embedding", ())))
+
+    handle = model.register_forward_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def file_checksum(path: Path) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -111,13 +110,15 @@ class Retriever:
         doc_ids = [doc.id for doc in dataset.iter_docs()]
         dense = DenseIndex(embeddings.shape[1], index, use_gpu=use_gpu, **(index_params or {}))
         dense.build(embeddings, doc_ids, show_progress=show_progress)
-        store = DocStore(Path(tempfile.mkdtemp(prefix="sbmoe-store-")) / STORE_FILE)
+        store = DocStore.temporary()
         store.add(dataset.iter_docs(), meta["experts"])
         retriever = cls(model, dense, store, absolute_spec(spec))
         retriever.cache_dir = cache_dir
         return retriever
 
-    def add(self, docs: Corpus, data_dir: str | os.PathLike | None = None, batch_size: int = 64) -> int:
+    def add(
+        self, docs: Corpus, data_dir: str | os.PathLike | None = None, batch_size: int = 64, show_progress: bool = True
+    ) -> int:
         """Index the documents of ``docs`` whose ids are new; returns how many were added.
 
         Raises:
@@ -136,11 +137,11 @@ class Retriever:
                 f"trained on the first {len(self.index)} documents and would not fit new ones; rebuild the index "
                 f"(sbmoe index --rebuild), or use flat, hnsw or binary, which grow in place"
             )
-        embeddings, meta = encode_cached(self.model, new_docs, "corpus", self.cache_dir, batch_size)
+        embeddings, meta = encode_cached(self.model, new_docs, "corpus", self.cache_dir, batch_size, show_progress)
         embeddings = unit_rows(embeddings) if self.model.similarity_fn_name == "cosine" else embeddings
         self.index.add(embeddings, [doc.id for doc in new_docs])
         if self.store.read_only:
-            self.store = self.store.copy_to(Path(tempfile.mkdtemp(prefix="sbmoe-store-")) / STORE_FILE)
+            self.store = DocStore.temporary(self.store)
         self.store.add(new_docs, meta["experts"])
         return len(new_docs)
 

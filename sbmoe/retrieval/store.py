@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
+import tempfile
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -13,6 +16,7 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS docs (id TEXT PRIMARY KEY, title TEXT NOT NULL, text TEXT NOT NULL, expert INTEGER)"
 )
 LOOKUP_BATCH = 500  # ids per SELECT ... IN (...), under SQLite's parameter limit
+TEMP_FILE = "docs.sqlite"
 
 
 class DocStore:
@@ -20,7 +24,7 @@ class DocStore:
 
     Args:
         path: The SQLite file.
-        read_only: Open without write access (a saved retriever's store); :meth:`writable_copy` gives one to add to.
+        read_only: Open without write access (a saved retriever's store); :meth:`temporary` copies one to add to.
     """
 
     def __init__(self, path: str | os.PathLike, read_only: bool = False):
@@ -33,6 +37,14 @@ class DocStore:
             self._db = sqlite3.connect(self.path, check_same_thread=False)
             self._db.execute(SCHEMA)
         self.read_only = read_only
+
+    @classmethod
+    def temporary(cls, source: DocStore | None = None) -> DocStore:
+        """A writable store (a copy of ``source``, or empty) in a new temporary folder, deleted with the object."""
+        folder = Path(tempfile.mkdtemp(prefix="sbmoe-store-"))
+        store = source.copy_to(folder / TEMP_FILE) if source is not None else cls(folder / TEMP_FILE)
+        weakref.finalize(store, _discard, store._db, folder)
+        return store
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM docs").fetchone()[0]
@@ -78,3 +90,9 @@ class DocStore:
     def close(self) -> None:
         """Close the connection."""
         self._db.close()
+
+
+def _discard(db: sqlite3.Connection, folder: Path) -> None:
+    """Close a temporary store's connection and delete its folder."""
+    db.close()
+    shutil.rmtree(folder, ignore_errors=True)

@@ -23,7 +23,7 @@ from sbmoe.data.trainset import load_train_sets
 from sbmoe.evaluation.coverage import coverage, describe, identical_id_warning
 from sbmoe.evaluation.evaluate import evaluate_embeddings
 from sbmoe.evaluation.metrics import per_query
-from sbmoe.files import write_atomic
+from sbmoe.files import last_complete_checkpoint, write_atomic
 from sbmoe.heads import SBMoEHead
 from sbmoe.model import SBMoEModel, find_head
 from sbmoe.retrieval.encode import pooled_features
@@ -130,10 +130,12 @@ def train_full_mode(
     trainer = SentenceTransformerTrainer(
         model=model, args=training_args, train_dataset=train_dataset, loss=loss, callbacks=callbacks
     )
-    has_checkpoint = any(Path(training_args.output_dir).glob("checkpoint-*"))
-    if args.resume and not has_checkpoint:
-        logger.warning("--resume: no checkpoint under %s, starting from scratch", training_args.output_dir)
-    trainer.train(resume_from_checkpoint=bool(args.resume and has_checkpoint))
+    checkpoint = last_complete_checkpoint(training_args.output_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        logger.warning("--resume: no complete checkpoint under %s, starting from scratch", training_args.output_dir)
+    elif checkpoint is not None:
+        logger.info("--resume: continuing from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return {"log_history": trainer.state.log_history, "global_step": trainer.state.global_step}
 
 

@@ -165,7 +165,7 @@ def train_head(
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     progress = _Progress(HeadTrainResult(), copy.deepcopy(head.state_dict()))
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    key = _run_key(head, anchors, docs, examples, config)
+    key = _run_key(head, config, anchors, docs, examples, sources)
     if checkpoint is not None and resume:
         _resume(checkpoint, key, head, optimizer, generator, progress)
     elif checkpoint is not None:
@@ -235,13 +235,14 @@ def kept_message(result: HeadTrainResult, config: HeadTrainConfig, dev_name: str
     return message + resumed
 
 
-def _run_key(head: SBMoEHead, anchors: Tensor, docs: Tensor, examples: Tensor, config: HeadTrainConfig) -> str:
-    """A fingerprint of what decides a run's weights, bar the number of epochs: a checkpoint resumes only its run."""
+def _run_key(head: SBMoEHead, config: HeadTrainConfig, *data: Tensor | None) -> str:
+    """A fingerprint of what decides a run's weights (settings, data tensors, the head's configuration and initial
+    weights), bar the number of epochs: a checkpoint resumes only its own run."""
     digest = hashlib.blake2b(digest_size=16)
     settings = {k: v for k, v in asdict(config).items() if k != "epochs"}
     head_config = head.get_config_dict() if hasattr(head, "get_config_dict") else {}
     digest.update(json.dumps([settings, head_config], sort_keys=True, default=str).encode())
-    for tensor in (anchors, docs, examples, *head.state_dict().values()):
+    for tensor in (*(t for t in data if t is not None), *head.state_dict().values()):
         digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
