@@ -33,6 +33,7 @@ REGIMES = {"scifact": "scifact:train", "nfcorpus": "nfcorpus:train", "both": "sc
 LEAKY = {"nfcorpus:test": ("nfcorpus", "both")}  # NFCorpus test shares relevant documents with its train split
 SEEDS = [0, 1, 2]
 FULL_SEEDS = [0]  # two CPU cores allow one seed of the pilot; experiments/multidomain/gpu.sh runs three
+FULL_SEEDS_BY_ROW: dict[str, list[int]] = {}  # --row-seeds "full, no head=0,1,2;full, SB-MoE head=0,1,2"
 HEAD_BASE = {
     "backbone": "minilm",
     "dev_queries": 100,
@@ -135,8 +136,10 @@ def full_part(root: Path, stem: str) -> dict[str, Any]:
     args["train_data"] = "scifact:train"  # nothing is trained; its corpus is an eval corpus (one encoding)
     rows[f"zero-shot {label}"] = {"regime": "-", **summarize([run_once(args, root / "zero-shot")] * 3, FULL_EVAL)}
     for name, options in FULL_ROWS.items():
+        if FULL_SEEDS_BY_ROW.get(name) == []:
+            continue
         records = run_row({**FULL_BASE, **options}, root / "full" / name.replace("full, ", "L3 full, "), None,
-                          FULL_SEEDS)  # fmt: skip
+                          FULL_SEEDS_BY_ROW.get(name, FULL_SEEDS))  # fmt: skip
         rows[f"{label} {name}"] = {"regime": "both", **summarize(records, FULL_EVAL)}
         write_results(rows, stem)
     return rows
@@ -187,7 +190,19 @@ def markdown(rows: dict[str, Any]) -> str:
     lines.append("")
     lines.append("nDCG@10 mean ± std over seeds; (points vs zero-shot, paired t-test p). † in-domain and leaky: "
                  "NFCorpus test shares relevant documents with NFCorpus train.")  # fmt: skip
-    return "\n".join(lines) + "\n" + expert_table(rows)
+    return "\n".join(lines) + "\n" + rival_table(rows) + expert_table(rows)
+
+
+def rival_table(rows: dict[str, Any]) -> str:
+    """SB-MoE rows minus their closest dense rival, per eval set (points, paired t-test p)."""
+    lines = ["", "| row | rival | " + " | ".join(next(iter(rows.values()))["eval"]) + " |"]
+    lines.append("|---|---|" + "---:|" * len(next(iter(rows.values()))["eval"]))
+    for name, row in rows.items():
+        tests = [entry.get("vs_rival") for entry in row["eval"].values()]
+        if all(tests):
+            cells = [f"{100 * t['delta']:+.1f} (p={t['p_ttest']:.2g})" for t in tests]
+            lines.append(f"| {name} | {tests[0]['rival']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def expert_table(rows: dict[str, Any]) -> str:
@@ -232,10 +247,14 @@ def main() -> None:
     parser.add_argument("--out", default="out/multidomain", help="folder of the individual runs")
     parser.add_argument("--regimes", default=",".join(REGIMES), help="head part: training regimes to run")
     parser.add_argument("--full-seeds", default="0", help="full part: seeds (the GPU script runs 0,1,2)")
+    parser.add_argument("--row-seeds", default="", help="full part: per-row seeds, 'ROW=0,1,2;ROW=' (empty: skip)")
     parser.add_argument("--max-steps", type=int, default=30, help="full part: steps (-1: one whole epoch)")
     parser.add_argument("--backbone", default="minilm-l3", help="full part: backbone (the GPU script adds minilm)")
     cli = parser.parse_args()
     FULL_SEEDS[:] = [int(s) for s in cli.full_seeds.split(",")]
+    for item in filter(None, cli.row_seeds.split(";")):
+        name, _, seeds = item.partition("=")
+        FULL_SEEDS_BY_ROW[name] = [int(s) for s in seeds.split(",") if s]
     FULL_BASE.update(max_steps=cli.max_steps, backbone=cli.backbone)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("sbmoe").setLevel(logging.INFO)
