@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 
@@ -15,13 +13,7 @@ from sbmoe.retrieval.index import GPU_MAX_K, INDEX_TYPES, DenseIndex, IndexLoadE
 DIM = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread() -> Iterator[None]:
-    """One OpenMP thread: on a busy shared machine faiss's spinning threads slow small trainings 10x."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 from conftest import write_beir_slice
@@ -26,13 +24,7 @@ FALLBACK_WARNING = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread() -> Iterator[None]:
-    """One OpenMP thread: on a busy shared machine faiss's spinning threads slow small trainings 10x."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def clustered(n: int, seed: int = 0) -> np.ndarray:
