@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -167,7 +167,7 @@ def train_head(
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     key = _run_key(head, config, anchors, docs, examples, sources)
     if checkpoint is not None and resume:
-        _resume(checkpoint, key, head, optimizer, generator, progress)
+        _resume(checkpoint, key, _Loop(head, optimizer, generator, progress))
     elif checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # another run's: --resume must not pick it up
     num_sources = 1 if sources is None else int(sources.max()) + 1
@@ -195,7 +195,7 @@ def train_head(
         if dev_score is not None:
             _score_epoch(head, dev_score(head), config, progress)
         if checkpoint is not None:
-            _save(checkpoint, key, head, optimizer, generator, progress)
+            _save(checkpoint, key, _Loop(head, optimizer, generator, progress))
     if dev_score is None:
         progress.result.best_epoch = progress.epoch
     else:
@@ -248,15 +248,18 @@ def _run_key(head: SBMoEHead, config: HeadTrainConfig, *data: Tensor | None) -> 
     return digest.hexdigest()
 
 
-def _save(
-    file: Path,
-    key: str,
-    head: SBMoEHead,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    progress: _Progress,
-) -> None:
+class _Loop(NamedTuple):
+    """What a checkpoint saves and restores: the head, its optimizer, the batch-order generator, the progress."""
+
+    head: SBMoEHead
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    progress: _Progress
+
+
+def _save(file: Path, key: str, loop: _Loop) -> None:
     """Write the state after an epoch to ``file`` atomically (a kill leaves the previous epoch's state)."""
+    head, optimizer, generator, progress = loop
     state = {
         "format": CHECKPOINT_FORMAT,
         "key": key,
@@ -274,15 +277,9 @@ def _save(
         torch.save(state, tmp)
 
 
-def _resume(
-    file: Path,
-    key: str,
-    head: SBMoEHead,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    progress: _Progress,
-) -> None:
-    """Load the checkpoint ``file`` into head, optimizer, random generators and ``progress``, if it is this run's."""
+def _resume(file: Path, key: str, loop: _Loop) -> None:
+    """Load the checkpoint ``file`` into head, optimizer, random generators and progress, if it is this run's."""
+    head, optimizer, generator, progress = loop
     if not file.is_file():
         logger.warning("--resume: no head checkpoint at %s, starting from the first epoch", file)
         return
