@@ -2,11 +2,12 @@
 
 Head rows (frozen MiniLM, cached vectors): three training regimes (SciFact only, NFCorpus only, both), rows
 zero-shot, dense head of equal parameters, SB-MoE learned, query-only, and (both domains) domain-supervised
-routing. Full rows (MiniLM-L3, both domains): no head, SB-MoE head, dense head of equal size. Each trained row picks
-its learning rate on the dev split (100 queries per source, seed 0), then runs 3 seeds.
+routing. Full rows (MiniLM-L3, both domains): no head, SB-MoE head, dense head of equal size. Each head row picks its
+learning rate on the dev split (100 queries per source, seed 0), then runs 3 seeds.
 
     python experiments/multidomain/run.py --part head     # minutes per row on 2 cores
-    python experiments/multidomain/run.py --part full     # the MiniLM-L3 rows (hours on 2 cores)
+    python experiments/multidomain/run.py --part full     # a 30-step MiniLM-L3 pilot, about 3 minutes a run
+    bash experiments/multidomain/gpu.sh                    # whole epochs, 3 seeds, MiniLM-L3 and L6 (a GPU)
 
 Every run's ``run.json`` is kept under ``out/multidomain/`` and reused, so an interrupted run continues.
 Results: ``experiments/results/multidomain.{json,md,png}``.
