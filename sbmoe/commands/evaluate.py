@@ -12,7 +12,7 @@ from typing import Any
 
 from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, new_parser, setup_logging, slug
 from sbmoe.data import RetrievalDataset, load_dataset
-from sbmoe.evaluation.coverage import coverage, describe, identical_id_warning
+from sbmoe.evaluation.coverage import coverage, coverage_warnings
 from sbmoe.evaluation.evaluate import evaluate_model
 from sbmoe.evaluation.metrics import DEFAULT_METRICS, evaluate_run, parse_metric
 from sbmoe.evaluation.runs import read_trec_run
@@ -91,8 +91,7 @@ def score_run(
         if qid in dataset.queries
     }
     counts = coverage(dataset, run)
-    notes = [describe(dataset.name, counts), None if keep_identical_ids else identical_id_warning(dataset)]
-    warnings = [line for line in notes if line]
+    warnings = coverage_warnings(dataset.name, dataset, counts, keep_identical_ids)
     for line in warnings:
         logger.warning(line)
     return {

@@ -66,3 +66,12 @@ def identical_id_warning(dataset: RetrievalDataset) -> str | None:
     if not dropped.count:
         return None
     return f"{dataset.name}: {dropped}; pass --keep-identical-ids to keep them"
+
+
+def coverage_warnings(
+    name: str, dataset: RetrievalDataset, counts: dict[str, Any], keep_identical_ids: bool
+) -> list[str]:
+    """The warnings a result carries besides data validation: a partial result, and relevant documents the
+    identical-id rule drops (unless ``keep_identical_ids``)."""
+    notes = [describe(name, counts), None if keep_identical_ids else identical_id_warning(dataset)]
+    return [line for line in notes if line]

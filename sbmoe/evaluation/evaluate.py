@@ -13,7 +13,7 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from sbmoe.data import RetrievalDataset, load_dataset
-from sbmoe.evaluation.coverage import coverage, describe, identical_id_warning
+from sbmoe.evaluation.coverage import coverage, coverage_warnings
 from sbmoe.evaluation.metrics import DEFAULT_METRICS, evaluate_run
 from sbmoe.retrieval.cache import model_fingerprint
 from sbmoe.retrieval.encode import encode_cached, unit_rows
@@ -149,8 +149,7 @@ def evaluate_model(
         dataset = load_dataset(dataset)
     started = time.perf_counter()
     counts = coverage(dataset)
-    notes = [describe(dataset.name, counts), identical_id_warning(dataset) if ignore_identical_ids else None]
-    warnings = dataset.validate() + [line for line in notes if line]
+    warnings = dataset.validate() + coverage_warnings(dataset.name, dataset, counts, not ignore_identical_ids)
     for warning in warnings:
         logger.warning(warning)
     with tempfile.TemporaryDirectory(prefix="sbmoe-enc-") as scratch:

@@ -20,7 +20,7 @@ from transformers import TrainerCallback, set_seed
 
 from sbmoe.data import RetrievalDataset, load_dataset
 from sbmoe.data.trainset import load_train_sets
-from sbmoe.evaluation.coverage import coverage, describe, identical_id_warning
+from sbmoe.evaluation.coverage import coverage, coverage_warnings
 from sbmoe.evaluation.evaluate import evaluate_embeddings
 from sbmoe.evaluation.metrics import per_query
 from sbmoe.files import last_complete_checkpoint, write_atomic
@@ -184,9 +184,9 @@ def evaluate(
     for spec in eval_specs(args):
         dataset = load_dataset(spec, data_dir=args.data_dir)
         counts = coverage(dataset)
-        notes = [describe(spec, counts), None if args.keep_identical_ids else identical_id_warning(dataset)]
+        notes = coverage_warnings(spec, dataset, counts, args.keep_identical_ids)
         if not use_head:  # the zero-shot pass runs before training: warn then, once
-            for line in filter(None, notes):
+            for line in notes:
                 logger.warning(line)
         query_ids = list(dataset.queries)
         docs = list(dataset.iter_docs())
@@ -204,7 +204,7 @@ def evaluate(
             "num_queries": len(query_ids),
             "judged_queries": counts["judged"],
             "answerable_queries": counts["answerable"],
-            "warnings": [line for line in notes if line],
+            "warnings": notes,
             "per_query": {name: {q: values[name] for q, values in scores.items()} for name in METRICS},
         }
         if head is not None and head.num_experts > 1:
