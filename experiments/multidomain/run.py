@@ -29,9 +29,9 @@ from sbmoe.training.finetune import FinetuneArguments, run
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 EVAL = ["scifact:test", "scifact:test-unseen", "nfcorpus:test", "cranfield:test", "msmarco-sample:test"]
-FULL_EVAL = ["scifact:test", "scifact:test-unseen", "cranfield:test"]  # re-encoded per run: 2 cores allow these
 REGIMES = {"scifact": "scifact:train", "nfcorpus": "nfcorpus:train", "both": "scifact:train,nfcorpus:train"}
 LEAKY = {"nfcorpus:test": ("nfcorpus", "both")}  # NFCorpus test shares relevant documents with its train split
+FULL_EVAL = ["scifact:test", "scifact:test-unseen", "cranfield:test"]  # each run re-encodes them: what 2 cores allow
 SEEDS = [0, 1, 2]
 FULL_SEEDS = [0]  # two CPU cores allow one seed of the pilot; experiments/multidomain/gpu.sh runs three
 FULL_SEEDS_BY_ROW: dict[str, list[int]] = {}  # --row-seeds "full, no head=0,1,2;full, SB-MoE head=0,1,2"
@@ -112,12 +112,16 @@ def summarize(records: list[dict[str, Any]], specs: list[str]) -> dict[str, Any]
     return summary
 
 
-def head_part(root: Path, regimes: list[str]) -> dict[str, Any]:
-    """The head rows of ``regimes`` (zero-shot once: it does not depend on the training data)."""
-    rows: dict[str, Any] = {}
+def zero_shot_minilm(root: Path, specs: list[str] = EVAL) -> dict[str, Any]:
+    """The zero-shot all-MiniLM-L6-v2 row on ``specs`` (its run lives under the head part's folder ``root``)."""
     zero = run_once({**HEAD_BASE, "head": "none", "train_data": "scifact:train", "eval_data": ",".join(EVAL),
                      "seed": 0}, root / "zero-shot")  # fmt: skip
-    rows["zero-shot MiniLM-L6"] = {"regime": "-", **summarize([zero] * len(SEEDS), EVAL)}
+    return {"regime": "-", **summarize([zero] * len(SEEDS), specs)}
+
+
+def head_part(root: Path, regimes: list[str]) -> dict[str, Any]:
+    """The head rows of ``regimes`` (zero-shot once: it does not depend on the training data)."""
+    rows = {"zero-shot MiniLM-L6": zero_shot_minilm(root)}
     for regime in regimes:
         for name, options in HEAD_ROWS.items():
             if "domain_loss_weight" in options and regime != "both":
@@ -136,6 +140,8 @@ def full_part(root: Path, stem: str) -> dict[str, Any]:
     args = {**FULL_BASE, "train": "head", "head": "none", "seed": 0}
     args["train_data"] = "scifact:train"  # nothing is trained; its corpus is an eval corpus (one encoding)
     rows[f"zero-shot {label}"] = {"regime": "-", **summarize([run_once(args, root / "zero-shot")] * 3, FULL_EVAL)}
+    if label != "MiniLM-L6":
+        rows["zero-shot MiniLM-L6 (reference)"] = zero_shot_minilm(root.parent / "head", FULL_EVAL)
     for name, options in FULL_ROWS.items():
         if FULL_SEEDS_BY_ROW.get(name) == []:
             continue
@@ -146,26 +152,28 @@ def full_part(root: Path, stem: str) -> dict[str, Any]:
     return rows
 
 
-def rival(name: str, rows: dict[str, Any]) -> str | None:
-    """The closest dense rival of a row: the dense head of the same regime, or plain fine-tuning."""
+def rivals(name: str, rows: dict[str, Any]) -> list[str]:
+    """The dense rivals of an SB-MoE row: the dense head of the same regime, or plain fine-tuning and the dense
+    head of equal size for a full fine-tuning row."""
     if "full, SB-MoE" in name:
-        return name.replace("SB-MoE head", "no head")
+        names = (name.replace("SB-MoE head", "no head"), name.replace("SB-MoE head", "dense head of equal size"))
+        return [n for n in names if n in rows]
     if name.startswith("SB-MoE"):
         regime = name.rsplit("[", 1)[1]
-        return next((n for n in rows if n.startswith("dense") and n.endswith(f"[{regime}")), None)
-    return None
+        return [n for n in rows if n.startswith("dense") and n.endswith(f"[{regime}")]
+    return []
 
 
 def write_results(rows: dict[str, Any], stem: str) -> None:
     """Paired tests, then JSON, markdown and a plot under ``experiments/results``."""
     zero = next(name for name in rows if name.startswith("zero-shot"))
     for name, row in rows.items():
-        other = rival(name, rows)
         for spec, entry in row["eval"].items():
             entry["vs_zero_shot"] = paired_test(entry["per_query"], rows[zero]["eval"][spec]["per_query"])
-            if other:
-                test = paired_test(entry["per_query"], rows[other]["eval"][spec]["per_query"])
-                entry["vs_rival"] = {"rival": other, **test}
+            entry["vs_rivals"] = [
+                {"rival": other, **paired_test(entry["per_query"], rows[other]["eval"][spec]["per_query"])}
+                for other in rivals(name, rows)
+            ]
     write_atomic(RESULTS / f"{stem}.json", json.dumps(rows, indent=1))
     write_atomic(RESULTS / f"{stem}.md", markdown(rows))
     plot(rows, RESULTS / f"{stem}.png")
@@ -199,10 +207,10 @@ def rival_table(rows: dict[str, Any]) -> str:
     lines = ["", "| row | rival | " + " | ".join(next(iter(rows.values()))["eval"]) + " |"]
     lines.append("|---|---|" + "---:|" * len(next(iter(rows.values()))["eval"]))
     for name, row in rows.items():
-        tests = [entry.get("vs_rival") for entry in row["eval"].values()]
-        if all(tests):
+        for i, other in enumerate(rivals(name, rows)):
+            tests = [entry["vs_rivals"][i] for entry in row["eval"].values()]
             cells = [f"{100 * t['delta']:+.1f} (p={t['p_ttest']:.2g})" for t in tests]
-            lines.append(f"| {name} | {tests[0]['rival']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {other} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
@@ -251,12 +259,14 @@ def main() -> None:
     parser.add_argument("--row-seeds", default="", help="full part: per-row seeds, 'ROW=0,1,2;ROW=' (empty: skip)")
     parser.add_argument("--max-steps", type=int, default=30, help="full part: steps (-1: one whole epoch)")
     parser.add_argument("--backbone", default="minilm-l3", help="full part: backbone (the GPU script adds minilm)")
+    parser.add_argument("--full-eval", default=",".join(FULL_EVAL), help="full part: eval sets (the GPU script: all)")
     cli = parser.parse_args()
     FULL_SEEDS[:] = [int(s) for s in cli.full_seeds.split(",")]
     for item in filter(None, cli.row_seeds.split(";")):
         name, _, seeds = item.partition("=")
         FULL_SEEDS_BY_ROW[name] = [int(s) for s in seeds.split(",") if s]
-    FULL_BASE.update(max_steps=cli.max_steps, backbone=cli.backbone)
+    FULL_EVAL[:] = cli.full_eval.split(",")
+    FULL_BASE.update(max_steps=cli.max_steps, backbone=cli.backbone, eval_data=cli.full_eval)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("sbmoe").setLevel(logging.INFO)
     root = Path(cli.out)
