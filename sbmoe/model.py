@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ from transformers.utils import logging as hf_logging
 from sbmoe.backbones import KNOWN_NAMES, OFFLINE_DEFAULT, backbone_layers, locate, resolve_backbone
 from sbmoe.data.dataset import beir_text
 from sbmoe.heads import SBMoEHead
+from sbmoe.heads.stacked import StackedMoEHead
+from sbmoe.heads.upcycle import MoELayers, MoETransformer, expert_plan
 
 Document = Mapping[str, str]
 PLAIN_SUFFIX = "-plain"
@@ -62,9 +65,16 @@ class SBMoEModel(SentenceTransformer):
             super().__init__(*args, **kwargs)
 
     def _load_module_class_from_ref(self, class_ref: str, *args, **kwargs) -> type:
-        if class_ref in (f"{SBMoEHead.__module__}.{SBMoEHead.__qualname__}", LEGACY_HEAD_REF):
+        if class_ref == LEGACY_HEAD_REF:
             return SBMoEHead
+        if class_ref.startswith("sbmoe."):  # this package's own modules (head, stacked head, MoE transformer)
+            module, _, name = class_ref.rpartition(".")
+            return getattr(importlib.import_module(module), name)
         return super()._load_module_class_from_ref(class_ref, *args, **kwargs)
+
+    def expert_plan(self, texts: Sequence[str], batch_size: int = 32) -> list[dict[str, Any]]:
+        """Per MoE layer, the experts each batch of ``texts`` needs (see :func:`sbmoe.heads.upcycle.expert_plan`)."""
+        return expert_plan(self, texts, batch_size)
 
     @property
     def head(self) -> SBMoEHead | None:
@@ -129,49 +139,96 @@ def build_model(
     routing: str | None = None,
     top_k: int | None = None,
     inference: str | None = None,
-    head: bool = True,
+    head: bool | None = None,
     normalize: bool = True,
     max_seq_length: int = 256,
     device: str | None = None,
+    moe_layers: MoELayers | None = None,
+    init: str = "copies",
+    reuse_group: int = 1,
+    psr: str = "none",
+    pregate: bool = False,
+    head_layers: int = 0,
     **head_options: Any,
 ) -> SBMoEModel:
-    """Build backbone -> mean pooling -> SB-MoE head.
+    """Build backbone -> mean pooling -> SB-MoE head (or a stacked MoE head, or MoE layers inside the backbone).
 
     Args:
         backbone: ``minilm`` (offline default), ``minilm-l3`` / ``minilm-l2`` (its first 3 / 2 layers, offline
             stand-ins for TinyBERT), ``tinybert``, ``bert-small``, ``bert-base``, ``contriever``,
             ``contriever-msmarco``, any Hub id, or a local folder (a plain HF encoder or a SentenceTransformer).
-        num_experts: Experts in the head (default 6).
+        num_experts: Experts in the head (default 6), or per MoE layer with ``moe_layers`` (default 8).
         routing: ``learned`` (default) or ``faithful`` (the paper, whose router gets no gradient).
-        top_k: Experts per input while training in ``learned`` mode (default 2).
+        top_k: Experts per input while training in ``learned`` mode (default 2), or per token with ``moe_layers``.
         inference: ``soft`` (default), ``top1`` or ``topk`` routing at inference.
-        head: False gives the plain backbone with mean pooling (the baseline); it takes no head argument.
+        head: False gives no head (the plain backbone, the baseline; it takes no head argument). Default: a head,
+            unless ``moe_layers`` is given.
         normalize: L2-normalise the output embedding (cosine similarity).
         max_seq_length: Token limit of the backbone (lowered to its position limit when that is smaller).
         device: torch device; None picks CUDA when available.
+        moe_layers: Upcycle these backbone layers' feed-forward blocks into MoE layers: ``"all"``, ``"every-2"``
+            or indices (see :func:`sbmoe.heads.upcycle.upcycle_encoder`).
+        init: ``copies`` or ``fine`` (fine-grained slices) upcycling of the MoE layers.
+        reuse_group: ReXMoE group size r of the MoE layers or of the stacked head's layers.
+        psr: Progressive scaling routing while training: ``none``, ``linear`` or ``step``.
+        pregate: Pre-gated routing (each MoE layer's experts chosen from the previous MoE layer's input).
+        head_layers: L > 0 puts a stack of L MoE layers after pooling (:class:`~sbmoe.heads.stacked.StackedMoEHead`).
         **head_options: Further :class:`SBMoEHead` options (``expert_hidden``, ``noise``, ``residual``,
             ``identity_init``, ``query_only``, ``strength``, ``expert_dropout``).
 
     Raises:
         TypeError: a keyword that is no head option.
-        ValueError: head arguments with ``head=False`` (they would be ignored).
+        ValueError: head arguments with ``head=False`` (they would be ignored); both ``moe_layers`` and
+            ``head_layers``; a backbone without a BERT-style feed-forward block with ``moe_layers``.
         BackboneUnavailableError: a backbone that cannot be loaded (see :func:`sbmoe.backbones.resolve_backbone`).
     """
+    moe = None
+    if moe_layers is not None:
+        if head_layers:
+            raise ValueError("build_model() takes moe_layers (MoE inside the backbone) or head_layers, not both")
+        moe = {"moe_layers": moe_layers, "num_experts": num_experts or 8, "top_k": top_k or 2, "init": init}
+        moe.update(reuse_group=reuse_group, psr=psr, pregate=pregate)
+        num_experts = top_k = None
+    elif (reuse_group, psr, pregate) != (1, "none", False) and not head_layers:
+        raise ValueError("reuse_group, psr and pregate need moe_layers or head_layers")
+    head = head if head is not None else moe is None
     arguments = {"num_experts": num_experts, "routing": routing, "top_k": top_k, "inference": inference}
     head_args = _head_args({**arguments, **head_options}, head)
-    with quiet_loading():
-        transformer = Transformer(resolve_backbone(backbone), max_seq_length=max_seq_length)
-    layers = backbone_layers(backbone)
-    if layers is not None:
-        keep_first_layers(transformer, layers)
+    transformer = _transformer(backbone, max_seq_length, moe)
     dim = transformer.get_embedding_dimension()
     modules: list[torch.nn.Module] = [transformer, Pooling(dim, pooling_mode="mean")]
-    if head:
+    if head and head_layers:
+        stack = {"reuse_group": reuse_group, "psr": psr, "pregate": pregate}
+        modules.append(StackedMoEHead(dim, head_layers, normalize_output=normalize, **stack, **head_args))
+    elif head:
         modules.append(SBMoEHead(dim, normalize_output=normalize, **head_args))
     elif normalize:
         modules.append(Normalize())
     model = SBMoEModel(modules=modules, device=device, similarity_fn_name="cosine" if normalize else "dot")
     return _cap_length(model)
+
+
+def _transformer(backbone: str, max_seq_length: int, moe: dict[str, Any] | None) -> Transformer:
+    """The backbone's Transformer module (its first layers only for ``minilm-l3`` / ``minilm-l2``), upcycled into an
+    :class:`~sbmoe.heads.upcycle.MoETransformer` when ``moe`` holds MoE-layer settings."""
+    layers = backbone_layers(backbone)
+    with quiet_loading():
+        if moe is None:
+            transformer = Transformer(resolve_backbone(backbone), max_seq_length=max_seq_length)
+        else:  # built with its first layers only (upcycling happens on load): the later layers' weights go unused
+            config = {"num_hidden_layers": layers} if layers is not None else {}
+            verbosity = hf_logging.get_verbosity()
+            if layers is not None:
+                hf_logging.set_verbosity_error()  # its load report would list those unused weights
+            try:
+                return MoETransformer(
+                    resolve_backbone(backbone), max_seq_length=max_seq_length, config_kwargs=config, moe=moe
+                )
+            finally:
+                hf_logging.set_verbosity(verbosity)
+    if layers is not None:
+        keep_first_layers(transformer, layers)
+    return transformer
 
 
 def keep_first_layers(transformer: Transformer, layers: int) -> None:

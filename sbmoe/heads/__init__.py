@@ -1,5 +1,21 @@
-"""Heads on the pooled embedding: the SB-MoE block (router, experts, routing modes, load-balancing loss)."""
+"""Mixture-of-Experts machinery: routing, expert banks, the SB-MoE head, the stacked head, MoE encoder layers."""
 
-from sbmoe.heads.sbmoe_head import INFERENCE_MODES, ROUTING_MODES, Expert, Router, SBMoEHead, load_balancing_loss
+from sbmoe.heads.experts import ExpertBank, FeedForwardExpert, combine_experts
+from sbmoe.heads.routing import PSR_SCHEDULES, Router, load_balancing_loss, psr_open_count, router_z_loss, top_k_gates
+from sbmoe.heads.sbmoe_head import INFERENCE_MODES, ROUTING_MODES, Expert, SBMoEHead
 
-__all__ = ["INFERENCE_MODES", "ROUTING_MODES", "Expert", "Router", "SBMoEHead", "load_balancing_loss"]
+__all__ = [
+    "INFERENCE_MODES",
+    "PSR_SCHEDULES",
+    "ROUTING_MODES",
+    "Expert",
+    "ExpertBank",
+    "FeedForwardExpert",
+    "Router",
+    "SBMoEHead",
+    "combine_experts",
+    "load_balancing_loss",
+    "psr_open_count",
+    "router_z_loss",
+    "top_k_gates",
+]

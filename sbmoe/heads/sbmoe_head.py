@@ -23,35 +23,18 @@ import torch.nn.functional as F
 from sentence_transformers.base.modules.module import Module
 from torch import Tensor, nn
 
+from sbmoe.heads.experts import ExpertBank, FeedForwardExpert
+from sbmoe.heads.routing import Router, load_balancing_loss, router_z_loss, top_k_gates
+
 ROUTING_MODES = ("learned", "faithful")
 INFERENCE_MODES = ("soft", "top1", "topk")
 
 
-class Expert(nn.Module):
+class Expert(FeedForwardExpert):
     """Linear(H -> hidden) -> ReLU -> Linear(hidden -> H)."""
 
     def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.up = nn.Linear(dim, hidden)
-        self.down = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.relu(self.up(x)))
-
-
-class Router(nn.Module):
-    """Linear(H -> H/2) -> ReLU -> Linear(H/2 -> E), with noisy top-k gating noise while training."""
-
-    def __init__(self, dim: int, num_experts: int, noise: bool):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, dim // 2), nn.ReLU(), nn.Linear(dim // 2, num_experts))
-        self.noise = nn.Linear(dim, num_experts) if noise else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        logits = self.net(x)
-        if self.training and self.noise is not None:
-            logits = logits + torch.randn_like(logits) * F.softplus(self.noise(x))
-        return logits
+        super().__init__(dim, hidden, "relu")
 
 
 class SBMoEHead(Module):
@@ -144,8 +127,8 @@ class SBMoEHead(Module):
         self.query_only = query_only
         self.strength = float(strength)
         self.expert_dropout = float(expert_dropout)
-        self.experts = nn.ModuleList(Expert(in_features, self.expert_hidden) for _ in range(num_experts))
-        self.router = Router(in_features, num_experts, noise)
+        self.experts = ExpertBank(Expert(in_features, self.expert_hidden) for _ in range(num_experts))
+        self.router = Router(in_features, num_experts, noise, hidden=in_features // 2)
         self.aux_loss: Tensor = torch.zeros(())
         self.z_loss: Tensor = torch.zeros(())
         self.expert_counts = torch.zeros(num_experts, dtype=torch.long)
@@ -165,20 +148,13 @@ class SBMoEHead(Module):
             (the chosen experts, or each input's top-1 expert under soft routing, as in Switch).
         """
         logits = self.router(x)
-        self.z_loss = logits.logsumexp(dim=-1).square().mean()
+        self.z_loss = router_z_loss(logits)
         if self.training and self.expert_dropout:
             hidden = torch.rand_like(logits) < self.expert_dropout
             hidden &= ~hidden.all(dim=-1, keepdim=True)
             logits = logits.masked_fill(hidden, float("-inf"))
         probs = logits.softmax(dim=-1)
-        k = self._selected_k()
-        top = probs.topk(k if k < self.num_experts else 1, dim=-1).indices
-        dispatch = torch.zeros_like(probs).scatter_(-1, top, 1.0)
-        if k == self.num_experts:
-            return probs, probs, dispatch
-        gates = probs * dispatch
-        if self.routing == "learned" and k > 1:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
+        gates, dispatch = top_k_gates(probs, self._selected_k(), renormalize=self.routing == "learned")
         return gates, probs, dispatch
 
     def forward(self, features: dict[str, Tensor | Any], **kwargs) -> dict[str, Tensor | Any]:
@@ -201,11 +177,12 @@ class SBMoEHead(Module):
 
     def _combine(self, x: Tensor, gates: Tensor) -> Tensor:
         """The experts' outputs combined by ``gates`` (per routing mode), plus the residual."""
-        expert_out = torch.stack([expert(x) for expert in self.experts], dim=1)  # N x E x H
+        indices = gates.topk(self._selected_k(), dim=-1).indices
+        weights = gates.gather(-1, indices)
         if self.routing == "faithful":
-            y = F.normalize((gates.unsqueeze(-1) * expert_out).sum(dim=1), dim=-1)
+            y = F.normalize(self.experts.combine(x, indices, weights), dim=-1)
         else:
-            y = (gates.unsqueeze(-1) * F.normalize(expert_out, dim=-1)).sum(dim=1)
+            y = self.experts.combine(x, indices, weights, transform=lambda out: F.normalize(out, dim=-1))
         if self.expert_scale is not None:
             y = self.expert_scale * y
         if self.strength != 1.0:
@@ -240,17 +217,3 @@ class SBMoEHead(Module):
         head = cls(**config)
         return cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=head, **hub_kwargs)
 
-
-def load_balancing_loss(probs: Tensor, dispatch: Tensor) -> Tensor:
-    """Switch/GShard load-balancing loss ``E * sum_i f_i * P_i``.
-
-    ``f_i`` is the share of routing slots given to expert i and ``P_i`` its mean router probability. The loss
-    is 1 for perfectly uniform routing and approaches E when every input goes to one expert.
-
-    Args:
-        probs: N x E router probabilities.
-        dispatch: N x E 0/1 mask of the experts each input was dispatched to.
-    """
-    num_experts = probs.shape[-1]
-    f = dispatch.sum(dim=0) / dispatch.sum().clamp(min=1.0)
-    return num_experts * (f * probs.mean(dim=0)).sum()

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 
 from sbmoe.heads import SBMoEHead
+from sbmoe.heads.stacked import StackedMoEHead
 from sbmoe.model import SBMoEModel, build_model
 
 
@@ -46,6 +47,20 @@ class FinetuneArguments:
         default="soft", metadata={"help": "at encode time: all experts by gate weight, the top one, or the top k"}
     )
     expert_hidden: int | None = field(default=None, metadata={"help": "expert width (default H/2)"})
+    moe_layers: str = field(
+        default="", metadata={"help": "make these backbone layers MoE layers: all, every-2, 1,3 (--train full)"}
+    )
+    upcycle_init: Literal["copies", "fine"] = field(
+        default="copies", metadata={"help": "MoE layers' experts: copies of the dense block, or fine-grained slices"}
+    )
+    head_layers: int = field(default=0, metadata={"help": "L > 0: a stack of L MoE layers after pooling as the head"})
+    reuse_group: int = field(
+        default=1, metadata={"help": "ReXMoE: MoE layers per group whose experts every layer of it may use"}
+    )
+    psr: Literal["none", "linear", "step"] = field(
+        default="none", metadata={"help": "progressive scaling routing: open the group's experts during training"}
+    )
+    pregate: bool = field(default=False, metadata={"help": "pre-gated MoE: choose experts one MoE layer ahead"})
     dense_size: Literal["expert", "total"] = field(
         default="expert", metadata={"help": "dense head: one expert's width, or the parameters of --num-experts"}
     )
@@ -111,13 +126,31 @@ class FinetuneArguments:
             raise ValueError("--domain-loss-weight needs --train head and several --train-data sources")
         if self.tune_strength and (self.head == "none" or not self.dev_queries):
             raise ValueError("--tune-strength needs a head and a dev split (--dev-queries > 0)")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        """Refuse MoE-layer flags that cannot work together."""
+        if self.moe_layers and self.head_layers:
+            raise ValueError("--moe-layers (MoE in the backbone) and --head-layers (stacked head) exclude each other")
+        if self.moe_layers and self.train != "full":
+            raise ValueError("--moe-layers trains MoE layers inside the backbone: it needs --train full")
+        if self.head_layers and (self.head != "sbmoe" or self.routing != "learned" or self.router_init != "random"):
+            raise ValueError("--head-layers needs --head sbmoe, --routing learned and --router-init random")
+        moe_options = (self.reuse_group, self.psr, self.pregate) != (1, "none", False)
+        if moe_options and not (self.moe_layers or self.head_layers):
+            raise ValueError("--reuse-group, --psr and --pregate need --moe-layers or --head-layers")
 
 
 def make_model(args: FinetuneArguments) -> SBMoEModel:
-    """The backbone with the head that ``args`` asks for (output normalised for cosine similarity)."""
+    """The backbone (with MoE layers for ``--moe-layers``) with the head that ``args`` asks for (output normalised
+    for cosine similarity)."""
     cos = args.similarity == "cos"
+    moe: dict[str, Any] = {}
+    if args.moe_layers:
+        moe = {"moe_layers": args.moe_layers, "num_experts": args.num_experts, "top_k": args.top_k}
+        moe.update(init=args.upcycle_init, reuse_group=args.reuse_group, psr=args.psr, pregate=args.pregate)
     base = build_model(
-        args.backbone, head=False, normalize=cos and args.head == "none", max_seq_length=args.max_seq_length
+        args.backbone, head=False, normalize=cos and args.head == "none", max_seq_length=args.max_seq_length, **moe
     )
     if args.head == "none":
         return base
@@ -131,11 +164,13 @@ def make_model(args: FinetuneArguments) -> SBMoEModel:
     else:
         options.update(num_experts=1, top_k=1, routing="learned", inference="soft")
         options["expert_hidden"] = dense_hidden(dim, args) if args.dense_size == "total" else args.expert_hidden
-    return SBMoEModel(
-        modules=[*base, SBMoEHead(dim, **options)],
-        device=str(base.device),
-        similarity_fn_name="cosine" if cos else "dot",
-    )
+    if args.head_layers:
+        stack = {"reuse_group": args.reuse_group, "psr": args.psr, "pregate": args.pregate}
+        options = {k: v for k, v in options.items() if k not in ("routing", "inference")}
+        head: SBMoEHead = StackedMoEHead(dim, args.head_layers, **stack, **options)
+    else:
+        head = SBMoEHead(dim, **options)
+    return SBMoEModel(modules=[*base, head], device=str(base.device), similarity_fn_name="cosine" if cos else "dot")
 
 
 def dense_hidden(dim: int, args: FinetuneArguments) -> int:

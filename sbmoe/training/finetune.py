@@ -25,7 +25,10 @@ from sbmoe.evaluation.evaluate import evaluate_embeddings
 from sbmoe.evaluation.metrics import per_query
 from sbmoe.files import last_complete_checkpoint, write_atomic
 from sbmoe.heads import SBMoEHead
-from sbmoe.model import SBMoEModel, find_head
+from sbmoe.heads.moe_block import active_parameters, moe_blocks, set_psr
+from sbmoe.heads.stacked import StackedMoEHead
+from sbmoe.heads.upcycle import MoETransformer
+from sbmoe.model import SBMoEModel, build_model, find_head
 from sbmoe.retrieval.encode import pooled_features
 from sbmoe.training.arguments import FinetuneArguments, count_parameters, make_model
 from sbmoe.training.head_trainer import HeadTrainConfig, embed, kmeans_router_init, train_head
@@ -102,13 +105,16 @@ def train_full_mode(
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
     head_name = next((name for name, module in model.named_children() if isinstance(module, SBMoEHead)), None)
+    rates = {rf"^model\.{head_name}\.": args.learning_rate} if head_name else {}
+    if moe_blocks(model[0]):  # the MoE layers' fresh routers learn at the head's rate
+        rates[r"\.intermediate\.router\."] = args.learning_rate
     training_args = SentenceTransformerTrainingArguments(
         output_dir=str(Path(args.output_dir) / "checkpoints"),
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=args.backbone_learning_rate,
-        learning_rate_mapping={rf"^model\.{head_name}\.": args.learning_rate} if head_name else {},
+        learning_rate_mapping=rates,
         weight_decay=args.weight_decay,
         warmup_steps=0.1,
         seed=args.seed,
@@ -128,8 +134,9 @@ def train_full_mode(
     )
     loss = MoEContrastiveLoss(model, args.similarity, args.temperature, args.aux_loss_weight, args.z_loss_weight)
     trainer = SentenceTransformerTrainer(
-        model=model, args=training_args, train_dataset=train_dataset, loss=loss, callbacks=callbacks
-    )
+        model=model, args=training_args, train_dataset=train_dataset, loss=loss,
+        callbacks=[*callbacks, PSRProgress(model)],
+    )  # fmt: skip
     checkpoint = last_complete_checkpoint(training_args.output_dir) if args.resume else None
     if args.resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint under %s, starting from scratch", training_args.output_dir)
@@ -137,6 +144,36 @@ def train_full_mode(
         logger.info("--resume: continuing from %s", checkpoint)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return {"log_history": trainer.state.log_history, "global_step": trainer.state.global_step}
+
+
+class PSRProgress(TrainerCallback):
+    """Tells every MoE block of the model the training progress (for progressive scaling routing) at each step."""
+
+    def __init__(self, model: SBMoEModel):
+        self.model = model
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        set_psr(self.model, progress=state.global_step / max(state.max_steps, 1))
+
+
+def moe_utilization(model: SBMoEModel, args: FinetuneArguments, encoder_docs: int = 200) -> list[dict[str, Any]]:
+    """Per MoE layer, top-1 expert shares over the documents of the first ``--eval-data`` set in eval mode: all of
+    them for a stacked head (on the cached pooled vectors), the first ``encoder_docs`` for MoE layers in the backbone
+    (encoded anew). Empty for a model without MoE layers or without eval data."""
+    blocks, specs = moe_blocks(model), eval_specs(args)
+    if not blocks or not specs:
+        return []
+    texts = [doc.full_text for doc in load_dataset(specs[0], data_dir=args.data_dir).iter_docs()]
+    for block in blocks:
+        block.reset_routing_stats()
+    head = find_head(model)
+    if isinstance(head, StackedMoEHead):
+        embed(head, pooled_features(model, texts, "corpus", args.cache_dir), "document")
+        return head.routing_stats()["layers"]
+    model.eval()
+    model.encode(texts[:encoder_docs], batch_size=32)
+    transformer = model[0]
+    return transformer.expert_utilization() if isinstance(transformer, MoETransformer) else []
 
 
 def _columns(prepared: PreparedData, source: int) -> Any:
@@ -232,6 +269,15 @@ def initial_routing(model: SBMoEModel, args: FinetuneArguments) -> dict[str, tor
     return out
 
 
+def zero_shot_model(model: SBMoEModel, args: FinetuneArguments) -> SBMoEModel:
+    """The model whose untrained encodings give the zero-shot baseline and mine the hard negatives: ``model`` itself,
+    or for upcycled MoE layers the dense backbone, which they equal at initialisation (to 1e-5; a head, if any, is
+    left out of mining), so its cached vectors are reused instead of encoding every corpus again."""
+    if not args.moe_layers:
+        return model
+    return build_model(args.backbone, head=False, normalize=False, max_seq_length=args.max_seq_length)
+
+
 def check_output_dir(output: Path, args: FinetuneArguments) -> None:
     """Refuse to replace a finished run (``run.json`` present) unless ``--overwrite`` or ``--resume``.
 
@@ -255,8 +301,9 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
     set_seed(args.seed)
     model = make_model(args)
     sets = load_train_sets(args.train_data, args.data_dir, args.max_positives_per_query)
-    zero_shot = evaluate(model, args, {}, use_head=False)  # also checks every eval set before training
-    prepared = prepare(model, args, sets)
+    initial = zero_shot_model(model, args)
+    zero_shot = evaluate(initial, args, {}, use_head=False)  # also checks every eval set before training
+    prepared = prepare(initial, args, sets)  # vectors for mining (and the head): the initial model's
     head = find_head(model)
     cluster_shares = None
     if args.router_init == "kmeans" and head is not None and head.num_experts > 1:
@@ -271,6 +318,7 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
         "arguments": asdict(args),
         "threads": torch.get_num_threads(),
         "head_parameters": count_parameters(find_head(model)),
+        "parameters": {"total": count_parameters(model), "active": active_parameters(model)},
         "train_examples": len(prepared.rows),
         "sources": [source.summary() for source in prepared.sources],
         "dev_queries": prepared.dev_queries,
@@ -288,6 +336,7 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
     if args.save_model:
         model.save(str(output))
     record["eval"] = evaluate(model, args, routing_before)
+    record["moe_utilization"] = moe_utilization(model, args)
     record["zero_shot"] = {spec: {"metrics": result["metrics"]} for spec, result in zero_shot.items()}
     record["seconds"] = time.time() - start
     write_atomic(output / "run.json", json.dumps(record, indent=1))

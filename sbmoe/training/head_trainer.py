@@ -18,6 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sbmoe.files import atomic_file
+from sbmoe.heads.moe_block import set_psr
 from sbmoe.heads.sbmoe_head import SBMoEHead
 from sbmoe.training.losses import check_finite, domain_routing_loss, info_nce
 from sbmoe.training.sampling import homogeneous_batches
@@ -180,6 +181,7 @@ def train_head(
         total, total_aux, total_domain = 0.0, 0.0, 0.0
         batches = epoch_batches(examples, sources, config, generator)
         for step, (rows, domain) in enumerate(batches, start=1):
+            set_psr(head, progress=(epoch - 1 + (step - 1) / len(batches)) / config.epochs)
             loss, aux, domain_loss = _step_loss(head, anchors, docs, rows, loss_fn, config, domain, num_sources)
             check_finite(loss, f"epoch {epoch}, step {step}")
             optimizer.zero_grad()

@@ -1,4 +1,4 @@
-"""Contrastive loss (in-batch + hard negatives) with the SB-MoE head's auxiliary losses, and a NaN guard."""
+"""Contrastive loss (in-batch + hard negatives) with the routers' auxiliary losses, and a NaN guard."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from sentence_transformers.sentence_transformer.losses import MultipleNegativesR
 from sentence_transformers.util import cos_sim, dot_score
 from torch import Tensor, nn
 
-from sbmoe.model import find_head
+from sbmoe.heads import SBMoEHead
+from sbmoe.heads.moe_block import MoEBlock
+from sbmoe.heads.stacked import StackedMoEHead
 
 SIMILARITIES = {"cos": cos_sim, "dot": dot_score}
 
@@ -27,6 +29,16 @@ def check_finite(loss: Tensor, where: str) -> None:
             f"training loss is {loss.detach().float().item()} at {where}: training stopped. "
             "Lower the learning rate, raise the temperature, or check the data for empty texts."
         )
+
+
+def routed_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that set ``aux_loss`` / ``z_loss`` on each forward: MoE blocks (in the encoder or a
+    stacked head) and SB-MoE heads (a stacked head only averages its blocks', so it is not counted twice)."""
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, MoEBlock) or (isinstance(m, SBMoEHead) and not isinstance(m, StackedMoEHead))
+    ]
 
 
 def domain_experts(num_experts: int, num_domains: int) -> Tensor:
@@ -65,10 +77,11 @@ def info_nce(similarity: str, temperature: float) -> MultipleNegativesRankingLos
 
 
 class MoEContrastiveLoss(nn.Module):
-    """InfoNCE over (query, positive, negatives...) columns plus the head's weighted aux and z losses.
+    """InfoNCE over (query, positive, negatives...) columns plus the routers' weighted aux and z losses.
 
     Returns a dict of components, which the SentenceTransformerTrainer sums and logs separately. The aux
-    loss is averaged over the forward passes of one step (the query column and the merged document columns).
+    loss is averaged over the routed modules (head, MoE layers) and the forward passes of one step (the query
+    column and the merged document columns).
     """
 
     def __init__(
@@ -87,18 +100,18 @@ class MoEContrastiveLoss(nn.Module):
         self.steps = 0
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> dict[str, Tensor]:
-        head = find_head(self.model)
         aux: list[Tensor] = []
         z: list[Tensor] = []
+
         def collect(module: nn.Module, _inputs: Any, _output: Any) -> None:
             aux.append(module.aux_loss)
             z.append(module.z_loss)
 
-        hook = head.register_forward_hook(collect) if head is not None else None
+        hooks = [module.register_forward_hook(collect) for module in routed_modules(self.model)]
         try:
             embeddings = embed_columns(self.model, sentence_features)
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
         losses = {"contrastive": self.contrastive.compute_loss_from_embeddings(embeddings, labels)}
         if aux and self.aux_loss_weight:

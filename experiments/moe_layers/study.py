@@ -1,0 +1,292 @@
+"""One MoE block after the encoder (SB-MoE) against MoE layers: stacked head layers and upcycled encoder layers.
+
+Parts (every run's ``run.json`` is kept under ``--out`` and reused, so an interrupted study continues):
+
+    python experiments/moe_layers/study.py --part head    # stacked heads on cached MiniLM-L6 vectors, 3 seeds
+    python experiments/moe_layers/study.py --part full    # in-encoder pilot: MiniLM-L3, 15 steps, 1 seed
+    python experiments/moe_layers/study.py --part speed   # encode docs/s as a ratio to the plain backbone
+    python experiments/moe_layers/study.py --part report  # JSON + markdown + per-layer expert plot
+
+Head rows train on SciFact train (the multi-domain data costs ~5x more per run on two shared cores), pick the epoch
+on a 100-query dev split held out of it (patience 4), at the fixed learning rate 1e-3 (no choice on test).
+Results: ``experiments/results/moe_layers.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import statistics
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sbmoe.data import load_dataset
+from sbmoe.evaluation.significance import paired_test
+from sbmoe.files import write_atomic
+from sbmoe.model import build_model
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("multidomain_run", HERE.parent / "multidomain" / "run.py")
+multidomain = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(multidomain)
+run_once, summarize, RESULTS = multidomain.run_once, multidomain.summarize, multidomain.RESULTS
+
+EVAL = ["scifact:test", "scifact:test-unseen", "cranfield:test"]
+SEEDS = [0, 1, 2]
+HEAD_BASE = {**multidomain.HEAD_BASE, "train_data": "scifact:train", "eval_data": ",".join(EVAL)}
+HEAD_BASE["learning_rate"] = 1e-3
+STACK = {"head": "sbmoe", "num_experts": 4, "top_k": 2}
+HEAD_ROWS: dict[str, dict[str, Any]] = {
+    "zero-shot MiniLM-L6": {"head": "none"},
+    "SB-MoE head (E=6, k=2)": {"head": "sbmoe"},
+}
+for _layers in (2, 4):
+    HEAD_ROWS[f"stack L={_layers}, r=1"] = {**STACK, "head_layers": _layers}
+    HEAD_ROWS[f"stack L={_layers}, r=2"] = {**STACK, "head_layers": _layers, "reuse_group": 2}
+    HEAD_ROWS[f"stack L={_layers}, r=2, PSR"] = {**STACK, "head_layers": _layers, "reuse_group": 2, "psr": "linear"}
+    HEAD_ROWS[f"stack L={_layers}, r=2, PSR, pre-gate"] = {
+        **STACK, "head_layers": _layers, "reuse_group": 2, "psr": "linear", "pregate": True
+    }
+FULL_BASE = {**multidomain.FULL_BASE, "train_data": "scifact:train", "eval_data": ",".join(EVAL), "threads": 1}
+UPCYCLED = {"head": "none", "moe_layers": "all", "num_experts": 8, "top_k": 2}
+FULL_ROWS: dict[str, dict[str, Any]] = {
+    "zero-shot MiniLM-L3": {"head": "none", "train": "head"},
+    "L3 plain fine-tuning": {"head": "none"},
+    "L3 upcycled every layer (E=8, k=2)": UPCYCLED,
+    "L3 upcycled every 2nd layer (E=8, k=2)": {**UPCYCLED, "moe_layers": "every-2"},
+    "L3 upcycled every layer, pre-gate": {**UPCYCLED, "pregate": True},
+    "L3 upcycled every layer, r=2, PSR": {**UPCYCLED, "reuse_group": 2, "psr": "linear"},
+}
+SPEED_MODELS: dict[str, dict[str, Any]] = {
+    "minilm-l3 plain": {"backbone": "minilm-l3", "head": False},
+    "minilm-l3 upcycled every layer (E=8, k=2)": {"backbone": "minilm-l3", "moe_layers": "all"},
+    "minilm-l3 upcycled every 2nd layer": {"backbone": "minilm-l3", "moe_layers": "every-2"},
+    "minilm-l3 upcycled every layer, fine-grained": {"backbone": "minilm-l3", "moe_layers": "all", "init": "fine"},
+    "minilm-l3 upcycled every layer, pre-gate": {"backbone": "minilm-l3", "moe_layers": "all", "pregate": True},
+    "minilm plain": {"backbone": "minilm", "head": False},
+    "minilm + SB-MoE head": {"backbone": "minilm"},
+    "minilm + stack L=4, r=2": {"backbone": "minilm", "head_layers": 4, "reuse_group": 2, "num_experts": 4},
+    "minilm upcycled every layer (E=8, k=2)": {"backbone": "minilm", "moe_layers": "all"},
+}
+
+
+def head_part(root: Path) -> dict[str, Any]:
+    """The stacked-head rows, 3 seeds each (the zero-shot row once)."""
+    rows = {}
+    for name, options in HEAD_ROWS.items():
+        seeds = [0] if options["head"] == "none" else SEEDS
+        records = [run_once({**HEAD_BASE, **options, "seed": s}, root / name / f"seed{s}") for s in seeds]
+        rows[name] = row_summary(records)
+        logging.getLogger("moe_layers").info("%s: %s", name, {k: v["mean"] for k, v in rows[name]["eval"].items()})
+    return rows
+
+
+def full_part(root: Path, max_steps: int) -> dict[str, Any]:
+    """The in-encoder pilot rows, one seed."""
+    rows = {}
+    for name, options in FULL_ROWS.items():
+        args = {**FULL_BASE, "max_steps": max_steps, **options, "seed": 0}
+        rows[name] = row_summary([run_once(args, root / f"steps{max_steps}" / name / "seed0")])
+        logging.getLogger("moe_layers").info("%s: %s", name, {k: v["mean"] for k, v in rows[name]["eval"].items()})
+    return rows
+
+
+def row_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`summarize` plus parameters and per-layer expert use averaged over seeds."""
+    row = summarize(records, EVAL)
+    row["parameters"] = records[0].get("parameters")
+    layers = [r.get("moe_utilization") or [] for r in records]
+    row["layers"] = [
+        {
+            "layer": per_seed[0].get("layer", i),
+            "shares": np.mean([p["shares"] for p in per_seed], axis=0).tolist(),
+            "own_share": float(np.mean([p["own_share"] for p in per_seed])),
+        }
+        for i, per_seed in enumerate(zip(*layers, strict=True))
+    ]
+    return row
+
+
+def speed_part(docs: int, rounds: int) -> dict[str, Any]:
+    """Encode docs/s of each model as a ratio to its plain backbone, measured in interleaved rounds."""
+    torch.set_num_threads(1)
+    dataset = load_dataset("scifact", split="test")
+    texts = [doc.full_text for doc in islice(dataset.iter_docs(), docs)]
+    models = {
+        name: build_model(max_seq_length=128, device="cpu", **{"num_experts": 8, **spec})
+        if "moe_layers" in spec
+        else build_model(max_seq_length=128, device="cpu", **spec)
+        for name, spec in SPEED_MODELS.items()
+    }
+    for model in models.values():
+        model.encode(texts[:32], batch_size=32)  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.encode(texts, batch_size=32)
+            rates[name].append(len(texts) / (time.perf_counter() - start))
+    out = {}
+    for name, values in rates.items():
+        plain = rates[f"{name.split()[0]} plain"]
+        ratios = [v / p for v, p in zip(values, plain, strict=True)]
+        out[name] = {"docs_per_s": values, "ratio_to_plain": statistics.median(ratios), "ratios": ratios}
+    return {"docs": docs, "rounds": rounds, "max_seq_length": 128, "threads": 1, "models": out}
+
+
+PROTOCOL = """# MoE layers: one block after the encoder against MoE layers (stacked head, upcycled encoder layers)
+
+Protocol. Stacked-head rows (and the SB-MoE head row): frozen all-MiniLM-L6-v2, the head trained on cached pooled
+vectors of SciFact train (not the multi-domain SciFact + NFCorpus data: ~5x the time per run on two shared CPU
+cores), in-batch + 7 mined hard negatives, AdamW lr 1e-3 (fixed, not tuned), weight decay 0.1, up to 40 epochs, the
+epoch kept by nDCG@10 on 100 train queries held out as a dev split (patience 4), 3 seeds; N = 4 experts of H/2
+units per stacked layer, top-2. In-encoder rows are a pilot: MiniLM-L3 (MiniLM's first 3 layers), full fine-tuning
+of everything for 15 steps of batch 32 (1 hard negative, at most 2 positives per query, 128 tokens), backbone lr
+5e-5, routers and heads 1e-3, 1 seed: far from convergence, so they show the machinery, not the trade-off.
+Upcycled layers: E = 8 copies of the dense feed-forward block, top-2, gates renormalised (at initialisation the
+model encodes as the backbone). r = 2 groups consecutive MoE layers (MiniLM-L3: layers 0+1, then 2 alone); PSR
+opens the group linearly by half of training. Expert shares: top-1 choice (stacked head: per SciFact document;
+in-encoder: per token of the first 200 SciFact documents). Test sets were never used to choose anything. Rival
+deltas are paired t-tests on per-query nDCG@10 (averaged over seeds). Speed: docs/s encoding 256 SciFact documents
+at 128 tokens, 1 thread, 3 interleaved rounds, median of the per-round ratios to the plain backbone."""
+
+RIVALS = {  # row -> (rival, what the comparison tests)
+    **{f"stack L={n}, r=2": (f"stack L={n}, r=1", "reuse") for n in (2, 4)},
+    **{f"stack L={n}, r=2, PSR": (f"stack L={n}, r=1", "reuse") for n in (2, 4)},
+    **{f"stack L={n}, r=2, PSR, pre-gate": (f"stack L={n}, r=2, PSR", "pre-gate") for n in (2, 4)},
+    "L3 upcycled every layer (E=8, k=2)": ("L3 plain fine-tuning", "upcycled"),
+    "L3 upcycled every 2nd layer (E=8, k=2)": ("L3 plain fine-tuning", "upcycled"),
+    "L3 upcycled every layer, r=2, PSR": ("L3 upcycled every layer (E=8, k=2)", "reuse"),
+    "L3 upcycled every layer, pre-gate": ("L3 upcycled every layer (E=8, k=2)", "pre-gate"),
+}
+
+
+def compare(rows: dict[str, Any]) -> None:
+    """Paired tests of each row against its rival (per-query nDCG@10 averaged over seeds)."""
+    for name, (other, _) in RIVALS.items():
+        if name in rows and other in rows:
+            for spec, entry in rows[name]["eval"].items():
+                test = paired_test(entry["per_query"], rows[other]["eval"][spec]["per_query"])
+                entry["vs_rival"] = {"rival": other, **test}
+
+
+def goals(rows: dict[str, Any]) -> list[str]:
+    """The issue's three goals, each reached or not, from the rows at hand."""
+
+    def tested(kind: str) -> dict[str, dict[str, Any]]:
+        kinds = {n: RIVALS.get(n, ("", ""))[1] for n in rows}
+        return {n: r["eval"] for n, r in rows.items() if kinds[n] == kind and "vs_rival" in r["eval"][EVAL[0]]}
+
+    def verdict(text: str, hits: list[str], details: list[str]) -> str:
+        return f"- {text}: {'REACHED by ' + ', '.join(hits) if hits else 'not reached'} ({'; '.join(details)})"
+
+    lines = []
+    reuse = {n: [e[s]["vs_rival"]["delta"] for s in EVAL[1:]] for n, e in tested("reuse").items()}
+    details = [f"{n}: {100 * d[0]:+.1f} / {100 * d[1]:+.1f}" for n, d in reuse.items()]
+    hits = [n for n, d in reuse.items() if min(d) >= 0.005]
+    lines.append(verdict("reuse (r >= 2) beats no reuse by >= 0.5 on test-unseen and Cranfield", hits, details))
+    pre = {n: [e[s]["vs_rival"]["delta"] for s in EVAL] for n, e in tested("pre-gate").items()}
+    details = [n + ": " + " / ".join(f"{100 * x:+.1f}" for x in d) for n, d in pre.items()]
+    hits = [n for n, d in pre.items() if min(d) >= -0.003]
+    lines.append(verdict("pre-gating within 0.3 point of conventional gating on every eval set", hits, details))
+    up = {n: e["scifact:test-unseen"]["vs_rival"] for n, e in tested("upcycled").items()}
+    details = [f"{n}: {100 * t['delta']:+.1f}, p={t['p_ttest']:.2g}" for n, t in up.items()]
+    hits = [n for n, t in up.items() if t["delta"] >= 0.01 and t["p_ttest"] < 0.05]
+    lines.append(verdict("an upcycled row beats plain fine-tuning by >= 1.0 on test-unseen, p < 0.05", hits, details))
+    return lines
+
+
+def markdown(rows: dict[str, Any], speed: dict[str, Any] | None) -> str:
+    """The table (nDCG@10, parameters, speed ratio, expert use per layer), the comparisons and the goals."""
+    ratio = {}
+    if speed:
+        ratio = {name: m["ratio_to_plain"] for name, m in speed["models"].items()}
+    lines = [PROTOCOL, ""]
+    head = " | seeds | total params | active params | own-expert share per layer | max expert share per layer |"
+    lines += ["| row | " + " | ".join(EVAL) + head, "|---|" + "---:|" * (len(EVAL) + 5)]
+    for name, row in rows.items():
+        cells = [f"{e['mean']:.4f} ± {e['std']:.4f}" for e in row["eval"].values()]
+        params = row.get("parameters") or {}
+        own = " ".join(f"{layer['own_share']:.2f}" for layer in row["layers"]) or "-"
+        top = " ".join(f"{max(layer['shares']):.2f}" for layer in row["layers"]) or "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(row['seconds'])} | {params.get('total', '-'):,} | "
+                     f"{params.get('active', '-'):,} | {own} | {top} |")  # fmt: skip
+    lines += ["", "| row | rival | " + " | ".join(EVAL) + " |", "|---|---|" + "---:|" * len(EVAL)]
+    for name, row in rows.items():
+        tests = [e.get("vs_rival") for e in row["eval"].values()]
+        if all(tests):
+            cells = [f"{100 * t['delta']:+.1f} (p={t['p_ttest']:.2g})" for t in tests]
+            lines.append(f"| {name} | {tests[0]['rival']} | " + " | ".join(cells) + " |")
+    if ratio:
+        lines += ["", "| model (max 128 tokens, 1 thread) | encode docs/s | ratio to its plain backbone |"]
+        lines.append("|---|---:|---:|")
+        for name, m in speed["models"].items():
+            lines.append(f"| {name} | {statistics.median(m['docs_per_s']):.1f} | {ratio[name]:.2f} |")
+    lines += ["", "Goals:", *goals(rows), ""]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: dict[str, Any], path: Path) -> None:
+    """Per-layer top-1 expert shares (stacked bars, one colour per candidate) for every row with MoE layers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    moe = {n: r["layers"] for n, r in rows.items() if r["layers"]}
+    fig, axes = plt.subplots(1, len(moe), figsize=(2.2 * len(moe), 3.6), squeeze=False, sharey=True)
+    for ax, (name, layers) in zip(axes[0], moe.items(), strict=True):
+        bottom = np.zeros(len(layers))
+        for e in range(max(len(layer["shares"]) for layer in layers)):
+            shares = np.array([layer["shares"][e] if e < len(layer["shares"]) else 0.0 for layer in layers])
+            ax.bar(range(len(layers)), shares, bottom=bottom, color=plt.cm.tab20(e % 20))
+            bottom += shares
+        ax.set_xticks(range(len(layers)), [str(layer["layer"]) for layer in layers])
+        ax.set_title(name, fontsize=6)
+        ax.set_xlabel("layer", fontsize=7)
+    axes[0][0].set_ylabel("top-1 share of documents per expert")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["head", "full", "speed", "report"], required=True)
+    parser.add_argument("--out", default="out/moe_layers", help="folder of the individual runs")
+    parser.add_argument("--max-steps", type=int, default=15, help="full part: training steps of the pilot")
+    parser.add_argument("--docs", type=int, default=256, help="speed part: documents per encode")
+    parser.add_argument("--rounds", type=int, default=3, help="speed part: interleaved rounds")
+    cli = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("moe_layers").setLevel(logging.INFO)
+    root = Path(cli.out)
+    part_file = RESULTS / f"moe_layers.{cli.part}.json"  # each part's rows, merged by --part report
+    if cli.part == "head":
+        write_atomic(part_file, json.dumps(head_part(root / "head")))
+    elif cli.part == "full":
+        write_atomic(part_file, json.dumps(full_part(root / "full", cli.max_steps)))
+    elif cli.part == "speed":
+        write_atomic(part_file, json.dumps(speed_part(cli.docs, cli.rounds), indent=1))
+    else:
+        rows = {}
+        for part in ("head", "full"):
+            if (RESULTS / f"moe_layers.{part}.json").is_file():
+                rows.update(json.loads((RESULTS / f"moe_layers.{part}.json").read_text()))
+        speed_file = RESULTS / "moe_layers.speed.json"
+        speed = json.loads(speed_file.read_text()) if speed_file.is_file() else None
+        compare(rows)
+        write_atomic(RESULTS / "moe_layers.json", json.dumps({"rows": rows, "speed": speed}, indent=1))
+        write_atomic(RESULTS / "moe_layers.md", markdown(rows, speed))
+        plot(rows, RESULTS / "moe_layers.png")
+
+
+if __name__ == "__main__":
+    main()

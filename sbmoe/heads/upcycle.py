@@ -1,0 +1,202 @@
+"""MoE layers inside a BERT-style encoder by sparse upcycling, and the Transformer module that saves and reloads them.
+
+:func:`upcycle_encoder` replaces the feed-forward block (``intermediate`` + ``output.dense``) of the chosen layers
+with a :class:`~sbmoe.heads.moe_block.MoEBlock` whose experts start from the dense weights, so that at
+initialisation the encoder computes what the backbone did:
+
+- ``init="copies"``: every expert is a copy of the dense block; top-k gates renormalised over the chosen experts
+  sum to 1, so any choice gives the dense output (Komatsuzaki et al.).
+- ``init="fine"``: the dense block's hidden units are split into ``top_k`` slices; expert e holds slice ``e % top_k``
+  (output bias divided by ``top_k``) and each token takes the best expert of every slice class, so the chosen slices
+  add up to the dense block (ReXMoE's fine-grained experts; active compute equals the dense layer's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from sentence_transformers.sentence_transformer.modules import Transformer
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from sbmoe.heads.moe_block import MoEBlock, block_utilization, link_blocks, moe_blocks, set_psr
+
+UPCYCLE_INITS = ("copies", "fine")
+MoELayers = str | Sequence[int]
+
+
+def moe_layer_indices(spec: MoELayers, num_layers: int) -> list[int]:
+    """Layer indices from ``"all"``, ``"every-K"`` (layers K-1, 2K-1, ...: every second layer from the second for
+    K = 2, as Nomic Embed v2), a comma-separated string or a list of indices.
+
+    Raises:
+        ValueError: an unknown spec, an index out of range, or no layer at all.
+    """
+    if isinstance(spec, str):
+        if spec == "all":
+            indices = list(range(num_layers))
+        elif spec.startswith("every-") and spec[6:].isdigit() and int(spec[6:]) > 0:
+            step = int(spec[6:])
+            indices = [i for i in range(num_layers) if i % step == step - 1]
+        elif all(part.strip().lstrip("-").isdigit() for part in spec.split(",")):
+            indices = [int(part) for part in spec.split(",")]
+        else:
+            raise ValueError(f"moe_layers must be 'all', 'every-K' or layer indices like '1,3', got {spec!r}")
+    else:
+        indices = [int(i) for i in spec]
+    indices = sorted({i % num_layers if -num_layers <= i < num_layers else i for i in indices})
+    if not indices or indices[0] < 0 or indices[-1] >= num_layers:
+        raise ValueError(f"moe_layers {spec!r} names no layer in 0..{num_layers - 1}")
+    return indices
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a BERT-style model whose feed-forward block is ``intermediate`` + ``output.dense``.
+
+    Raises:
+        ValueError: for an architecture without that block, naming it.
+    """
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    block = layers[0] if isinstance(layers, nn.ModuleList) and len(layers) else None
+    has_ffn = block is not None and all(
+        isinstance(getattr(getattr(block, part, None), "dense", None), nn.Linear)
+        for part in ("intermediate", "output")
+    )
+    if not has_ffn:
+        name = type(model).__name__
+        raise ValueError(
+            f"MoE layers need a BERT-style feed-forward block (encoder.layer[i].intermediate.dense + "
+            f"output.dense); the {name} architecture has none, so it cannot be upcycled: use a BERT-style "
+            "backbone (minilm, bert-*, contriever) or the SB-MoE head / stacked head instead"
+        )
+    return layers
+
+
+def upcycle_encoder(
+    model: nn.Module,
+    moe_layers: MoELayers = "all",
+    num_experts: int = 8,
+    top_k: int = 2,
+    init: str = "copies",
+    reuse_group: int = 1,
+    psr: str = "none",
+    pregate: bool = False,
+    noise: bool = False,
+) -> list[MoEBlock]:
+    """Replace the feed-forward block of the chosen layers of ``model`` with upcycled MoE blocks, in place.
+
+    Args:
+        model: A Hugging Face BERT-style encoder (``BertModel`` and the like).
+        moe_layers: Which layers (see :func:`moe_layer_indices`).
+        num_experts: Experts per MoE layer (N).
+        top_k: Experts per token (``copies``), or slices per layer (``fine``).
+        init: ``copies`` or ``fine`` (see the module docstring).
+        reuse_group: ReXMoE group size r (consecutive MoE layers share their experts' pool).
+        psr: Progressive scaling routing while training: ``none``, ``linear`` or ``step``.
+        pregate: Each MoE layer's router input is the previous MoE layer's input (Pre-gated MoE).
+        noise: Learned router noise while training.
+
+    Returns:
+        The new blocks, in depth order.
+
+    Raises:
+        ValueError: an architecture without a BERT-style feed-forward block, or inconsistent settings.
+    """
+    if init not in UPCYCLE_INITS:
+        raise ValueError(f"unknown upcycling init {init!r}; expected one of {UPCYCLE_INITS}")
+    layers = encoder_layers(model)
+    config = model.config
+    slices = top_k if init == "fine" else 1
+    blocks = []
+    for index in moe_layer_indices(moe_layers, len(layers)):
+        layer = layers[index]
+        up, down = layer.intermediate.dense, layer.output.dense
+        hidden = up.out_features // slices
+        if hidden * slices != up.out_features:
+            raise ValueError(f"intermediate size {up.out_features} does not split into {slices} slices")
+        block = MoEBlock(up.in_features, hidden, num_experts, top_k, config.hidden_act, slices, noise)
+        with torch.no_grad():
+            for e, expert in enumerate(block.experts):
+                part = slice((e % slices) * hidden, (e % slices + 1) * hidden)
+                expert.up.weight.copy_(up.weight[part])
+                expert.up.bias.copy_(up.bias[part])
+                expert.down.weight.copy_(down.weight[:, part])
+                expert.down.bias.copy_(down.bias / slices)
+        block.to(up.weight.device)
+        layer.intermediate, layer.output.dense = block, nn.Identity()
+        blocks.append(block)
+    link_blocks(blocks, reuse_group, pregate)
+    set_psr(model, psr)
+    return blocks
+
+
+class MoETransformer(Transformer):
+    """sentence-transformers' Transformer with MoE feed-forward layers; ``moe`` holds :func:`upcycle_encoder`'s
+    arguments. Built from a dense folder it upcycles it; loaded from its own saved folder it restores the experts."""
+
+    config_keys: list[str] = [*Transformer.config_keys, "moe"]
+
+    def __init__(self, model_name_or_path: str, *, moe: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        weights = Path(model_name_or_path) / "model.safetensors"
+        saved = weights.is_file() and _holds_experts(weights)
+        verbosity = hf_logging.get_verbosity()
+        if saved:  # the dense architecture's load report would list every expert weight as unexpected
+            hf_logging.set_verbosity_error()
+        try:
+            super().__init__(model_name_or_path, **kwargs)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.moe = dict(moe or {})
+        upcycle_encoder(self.auto_model, **self.moe)
+        if saved:
+            state = load_file(str(weights), device=str(next(self.auto_model.parameters()).device))
+            missing, unexpected = self.auto_model.load_state_dict(state, strict=False)
+            moe_missing = [k for k in missing if ".intermediate." in k]
+            if moe_missing or unexpected:
+                raise ValueError(f"{weights} does not match the MoE settings {self.moe}: {moe_missing or unexpected}")
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**super().get_config_dict(), "moe": self.moe}
+
+    def expert_utilization(self) -> list[dict[str, Any]]:
+        """Per MoE layer: its layer index and :func:`~sbmoe.heads.moe_block.block_utilization`."""
+        owner = {id(layer.intermediate): i for i, layer in enumerate(self.auto_model.encoder.layer)}
+        return [{"layer": owner[id(b)], **block_utilization(b)} for b in moe_blocks(self.auto_model)]
+
+
+def _holds_experts(weights: Path) -> bool:
+    """Whether a safetensors file holds MoE expert weights (a saved upcycled model, not a dense backbone)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return any(".intermediate.experts." in key for key in f.keys())  # noqa: SIM118 (no __iter__)
+
+
+def expert_plan(model: nn.Module, texts: Sequence[str], batch_size: int = 32) -> list[dict[str, Any]]:
+    """Per MoE layer of ``model``, the experts each batch of ``texts`` needs, known before that layer starts.
+
+    Returns:
+        One dict per MoE layer: ``block`` (its depth among the MoE layers), ``decided_by`` (the MoE layer whose input
+        chose them: the layer before it under pre-gating, itself otherwise) and ``batches``: per batch, the sorted
+        candidate indices (``g * N + e``: expert e of group member g) any token uses.
+    """
+    blocks = moe_blocks(model)
+    plans: list[dict[str, Any]] = [{"block": b.index, "decided_by": b.index, "batches": []} for b in blocks]
+
+    def record(block: MoEBlock, _inputs: Any, _output: Any) -> None:
+        plan = plans[block.index]
+        plan["decided_by"] = block.last_decided_by
+        plan["batches"].append(torch.unique(block.last_routing.indices).tolist())
+
+    hooks = [b.register_forward_hook(record) for b in blocks]
+    try:
+        model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return plans
+
