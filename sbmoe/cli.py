@@ -11,6 +11,7 @@ COMMANDS = {
     "search": ("sbmoe.commands.search", "search an index folder: a ranked table, JSON, or a TREC run file"),
     "evaluate": ("sbmoe.commands.evaluate", "score a model or a run file on BEIR / ir-datasets qrels"),
     "finetune": ("sbmoe.commands.finetune", "train an SB-MoE, dense or no head (alone or with the backbone)"),
+    "quantize": ("sbmoe.commands.quantize", "quantize a model's experts to a bit budget and save them packed"),
     "demo": ("sbmoe.commands.demo", "fine-tune heads on SciFact, index, search and print an honest table"),
 }
 USAGE = "usage: sbmoe {" + ",".join(COMMANDS) + "} ... (sbmoe COMMAND --help for its flags)"

@@ -1,4 +1,4 @@
-"""A thin class over faiss: flat, HNSW, IVF, IVF-PQ, SQ8 and binary indexes; CPU or GPU; atomic save/load."""
+"""A thin class over faiss: flat, HNSW, IVF, IVF-PQ, SQ8, PQ/OPQ and binary indexes; CPU or GPU; atomic save/load."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ from sbmoe.data.dataset import DataError
 from sbmoe.files import atomic_dir, sha256_file
 from sbmoe.retrieval.ivf import IVF_TYPES, fallback_message, filled_params
 from sbmoe.retrieval.manifest import FORMAT, MANIFEST, IndexLoadError, check_file, read_manifest
+from sbmoe.retrieval.rescore import PQ_TYPES, RESCORED_TYPES, candidates, code_bytes, new_pq_index, pq_params, rescore
 
 logger = logging.getLogger(__name__)
 
-INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq", "sq8", "binary")
+INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq", "sq8", "binary", "pq", "opq")
 GPU_TYPES = ("flat", "ivf", "ivfpq", "sq8")  # the rest stay on CPU (faiss has no GPU HNSW)
 GPU_MAX_K = 2048  # faiss GPU top-k limit; larger k searches the CPU copy
 INDEX_FILE = "index.faiss"
@@ -33,6 +34,8 @@ SETTINGS = {  # the parameters each type uses
     "ivfpq": ("nlist", "nprobe", "pq_m", "pq_bits"),
     "sq8": (),
     "binary": ("rescore",),
+    "pq": ("pq_m", "pq_bits", "rescore"),
+    "opq": ("pq_m", "pq_bits", "rescore"),
 }
 
 
@@ -46,15 +49,17 @@ class DenseIndex:
 
     Args:
         dim: Embedding dimension.
-        index_type: ``flat`` (exact), ``hnsw``, ``ivf`` (flat lists), ``ivfpq``, ``sq8`` or ``binary``
-            (sign bits, Hamming search, then exact re-scoring of ``rescore * k`` candidates).
+        index_type: ``flat`` (exact), ``hnsw``, ``ivf`` (flat lists), ``ivfpq``, ``sq8``, or, keeping compressed
+            codes in RAM and float vectors for exact re-scoring of ``rescore * k`` candidates (memory-mapped from
+            disk once saved and loaded): ``binary`` (sign bits, Hamming search), ``pq`` or ``opq`` (OPQ-rotated PQ).
         use_gpu: ``"auto"`` (a GPU build of faiss and a visible GPU), True (required) or False. Several GPUs
             shard the index. HNSW and binary always run on CPU.
         model_name: Name of the model that made the embeddings (kept in the manifest).
         model_hash: Fingerprint of that model; :meth:`load` can check it.
         **params: Positive integers: ``hnsw_m`` (32), ``ef_construction`` (200), ``ef_search`` (256, raised to
             k), ``nlist`` (4 sqrt(n), at most n / 39), ``nprobe`` (see :func:`sbmoe.retrieval.ivf.ivf_defaults`),
-            ``pq_m`` (a divisor of dim, up to dim / 4), ``pq_bits`` (8), ``rescore`` (10). Those another type uses
+            ``pq_m`` (a divisor of dim, up to dim / 4; pq / opq: up to 48 bytes of code), ``pq_bits`` (8),
+            ``rescore`` (10). Those another type uses
             are accepted and ignored, so one set of parameters can serve all types. Without ``nlist``, ``ivf`` and
             ``ivfpq`` on fewer than 16,384 vectors search exactly: a warning says so and :attr:`params` records
             ``fallback="flat"``. A setting that is no positive integer raises DataError, as does, at training, one
@@ -95,7 +100,7 @@ class DenseIndex:
         self.use_gpu = self._gpu_choice(use_gpu)
         self.doc_ids: list[str] = []
         self._cpu: Any = None
-        self._vectors: list[np.ndarray] = []  # float copies for binary re-scoring
+        self._vectors: list[np.ndarray] = []  # float copies for re-scoring (RESCORED_TYPES)
         self._gpu: Any = None
         self._gpu_resources: list[Any] = []
 
@@ -155,6 +160,9 @@ class DenseIndex:
             return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, metric)
         if self.index_type == "binary":
             return faiss.IndexBinaryFlat(dim)
+        if self.index_type in PQ_TYPES:
+            self.params = pq_params(dim, train_size, params)
+            return new_pq_index(self.index_type, dim, self.params)
         quantizer = faiss.IndexFlatIP(dim)
         if self.index_type == "ivf":
             return faiss.IndexIVFFlat(quantizer, dim, params["nlist"], metric)
@@ -180,11 +188,9 @@ class DenseIndex:
             raise ValueError(f"{len(ids)} ids for {len(embeddings)} embeddings")
         if self._cpu is None:
             self.train(embeddings)
-        if self.index_type == "binary":
-            self._cpu.add(binary_codes(embeddings))
+        self._cpu.add(binary_codes(embeddings) if self.index_type == "binary" else embeddings)
+        if self.index_type in RESCORED_TYPES:
             self._vectors.append(embeddings)
-        else:
-            self._cpu.add(embeddings)
         start = len(self.doc_ids)
         self.doc_ids.extend(ids if ids is not None else (str(i) for i in range(start, start + len(embeddings))))
         self._gpu = None
@@ -220,36 +226,14 @@ class DenseIndex:
         if len(self) == 0:
             raise ValueError("search on an empty index: add embeddings first")
         k = min(k, len(self))
-        if self.index_type == "binary":
-            return self._search_binary(queries, k)
+        if self.index_type in RESCORED_TYPES:
+            rows = candidates(self.index_type, self._cpu, queries, min(len(self), k * self.params["rescore"]))
+            return rescore(queries, self.vectors(), rows, k)
         return self._device_index(k).search(queries, k)
 
-    def _search_binary(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Hamming search for ``rescore * k`` candidates, then exact inner products over them (inside faiss)."""
-        candidates = min(len(self), k * self.params["rescore"])
-        _, cand = self._cpu.search(binary_codes(queries), candidates)
-        vectors = np.ascontiguousarray(self.vectors())
-        scores = np.empty((len(queries), k), dtype=np.float32)
-        ids = np.empty((len(queries), k), dtype=np.int64)
-        ptr = faiss.swig_ptr
-        faiss.knn_inner_products_by_idx(
-            ptr(queries),
-            ptr(vectors),
-            ptr(cand),
-            self.dim,
-            len(queries),
-            len(vectors),
-            candidates,  # nsubset: candidates per query
-            k,
-            ptr(scores),
-            ptr(ids),
-            candidates,  # ld_ids given explicitly: faiss 1.15 misreads the -1 default
-        )
-        return scores, ids
-
     def vectors(self) -> np.ndarray:
-        """A binary index's full-precision vectors (N x dim float32, kept for exact re-scoring)."""
-        if self.index_type != "binary":
+        """The full-precision vectors (N x dim float32) a re-scored index keeps (memory-mapped after :meth:`load`)."""
+        if self.index_type not in RESCORED_TYPES:
             raise ValueError(f"a {self.index_type!r} index keeps no separate float vectors")
         if not self._vectors:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -295,18 +279,20 @@ class DenseIndex:
         return x
 
     def bytes_per_vector(self) -> dict[str, float]:
-        """Serialized index bytes per vector, and the float copies binary re-scoring keeps beside them."""
+        """Serialized index bytes per vector, the code bytes alone (re-scored types; codebooks left out) and the
+        float copies re-scoring keeps beside them (on disk, memory-mapped once loaded)."""
         if len(self) == 0:
-            return {"index": 0.0, "rescore": 0.0}
+            return {"index": 0.0, "code": 0.0, "rescore": 0.0}
         writer = faiss.serialize_index_binary if self.index_type == "binary" else faiss.serialize_index
-        rescore = 4.0 * self.dim if self.index_type == "binary" else 0.0
-        return {"index": writer(self._cpu).nbytes / len(self), "rescore": rescore}
+        rescored = self.index_type in RESCORED_TYPES
+        code = code_bytes(self.index_type, self.dim, self.params) if rescored else 0.0
+        return {"index": writer(self._cpu).nbytes / len(self), "code": code, "rescore": 4.0 * self.dim * rescored}
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index to the folder ``path`` atomically (temporary folder, then rename).
 
         The folder holds ``manifest.json`` (model name and hash, dimension, metric, type, parameters, count,
-        file sizes and SHA-256), ``index.faiss``, ``doc_ids.txt`` and, for binary, ``vectors.npy``.
+        file sizes and SHA-256), ``index.faiss``, ``doc_ids.txt`` and, for re-scored types, ``vectors.npy``.
         """
         if self._cpu is None:
             raise ValueError("nothing to save: the index is empty")
@@ -314,11 +300,10 @@ class DenseIndex:
             raise ValueError("document ids must not contain newlines")
         final = Path(path)
         with atomic_dir(final) as tmp:
-            if self.index_type == "binary":
-                faiss.write_index_binary(self._cpu, str(tmp / INDEX_FILE))
+            writer = faiss.write_index_binary if self.index_type == "binary" else faiss.write_index
+            writer(self._cpu, str(tmp / INDEX_FILE))
+            if self.index_type in RESCORED_TYPES:
                 np.save(tmp / VECTORS_FILE, self.vectors())
-            else:
-                faiss.write_index(self._cpu, str(tmp / INDEX_FILE))
             (tmp / IDS_FILE).write_text("".join(f"{doc_id}\n" for doc_id in self.doc_ids), encoding="utf-8")
             files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
             manifest = {
@@ -379,7 +364,7 @@ class DenseIndex:
             index._cpu = reader(str(folder / INDEX_FILE))
         except RuntimeError as err:
             raise IndexLoadError(f"{folder / INDEX_FILE}: faiss cannot read it ({str(err).splitlines()[0]})") from err
-        if manifest["type"] == "binary":
+        if manifest["type"] in RESCORED_TYPES:
             index._vectors = [np.load(folder / VECTORS_FILE, mmap_mode="r")]
         index.doc_ids = (folder / IDS_FILE).read_text(encoding="utf-8").splitlines()
         if not len(index) == len(index.doc_ids) == manifest["count"]:
