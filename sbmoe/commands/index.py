@@ -1,4 +1,8 @@
-"""``sbmoe index``: encode a corpus (through the cache), index it with faiss, store its texts, save it all."""
+"""``sbmoe index``: encode a corpus (through the cache), index it with faiss, store its texts, save it all.
+
+``--backend stream`` and ``--backend ray`` encode into resumable embedding shards instead of the cache (memory
+bounded by a chunk plus the index; ray encodes in an actor pool, locally or on a cluster), then index shard by shard.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,19 @@ from pathlib import Path
 from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, new_parser
 from sbmoe.data.corpus import FORMATS
 from sbmoe.files import recover_dir
+from sbmoe.model import load_any_model
 from sbmoe.retrieval.index import INDEX_TYPES, DenseIndex
-from sbmoe.retrieval.retriever import CONFIG, Retriever, absolute_spec
+from sbmoe.retrieval.index_settings import choose_index, parse_bytes
+from sbmoe.retrieval.retriever import CONFIG, Retriever, absolute_spec, as_dataset
+from sbmoe.retrieval.stream import encode_to_shards, retriever_from_shards
 
 EXAMPLES = (
     "sbmoe index --model minilm --corpus my_docs.jsonl --output indexes/my_docs",
-    "sbmoe index --model out/minilm-sbmoe --corpus scifact --index hnsw --output indexes/scifact",
     "sbmoe index --model minilm --corpus docs.tsv --output indexes/docs   # again later: adds only the new ids",
+    "sbmoe index --model minilm --corpus big.jsonl --output indexes/big --backend stream --ram-budget 8GB"
+    "   # or --backend ray --ray-address auto --ray-workers 8 --gpus-per-worker 1 (docs/scale.md)",
 )
+BACKENDS = ("local", "stream", "ray")
 
 
 def build_parser(prog: str = "sbmoe index") -> argparse.ArgumentParser:
@@ -36,6 +45,17 @@ def build_parser(prog: str = "sbmoe index") -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default: 64)")
     parser.add_argument("--device", help="torch device (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    scale = parser.add_argument_group("large corpora (stream and ray backends)")
+    scale.add_argument("--backend", choices=BACKENDS, default="local", help="local: through the embedding cache "
+                       "(default); stream: chunks -> resumable shards -> index; ray: that on Ray Data")  # fmt: skip
+    scale.add_argument("--shards", metavar="DIR", help="embedding shard folder, kept to resume or re-index "
+                       "(default: OUTPUT.shards)")  # fmt: skip
+    scale.add_argument("--shard-size", type=int, default=100_000, help="vectors per shard (default: 100000)")
+    scale.add_argument("--ram-budget", metavar="SIZE", help="without --index: pick the index type that fits "
+                       "SIZE (4GB, 512MiB) for the corpus size")  # fmt: skip
+    scale.add_argument("--ray-address", help="Ray cluster to join (auto, ray://head:10001; default: start Ray here)")
+    scale.add_argument("--ray-workers", type=int, default=1, help="encoding actors (default: 1)")
+    scale.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default: 0, CPU)")
     return parser
 
 
@@ -46,14 +66,21 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe index") -> int:
     try:
         params = index_params(args.index_param)
         DenseIndex(8, args.index or "flat", use_gpu=False, **params)
+        budget = parse_bytes(args.ram_budget) if args.ram_budget else None
     except (argparse.ArgumentTypeError, ValueError) as err:
         parser.error(str(err))
+    if args.backend == "local" and (budget or args.ray_address or args.shards):
+        parser.error("--ram-budget, --shards and --ray-address need --backend stream or ray")
+    if args.shard_size < 1 or args.ray_workers < 1:
+        parser.error("--shard-size and --ray-workers must be positive")
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     output, started = Path(args.output), time.perf_counter()
     try:
         recover_dir(output)  # what a killed earlier run left beside it
         _check_output(output)
-        if (output / CONFIG).is_file() and not args.rebuild:
+        if args.backend != "local":
+            message = _build_sharded(output, args, params, budget)
+        elif (output / CONFIG).is_file() and not args.rebuild:
             message = _grow(output, args)
         else:
             retriever = Retriever.build(
@@ -62,7 +89,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe index") -> int:
             )  # fmt: skip
             retriever.save(output)
             message = f"indexed {len(retriever)} documents ({retriever.index.index_type})"
-    except (ValueError, *USER_ERRORS) as err:  # a refused growth (ValueError) is the user's to fix too
+    except (ValueError, ImportError, *USER_ERRORS) as err:  # a refused growth, a missing extra: the user's to fix
         return fail("index", err)
     print(f"{message} in {output} ({time.perf_counter() - started:.1f} s)")
     print(f'search it: sbmoe search {output} "your question"')
@@ -99,3 +126,29 @@ def _grow(output: Path, args: argparse.Namespace) -> str:
         return f"up to date: all {before} documents already indexed"
     retriever.save(output)
     return f"added {added} new documents to the {before} already indexed ({retriever.index.index_type})"
+
+
+def _build_sharded(output: Path, args: argparse.Namespace, params: dict, budget: int | None) -> str:
+    """Encode into shards (stream or ray backend, resuming after the shards there), then index them into ``output``."""
+    if (output / CONFIG).is_file() and not args.rebuild:
+        raise ValueError(f"{output} holds an index: the {args.backend} backend builds from scratch; pass --rebuild")
+    model = load_any_model(args.model, device=args.device)
+    folder = Path(args.shards) if args.shards else output.with_name(f"{output.name}.shards")
+    if args.backend == "ray":
+        from sbmoe.retrieval.ray_encode import ray_encode_to_shards
+
+        shards = ray_encode_to_shards(model, absolute_spec(args.model) or args.model, args.corpus, folder,
+                                      args.shard_size, args.batch_size, args.ray_workers, args.gpus_per_worker,
+                                      args.ray_address)  # fmt: skip
+    else:
+        dataset = as_dataset(args.corpus, args.data_dir)
+        shards = encode_to_shards(
+            model, dataset, folder, args.shard_size, args.batch_size, show_progress=not args.quiet
+        )
+    index_type, chosen = args.index or "flat", ""
+    if budget is not None and args.index is None:
+        settings = choose_index(len(shards), shards.dim, budget)
+        index_type, params, chosen = settings.index_type, {**settings.params, **params}, f"; {settings.reason}"
+    retriever = retriever_from_shards(model, args.model, shards, index_type, params, show_progress=not args.quiet)
+    retriever.save(output)
+    return f"indexed {len(retriever)} documents ({index_type}{chosen}) from {len(shards.shards)} shards in {folder}"

@@ -1,0 +1,135 @@
+"""Streaming indexing in bounded memory: corpus -> encoded in chunks -> embedding shards -> index built shard by shard.
+
+Peak memory is one chunk being encoded, one shard being buffered, and the index; never the corpus. The shards
+(see :mod:`sbmoe.retrieval.shards`) make a killed run resumable: a rerun checks the ids of the shards already
+written against the corpus and encodes only the rest.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from itertools import islice
+
+import numpy as np
+from sentence_transformers import SentenceTransformer
+from tqdm.auto import tqdm
+
+from sbmoe.data.dataset import DataError, Doc, RetrievalDataset
+from sbmoe.model import find_head
+from sbmoe.retrieval.cache import model_fingerprint
+from sbmoe.retrieval.encode import apply_tail, pooled_model, unit_rows
+from sbmoe.retrieval.index import TRAIN_SAMPLE, DenseIndex
+from sbmoe.retrieval.retriever import Retriever, absolute_spec
+from sbmoe.retrieval.shards import ShardSet
+from sbmoe.retrieval.store import DocStore
+
+CHUNK = 2048  # documents per encode call
+ADD_BATCH = 65_536  # vectors per index add
+
+
+class ChunkEncoder:
+    """Texts -> the embeddings :meth:`Retriever.build` indexes (unit rows for cosine models) and top-1 experts.
+
+    The same split as :func:`sbmoe.retrieval.encode.encode_cached`: the backbone up to pooling, then the tail.
+    """
+
+    def __init__(self, model: SentenceTransformer, batch_size: int = 64):
+        self.model, self.batch_size = model, batch_size
+        self.pooled = pooled_model(model)
+        self.has_head = find_head(model) is not None
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        pooled = self.pooled.encode_document(
+            list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
+        )
+        vectors, experts = apply_tail(self.model, pooled, "document")
+        if self.model.similarity_fn_name == "cosine":
+            vectors = unit_rows(vectors)
+        return vectors, experts
+
+
+def open_shards(model: SentenceTransformer, folder: str | os.PathLike, shard_size: int) -> ShardSet:
+    """The shard folder for ``model``'s embeddings: new, or an earlier run's to resume."""
+    dim = model.get_embedding_dimension()
+    if dim is None:
+        raise ValueError("the model does not report its embedding dimension")
+    return ShardSet(folder, dim, shard_size, model_fingerprint(model))
+
+
+def skip_written(shards: ShardSet, docs: Iterator[Doc]) -> None:
+    """Advance ``docs`` past the rows already in ``shards``, checking that their ids are the shards' ids.
+
+    Raises:
+        DataError: the corpus differs from the one the shards were written from.
+    """
+    for shard in shards.shards:
+        found = [doc.id for doc in islice(docs, shard.count)]
+        if found != shards.ids(shard):
+            raise DataError(
+                f"{shards.folder}: shard {shard.name} holds other ids than rows {shard.start}-"
+                f"{shard.start + shard.count - 1} of this corpus: it was written from another corpus; "
+                "remove the shard folder or pass another one"
+            )
+
+
+def encode_to_shards(
+    model: SentenceTransformer,
+    dataset: RetrievalDataset,
+    folder: str | os.PathLike,
+    shard_size: int = 100_000,
+    batch_size: int = 64,
+    chunk: int = CHUNK,
+    show_progress: bool = True,
+) -> ShardSet:
+    """Encode the corpus chunk by chunk into the shard folder ``folder``, resuming after the shards it holds.
+
+    Returns:
+        The complete shard set.
+    """
+    shards = open_shards(model, folder, shard_size)
+    docs = dataset.iter_docs()
+    skip_written(shards, docs)
+    if shards.complete:
+        if next(docs, None) is not None:
+            raise DataError(
+                f"{shards.folder}: complete shards of a shorter corpus; remove them or pass another folder"
+            )
+        return shards
+    encoder = ChunkEncoder(model, batch_size)
+    with tqdm(desc="encode to shards", unit="doc", initial=len(shards), disable=not show_progress) as bar:
+        while batch := list(islice(docs, chunk)):
+            vectors, experts = encoder([doc.full_text for doc in batch])
+            shards.append(vectors, batch, experts)
+            bar.update(len(batch))
+    return shards.finish()
+
+
+def retriever_from_shards(
+    model: SentenceTransformer,
+    model_spec: str | None,
+    shards: ShardSet,
+    index_type: str = "flat",
+    index_params: dict | None = None,
+    use_gpu: bool | str = "auto",
+    show_progress: bool = True,
+) -> Retriever:
+    """A :class:`Retriever` over complete ``shards``: the index trained on a sample, then filled shard by shard.
+
+    The document store is filled from the shards too, so the corpus is not read again.
+    """
+    if not shards.complete or not len(shards):
+        raise ValueError(f"{shards.folder}: the shard set is incomplete or empty; encode the corpus first")
+    dense = DenseIndex(shards.dim, index_type, use_gpu=use_gpu, **(index_params or {}))
+    dense.train(shards.sample(TRAIN_SAMPLE), total=len(shards))
+    store = DocStore.temporary()
+    has_head = find_head(model) is not None
+    with tqdm(total=len(shards), desc=f"index {index_type}", unit="vec", disable=not show_progress) as bar:
+        for shard, vectors in shards.iter_vectors():
+            rows = shards.rows(shard)
+            for start in range(0, shard.count, ADD_BATCH):
+                dense.add(np.asarray(vectors[start : start + ADD_BATCH]), rows["id"][start : start + ADD_BATCH])
+            docs = (Doc(*fields) for fields in zip(rows["id"], rows["title"], rows["text"], strict=True))
+            store.add(docs, rows["expert"] if has_head else None)
+            bar.update(shard.count)
+    return Retriever(model, dense, store, absolute_spec(model_spec))
