@@ -15,6 +15,7 @@ LAYERS = [
     {"sbmoe.heads", "sbmoe.data"},
     {"sbmoe.model"},
     {"sbmoe.retrieval"},
+    {"sbmoe.quant"},
     {"sbmoe.evaluation"},
     {"sbmoe.training"},
     {"sbmoe.commands"},
