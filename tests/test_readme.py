@@ -49,7 +49,7 @@ def test_quick_start_indexes_and_searches_a_folder_of_texts(quick_start: tuple[P
 def test_python_quick_start_runs(quick_start: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     folder, _ = quick_start
     monkeypatch.chdir(folder)
-    (code,) = blocks("python")
+    code = blocks("python")[0]
     exec(compile(code, str(README), "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 2 and printed[0].split()[1] == "d1" and "expert" in printed[0]
@@ -71,3 +71,13 @@ def test_every_evaluate_and_finetune_example_parses() -> None:
                 continue
             checked += 1
     assert checked == 5
+
+
+def test_moe_layers_example_builds_what_it_says() -> None:
+    (code,) = [block for block in blocks("python") if "moe_layers" in block]
+    names: dict = {}
+    exec(compile("import sbmoe\n" + code, str(README), "exec"), names)
+    model = names["model"]
+    plans = model.expert_plan(["a question"])  # the last example: every MiniLM layer upcycled, pre-gated
+    assert [plan["decided_by"] for plan in plans] == [0, 0, 1, 2, 3, 4]
+    assert all(len(plan["batches"]) == 1 and plan["batches"][0] for plan in plans)
