@@ -16,6 +16,7 @@ import torch
 from conftest import WORDS
 
 from sbmoe.commands import index as index_command
+from sbmoe.commands import search as search_command
 from sbmoe.data import DataError, Doc, load_corpus
 from sbmoe.model import load_any_model
 from sbmoe.retrieval import DenseIndex, Retriever
@@ -23,7 +24,7 @@ from sbmoe.retrieval.encode import encode_cached, unit_rows
 from sbmoe.retrieval.index_settings import choose_index, parse_bytes
 from sbmoe.retrieval.sharded import build_shards, merge_on_disk, read_merged, serve_shards, train_template
 from sbmoe.retrieval.shards import ShardSet
-from sbmoe.retrieval.stream import encode_to_shards
+from sbmoe.retrieval.stream import encode_to_shards, retriever_from_shards
 
 DOCS, SHARD = 300, 64
 
@@ -72,7 +73,11 @@ def test_stream_shards_hold_what_the_cached_encoding_indexes(model, corpus: Path
 def test_stream_shards_keep_each_documents_expert(tiny_bert: str, corpus: Path, tmp_path: Path) -> None:
     from sbmoe.model import build_model
 
+    torch.manual_seed(0)
     moe = build_model(tiny_bert, num_experts=4, device="cpu")
+    with torch.no_grad():  # a random router this small may send every document to one expert: spread its choices
+        for name, weight in moe.head.router.named_parameters():
+            weight.zero_() if name.endswith("bias") else weight.normal_(0.0, 3.0 / weight.shape[1] ** 0.5)
     dataset = load_corpus(corpus)
     shards = encode_to_shards(moe, dataset, tmp_path / "shards", SHARD, show_progress=False)
     reference, meta = encode_cached(moe, dataset, "corpus", show_progress=False)
@@ -153,6 +158,33 @@ def test_index_command_stream_backend_equals_local_and_loads(corpus: Path, tiny_
         np.testing.assert_allclose([h.score for h in got_stream], [h.score for h in got_local], atol=1e-5)
         assert got_stream[0].id == want["_id"] and got_stream[0].text == want["text"]
     assert index_command.main(args) == 1  # an index is there: the stream backend asks for --rebuild
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_index_command_merges_ivf_lists_on_disk_and_serves_the_in_ram_top_100(
+    model, corpus: Path, tiny_bert: str, tmp_path: Path, capsys, kind: str
+) -> None:
+    out = tmp_path / "disk"
+    params = ["--index-param", "nlist=4", "--index-param", "nprobe=2", "--index-param", "pq_m=8"]
+    args = ["--model", tiny_bert, "--corpus", str(corpus), "--output", str(out), "--quiet", "--index", kind]
+    assert index_command.main([*args, *params, "--backend", "stream", "--shard-size", "100"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "disk.shards"]  # the merge folder is gone
+    assert {"index.faiss", "lists.ivfdata"} <= {p.name for p in (out / "index").iterdir()}
+    disk = Retriever.load(out)
+    assert disk.index.lists_on_disk == str(out / "index" / "lists.ivfdata")  # memory-mapped where it was saved
+    shards = ShardSet.open(tmp_path / "disk.shards")  # the same vectors, one index filled in RAM
+    ram = retriever_from_shards(model, tiny_bert, shards, kind, {"nlist": 4, "nprobe": 2, "pq_m": 8}, False, False)
+    assert ram.index.lists_on_disk is None and len(disk) == len(ram) == DOCS
+    queries = [doc.full_text for doc in list(load_corpus(corpus).iter_docs())[:20]]
+    for got, want in zip(disk.search(queries, 100), ram.search(queries, 100), strict=True):
+        assert [h.id for h in got] == [h.id for h in want] and len(got) == 100
+        np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+    assert search_command.main([str(out), queries[0], "-k", "100", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    assert [h["id"] for h in hits] == [h.id for h in ram.search(queries[:1], 100)[0]]
+    with pytest.raises(ValueError, match="lists on disk"):
+        disk.index.add(np.zeros((1, disk.index.dim), dtype=np.float32))
 
 
 def test_index_command_picks_the_index_from_a_ram_budget(corpus: Path, tiny_bert: str, tmp_path: Path, capsys) -> None:

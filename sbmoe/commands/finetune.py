@@ -53,6 +53,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe finetune") -> int
         record = run(args)
     except (*USER_ERRORS, TrainingDivergedError) as err:
         return fail("finetune", err)
+    if record.get("rank"):  # under torchrun only rank 0 evaluates, saves and reports
+        return 0
     print(results_table(record), end="")
     saved = f"model and run.json saved to {args.output_dir}" if args.save_model else f"run.json in {args.output_dir}"
     print(f"{saved} ({record['seconds']:.0f} s)")

@@ -1,13 +1,15 @@
 """``sbmoe index``: encode a corpus (through the cache), index it with faiss, store its texts, save it all.
 
 ``--backend stream`` and ``--backend ray`` encode into resumable embedding shards instead of the cache (memory
-bounded by a chunk plus the index; ray encodes in an actor pool, locally or on a cluster), then index shard by shard.
+bounded by a chunk plus the index; ray encodes in an actor pool, locally or on a cluster), then index shard by shard;
+an ``ivf`` or ``ivfpq`` index is built per shard on one quantizer and merged on disk, its lists left out of memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +20,9 @@ from sbmoe.files import recover_dir
 from sbmoe.model import load_any_model
 from sbmoe.retrieval.index import INDEX_TYPES, DenseIndex
 from sbmoe.retrieval.index_settings import choose_index, parse_bytes
+from sbmoe.retrieval.ivf import IVF_TYPES
 from sbmoe.retrieval.retriever import CONFIG, Retriever, absolute_spec, as_dataset
+from sbmoe.retrieval.sharded import retriever_on_disk
 from sbmoe.retrieval.stream import encode_to_shards, retriever_from_shards
 
 EXAMPLES = (
@@ -149,6 +153,11 @@ def _build_sharded(output: Path, args: argparse.Namespace, params: dict, budget:
     if budget is not None and args.index is None:
         settings = choose_index(len(shards), shards.dim, budget)
         index_type, params, chosen = settings.index_type, {**settings.params, **params}, f"; {settings.reason}"
-    retriever = retriever_from_shards(model, args.model, shards, index_type, params, show_progress=not args.quiet)
-    retriever.save(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.lists-", dir=output.parent) as work_dir:
+        if index_type in IVF_TYPES:  # the lists are merged on disk, then hard-linked into the index folder
+            retriever = retriever_on_disk(model, args.model, shards, index_type, work_dir, params)
+        else:
+            retriever = retriever_from_shards(model, args.model, shards, index_type, params, "auto", not args.quiet)
+        retriever.save(output)
     return f"indexed {len(retriever)} documents ({index_type}{chosen}) from {len(shards.shards)} shards in {folder}"

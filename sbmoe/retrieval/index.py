@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ GPU_TYPES = ("flat", "ivf", "ivfpq", "sq8")  # the rest stay on CPU (faiss has n
 GPU_MAX_K = 2048  # faiss GPU top-k limit; larger k searches the CPU copy
 INDEX_FILE = "index.faiss"
 IDS_FILE = "doc_ids.txt"
+LISTS_FILE = "lists.ivfdata"  # IVF inverted lists kept on disk (a disk-merged sharded index), beside INDEX_FILE
 VECTORS_FILE = "vectors.npy"
 TRAIN_SAMPLE = 200_000
 SETTINGS = {  # the parameters each type uses
@@ -120,6 +122,16 @@ class DenseIndex:
         """The faiss index that :meth:`search` queries (the GPU copy when on GPU)."""
         return self._device_index(1)
 
+    @property
+    def lists_on_disk(self) -> str | None:
+        """The file holding the inverted lists when they stay on disk (memory-mapped), else None."""
+        lists = faiss.downcast_InvertedLists(self._cpu.invlists) if isinstance(self._cpu, faiss.IndexIVF) else None
+        return lists.filename if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+    def attach(self, index: Any, doc_ids: list[str]) -> None:
+        """Serve ``index``, filled elsewhere from this trained one (a disk-merged sharded index); row i: doc_ids[i]."""
+        self._cpu, self.doc_ids, self._gpu = index, list(doc_ids), None
+
     def _gpu_choice(self, use_gpu: bool | str) -> bool:
         available = gpu_count() > 0
         if use_gpu == "auto":
@@ -184,6 +196,8 @@ class DenseIndex:
             ids: Document ids for the rows; default: their running row numbers as strings.
         """
         embeddings = self._check(embeddings)
+        if self.lists_on_disk:
+            raise ValueError("this index keeps its inverted lists on disk and cannot grow: rebuild it (--rebuild)")
         if ids is not None and len(ids) != len(embeddings):
             raise ValueError(f"{len(ids)} ids for {len(embeddings)} embeddings")
         if self._cpu is None:
@@ -302,6 +316,11 @@ class DenseIndex:
         with atomic_dir(final) as tmp:
             writer = faiss.write_index_binary if self.index_type == "binary" else faiss.write_index
             writer(self._cpu, str(tmp / INDEX_FILE))
+            if self.lists_on_disk:  # loading finds them beside index.faiss; never written again, so linked if it can
+                try:
+                    os.link(self.lists_on_disk, tmp / LISTS_FILE)
+                except OSError:  # another file system
+                    shutil.copyfile(self.lists_on_disk, tmp / LISTS_FILE)
             if self.index_type in RESCORED_TYPES:
                 np.save(tmp / VECTORS_FILE, self.vectors())
             (tmp / IDS_FILE).write_text("".join(f"{doc_id}\n" for doc_id in self.doc_ids), encoding="utf-8")
@@ -360,8 +379,9 @@ class DenseIndex:
         index = cls(manifest["dim"], manifest["type"], use_gpu, built_by["name"], built_by["hash"], **settings)
         index.params = dict(manifest["params"])
         reader = faiss.read_index_binary if manifest["type"] == "binary" else faiss.read_index
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if LISTS_FILE in manifest["files"] else 0
         try:
-            index._cpu = reader(str(folder / INDEX_FILE))
+            index._cpu = reader(str(folder / INDEX_FILE), flags)
         except RuntimeError as err:
             raise IndexLoadError(f"{folder / INDEX_FILE}: faiss cannot read it ({str(err).splitlines()[0]})") from err
         if manifest["type"] in RESCORED_TYPES:

@@ -16,13 +16,26 @@ from typing import Any
 import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
+from sentence_transformers import SentenceTransformer
 
-from sbmoe.retrieval.index import TRAIN_SAMPLE, DenseIndex, gpu_count
+from sbmoe.retrieval.index import INDEX_FILE, LISTS_FILE, TRAIN_SAMPLE, DenseIndex, gpu_count
 from sbmoe.retrieval.ivf import IVF_TYPES
+from sbmoe.retrieval.retriever import Retriever, absolute_spec
 from sbmoe.retrieval.shards import ShardSet
+from sbmoe.retrieval.stream import retriever_from_shards, store_from_shards
 
-MERGED_INDEX, MERGED_LISTS = "index.faiss", "lists.ivfdata"
+MERGED_INDEX, MERGED_LISTS = INDEX_FILE, LISTS_FILE
 SHARD_TYPES = ("flat", "ivf", "ivfpq")
+
+
+def trained(sample: np.ndarray, index_type: str, total: int, params: dict[str, Any] | None = None) -> DenseIndex:
+    """An empty :class:`~sbmoe.retrieval.index.DenseIndex` trained on ``sample`` for ``total`` vectors (IVF defaults
+    filled in for ``total``)."""
+    if index_type not in SHARD_TYPES:
+        raise ValueError(f"sharded index type {index_type!r}: expected one of {', '.join(SHARD_TYPES)}")
+    dense = DenseIndex(sample.shape[1], index_type, use_gpu=False, **(params or {}))
+    dense.train(sample, total=total)
+    return dense
 
 
 def train_template(sample: np.ndarray, index_type: str, total: int, params: dict[str, Any] | None = None) -> bytes:
@@ -30,10 +43,10 @@ def train_template(sample: np.ndarray, index_type: str, total: int, params: dict
 
     ``params`` are :class:`~sbmoe.retrieval.index.DenseIndex` parameters (IVF defaults filled in for ``total``).
     """
-    if index_type not in SHARD_TYPES:
-        raise ValueError(f"sharded index type {index_type!r}: expected one of {', '.join(SHARD_TYPES)}")
-    dense = DenseIndex(sample.shape[1], index_type, use_gpu=False, **(params or {}))
-    dense.train(sample, total=total)
+    return _template(trained(sample, index_type, total, params))
+
+
+def _template(dense: DenseIndex) -> bytes:
     index = dense.faiss_index  # nprobe is set on it
     if not isinstance(index, faiss.IndexIVF):
         index = faiss.IndexIDMap(index)  # flat: ids through a map, as IVF keeps them itself
@@ -148,3 +161,47 @@ def sharded_index(
         nprobe = faiss.deserialize_index(np.frombuffer(template, dtype=np.uint8)).nprobe
         return read_merged(merge_on_disk(template, files, out_dir), nprobe)
     return serve_shards(files, use_gpu=False)
+
+
+def fill_on_disk(dense: DenseIndex, shards: ShardSet, work_dir: str | os.PathLike, parallel: str = "threads") -> None:
+    """Fill ``dense``, an IVF index trained on a sample of ``shards`` (on CPU), with every shard, its lists on disk:
+    one index per shard (in ``work_dir/shards``, built in parallel) from ``dense``'s quantizer, merged on disk into
+    ``work_dir``.
+
+    Memory holds the quantizer (and one shard index per worker while building), not the lists. Saving ``dense``
+    links (or copies) the lists file into the index folder, so ``work_dir`` may go once it is saved;
+    ``DenseIndex.load`` and ``Retriever.load`` open it with the lists memory-mapped.
+
+    Raises:
+        ValueError: ``dense`` is not IVF, or so small a corpus that IVF fell back to exact search (no lists).
+    """
+    if dense.structure not in IVF_TYPES:
+        raise ValueError(f"a {dense.structure} index has no inverted lists to keep on disk")
+    template = _template(dense)
+    files = build_shards(shards, template, Path(work_dir) / "shards", parallel)
+    merged = read_merged(merge_on_disk(template, files, work_dir))
+    dense.attach(merged, [doc_id for shard in shards.shards for doc_id in shards.ids(shard)])
+
+
+def retriever_on_disk(
+    model: SentenceTransformer,
+    model_spec: str | None,
+    shards: ShardSet,
+    index_type: str,
+    work_dir: str | os.PathLike,
+    params: dict[str, Any] | None = None,
+    parallel: str = "threads",
+) -> Retriever:
+    """A :class:`~sbmoe.retrieval.retriever.Retriever` over complete ``shards`` whose ivf or ivfpq index keeps its
+    lists on disk (:func:`fill_on_disk` in ``work_dir``; saving the retriever puts them in the index folder).
+
+    Other types, and IVF on so few vectors that it falls back to exact search, are filled in memory as
+    :func:`~sbmoe.retrieval.stream.retriever_from_shards` does.
+    """
+    if not shards.complete or not len(shards):
+        raise ValueError(f"{shards.folder}: the shard set is incomplete or empty; encode the corpus first")
+    dense = trained(shards.sample(TRAIN_SAMPLE), index_type, len(shards), params) if index_type in IVF_TYPES else None
+    if dense is None or dense.structure not in IVF_TYPES:
+        return retriever_from_shards(model, model_spec, shards, index_type, params, show_progress=False)
+    fill_on_disk(dense, shards, work_dir, parallel)
+    return Retriever(model, dense, store_from_shards(model, shards), absolute_spec(model_spec))

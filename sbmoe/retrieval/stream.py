@@ -122,14 +122,21 @@ def retriever_from_shards(
         raise ValueError(f"{shards.folder}: the shard set is incomplete or empty; encode the corpus first")
     dense = DenseIndex(shards.dim, index_type, use_gpu=use_gpu, **(index_params or {}))
     dense.train(shards.sample(TRAIN_SAMPLE), total=len(shards))
-    store = DocStore.temporary()
-    has_head = find_head(model) is not None
     with tqdm(total=len(shards), desc=f"index {index_type}", unit="vec", disable=not show_progress) as bar:
         for shard, vectors in shards.iter_vectors():
-            rows = shards.rows(shard)
+            ids = shards.ids(shard)
             for start in range(0, shard.count, ADD_BATCH):
-                dense.add(np.asarray(vectors[start : start + ADD_BATCH]), rows["id"][start : start + ADD_BATCH])
-            docs = (Doc(*fields) for fields in zip(rows["id"], rows["title"], rows["text"], strict=True))
-            store.add(docs, rows["expert"] if has_head else None)
+                dense.add(np.asarray(vectors[start : start + ADD_BATCH]), ids[start : start + ADD_BATCH])
             bar.update(shard.count)
-    return Retriever(model, dense, store, absolute_spec(model_spec))
+    return Retriever(model, dense, store_from_shards(model, shards), absolute_spec(model_spec))
+
+
+def store_from_shards(model: SentenceTransformer, shards: ShardSet) -> DocStore:
+    """A temporary document store of the shards' rows (ids, titles, texts, and experts when ``model`` has a head)."""
+    store = DocStore.temporary()
+    has_head = find_head(model) is not None
+    for shard in shards.shards:
+        rows = shards.rows(shard)
+        docs = (Doc(*fields) for fields in zip(rows["id"], rows["title"], rows["text"], strict=True))
+        store.add(docs, rows["expert"] if has_head else None)
+    return store

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -121,6 +122,7 @@ def train_full_mode(
         data_seed=args.seed,
         bf16=bf16,
         fp16=cuda and not bf16,
+        use_cpu=not cuda,  # without it the Trainer ignores torchrun on CPU (each rank trains alone); with it, gloo
         dataloader_pin_memory=cuda,
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         router_mapping={c: "query" if c == "query" else "document" for c in _columns(prepared, 0).column_names},
@@ -144,6 +146,21 @@ def train_full_mode(
         logger.info("--resume: continuing from %s", checkpoint)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     return {"log_history": trainer.state.log_history, "global_step": trainer.state.global_step}
+
+
+def process_rank() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: ``(0, 1)`` unless a distributed process group is up (torchrun or
+    accelerate launch, once the Trainer has joined it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def pin_local_gpu() -> None:
+    """Under torchrun on GPUs, make ``cuda`` mean this rank's GPU (``LOCAL_RANK``), so that the encoding done before
+    the Trainer starts (zero-shot evaluation, mining) does not put every rank on GPU 0."""
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
 class PSRProgress(TrainerCallback):
@@ -292,8 +309,14 @@ def check_output_dir(output: Path, args: FinetuneArguments) -> None:
 
 
 def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    """Fine-tune as ``args`` says, save the model and ``run.json`` to ``args.output_dir``, return the run record."""
+    """Fine-tune as ``args`` says, save the model and ``run.json`` to ``args.output_dir``, return the run record.
+
+    Under torchrun or accelerate launch, ``--train full`` trains data-parallel (every rank prepares the same data;
+    the Trainer gives each rank its share of the batches); then only rank 0 evaluates and writes, and the other
+    ranks return a record of their training alone (``rank`` > 0, no ``eval``).
+    """
     start = time.time()
+    pin_local_gpu()
     output = Path(args.output_dir)
     check_output_dir(output, args)
     if args.threads:
@@ -314,8 +337,10 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
         history = train_head_mode(model, args, prepared)
     else:
         history = train_full_mode(model, args, prepared, callbacks or [])
+    rank, world_size = process_rank()
     record: dict[str, Any] = {
         "arguments": asdict(args),
+        "world_size": world_size,
         "threads": torch.get_num_threads(),
         "head_parameters": count_parameters(find_head(model)),
         "parameters": {"total": count_parameters(model), "active": active_parameters(model)},
@@ -325,6 +350,8 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
         "history": history,
         "kmeans_cluster_shares": cluster_shares,
     }
+    if rank:  # rank 0 evaluates, saves and writes run.json
+        return {**record, "rank": rank, "eval": {}, "seconds": time.time() - start}
     if prepared.dev_queries and args.train == "full":  # the backbone moved: re-encode the dev queries and the corpus
         reencode(model, prepared, args.cache_dir)
     if args.tune_strength:  # scores every strength on dev, 1.0 (the head as trained) included
