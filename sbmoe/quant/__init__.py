@@ -22,10 +22,18 @@ _LAZY = {
     "quantize": "sbmoe.quant.linear",
     "quantize_experts": "sbmoe.quant.linear",
     "unpack": "sbmoe.quant.linear",
+    "routed_frequencies": "sbmoe.quant.calibrate",
+    "OnnxTransformer": "sbmoe.quant.encoder",
+    "save_with_onnx_encoder": "sbmoe.quant.encoder",
+    "QuantizedMoETransformer": "sbmoe.quant.transformer",
     "calibrate_head": "sbmoe.quant.recipe",
+    "calibrate_layers": "sbmoe.quant.recipe",
+    "calibrate_model": "sbmoe.quant.recipe",
+    "calibration_texts": "sbmoe.quant.recipe",
     "calibration_vectors": "sbmoe.quant.recipe",
     "choose_plan": "sbmoe.quant.recipe",
     "quantize_head": "sbmoe.quant.recipe",
+    "quantize_model": "sbmoe.quant.recipe",
     "read_plan": "sbmoe.quant.recipe",
 }
 

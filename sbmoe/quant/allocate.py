@@ -87,11 +87,13 @@ def make_plan(
 
 def plan_table(plan: dict[str, Any]) -> str:
     """The plan as aligned text lines: name, bits, group, frequency, relative output error, outlier score."""
-    lines = [f"{'linear':<28} bits group  freq   rel.err   outlier"]
+    width = max([28, *map(len, plan["linears"])])
+    lines = [f"{'linear':<{width}} bits group  freq   rel.err   outlier"]
     for name, p in plan["linears"].items():
         error = "-" if p["error"] is None else f"{p['error']:.2e}"
         lines.append(
-            f"{name:<28} {p['bits']:>4} {str(p['group_size']):>5} {p['frequency']:>5.3f} {error:>9} {p['outlier']:>8}"
+            f"{name:<{width}} {p['bits']:>4} {str(p['group_size']):>5} {p['frequency']:>5.3f} {error:>9} "
+            f"{p['outlier']:>8}"
         )
     lines.append(f"average bits per expert weight: {plan['average_bits']:.3f} ({plan['criterion']})")
     return "\n".join(lines)

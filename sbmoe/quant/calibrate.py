@@ -54,13 +54,19 @@ def output_error(linear: nn.Linear, inputs: Tensor, bits: int, group_size: int |
     return float(delta.square().sum() / reference.square().sum().clamp(min=1e-12))
 
 
-def capture_inputs(model: nn.Module, run: Callable[[], object], names: Sequence[str]) -> dict[str, Tensor]:
-    """The inputs (rows, at most :data:`MAX_ROWS`) that the linears ``names`` of ``model`` see while ``run()``."""
+def capture_inputs(
+    model: nn.Module, run: Callable[[], object], names: Sequence[str], counts: dict[str, int] | None = None
+) -> dict[str, Tensor]:
+    """The inputs (rows, at most :data:`MAX_ROWS`) that the linears ``names`` of ``model`` see while ``run()``;
+    ``counts``, when given, receives every linear's number of input rows (tokens routed to its expert), uncapped."""
     seen: dict[str, list[Tensor]] = {name: [] for name in names}
+    counts = {} if counts is None else counts
+    counts.update(dict.fromkeys(names, 0))
 
     def hook(name: str) -> Callable[..., None]:
         def record(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
             rows = args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu()
+            counts[name] += len(rows)
             if sum(len(r) for r in seen[name]) < MAX_ROWS:
                 seen[name].append(rows)
 
@@ -84,6 +90,22 @@ def head_frequencies(head: SBMoEHead, embeddings: Tensor) -> Tensor:
     return weight / weight.sum().clamp(min=1e-12)
 
 
+def routed_frequencies(counts: dict[str, int]) -> dict[str, Tensor]:
+    """Per owner module (the name before ``experts.``), each expert's share of the rows routed to its experts, from
+    the row counts of :func:`capture_inputs` (an expert's linears count the same rows: the first one named counts)."""
+    per_owner: dict[str, dict[int, int]] = {}
+    for name, count in counts.items():
+        match = EXPERT_INDEX.match(name)
+        per_owner.setdefault(match["owner"], {}).setdefault(int(match["index"]), count)
+    shares = {}
+    for owner, experts in per_owner.items():
+        routed = torch.zeros(max(experts) + 1)
+        for index, count in experts.items():
+            routed[index] = count
+        shares[owner] = routed / routed.sum().clamp(min=1)
+    return shares
+
+
 def linear_stats(
     model: nn.Module,
     inputs: dict[str, Tensor],
@@ -91,7 +113,7 @@ def linear_stats(
     group_size: int | None,
     bit_widths: Sequence[int] = BIT_WIDTHS,
 ) -> list[LinearStats]:
-    """Calibration figures of every expert linear of ``model``.
+    """Calibration figures of the expert linears of ``model`` that ``inputs`` names.
 
     Args:
         inputs: Captured inputs per linear name (see :func:`capture_inputs`).
@@ -99,7 +121,7 @@ def linear_stats(
             an owner not listed counts its experts by the rows they saw.
         group_size: Group size of the 2-4 bit widths (8 bits is always per output channel).
     """
-    linears = dict(expert_linears(model))
+    linears = {name: linear for name, linear in expert_linears(model) if name in inputs}
     rows = {name: len(inputs[name]) for name in linears}
     stats = []
     for name, linear in linears.items():

@@ -2,18 +2,22 @@
 
 Both swap only the transformer inside the model's first module (``model[0].model``), so tokenization, pooling
 and the SB-MoE head after it run unchanged. (Assigning ``model[0].auto_model`` does nothing in
-sentence-transformers 6.2: it is a read-only view of ``model[0].model``.)
+sentence-transformers 6.2: it is a read-only view of ``model[0].model``.) :func:`save_with_onnx_encoder` saves a
+model whose backbone reloads as an :class:`OnnxTransformer`, running through the saved ONNX file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Transformer
 from torch import Tensor, nn
 
 ENCODERS = ("fp32", "torch-int8", "onnx-fp32", "onnx-int8")
@@ -104,3 +108,72 @@ def with_encoder(model: SentenceTransformer, encoder: str, folder: str | os.Path
     if encoder in ("onnx-fp32", "onnx-int8"):
         return onnx_encoder(model, folder, encoder == "onnx-int8", threads)
     raise ValueError(f"unknown encoder {encoder!r}: expected one of {ENCODERS}")
+
+
+class OnnxTransformer(Transformer):
+    """sentence-transformers' Transformer whose encoder runs through an ONNX file saved in its folder.
+
+    The float weights stay in the folder (the module is built from them and saves them again, so the folder also
+    re-exports); only the forward pass runs through ONNX Runtime.
+
+    Args:
+        model_name_or_path: A folder saved by this class (see :func:`save_with_onnx_encoder`).
+        onnx_file: The ONNX file's name in that folder.
+        onnx_digest: The file's digest as saved (recomputed on load): in the config, it tells models apart in
+            embedding caches (their fingerprint hashes parameters, and the ONNX session has none).
+    """
+
+    config_keys: list[str] = [*Transformer.config_keys, "onnx_file", "onnx_digest"]
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        *,
+        onnx_file: str = "model_int8.onnx",
+        onnx_digest: str | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(model_name_or_path, **kwargs)
+        self.use_onnx(Path(model_name_or_path) / onnx_file)
+
+    def use_onnx(self, path: Path) -> None:
+        """Run the encoder through ``path`` (in place); the float encoder is kept, unregistered, for :meth:`save`."""
+        self.onnx_file, self.onnx_path = path.name, path
+        with path.open("rb") as f:
+            self.onnx_digest = hashlib.file_digest(f, "blake2b").hexdigest()[:32]
+        self.__dict__["float_model"] = self.model
+        self.model = OrtEncoder(path, self.model.config)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**super().get_config_dict(), "onnx_file": self.onnx_file, "onnx_digest": self.onnx_digest}
+
+    def save(self, output_path: str, *args: Any, **kwargs: Any) -> None:
+        session, self.model = self.model, self.__dict__["float_model"]
+        try:
+            super().save(output_path, *args, **kwargs)
+        finally:
+            self.model = session
+        target = Path(output_path) / self.onnx_file
+        if not target.exists() or not target.samefile(self.onnx_path):
+            shutil.copyfile(self.onnx_path, target)
+
+
+def save_with_onnx_encoder(model: SentenceTransformer, folder: str | os.PathLike, int8: bool = True) -> Path:
+    """Save ``model`` to ``folder`` with its backbone exported to ONNX (dynamic int8 with ``int8``); the folder
+    reloads with :func:`sbmoe.model.load_model` as a model whose backbone runs through ONNX Runtime. ``model``'s
+    first module becomes that :class:`OnnxTransformer` (in place).
+
+    Raises:
+        ValueError: a backbone other than a plain Transformer (MoE encoder layers route each token by its values,
+            which tracing to ONNX would freeze).
+    """
+    if type(model[0]) is not Transformer:
+        raise ValueError(f"only a plain Transformer backbone exports to ONNX, not {type(model[0]).__name__}")
+    folder = Path(folder)
+    path = export_onnx(model, folder, int8)
+    if int8:
+        (folder / "model.onnx").unlink()  # the float export the int8 file was made from
+    model[0].__class__ = OnnxTransformer  # same state, plus the ONNX session
+    model[0].use_onnx(path)
+    model.save(str(folder))
+    return folder

@@ -1,10 +1,16 @@
-"""The expert-quantization recipe: calibration vectors -> per-linear figures -> a bit plan -> a quantized head."""
+"""The expert-quantization recipe: calibration inputs -> per-linear figures -> a bit plan -> a quantized model.
+
+Plans name expert linears by their qualified name in the model (``2.experts.0.up`` in the head,
+``0.model.encoder.layer.1.intermediate.experts.3.down`` in an upcycled encoder layer); a plan of names inside
+the head alone (plans written before MoE encoder layers existed) applies to the head.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,28 +20,42 @@ from torch import Tensor
 
 from sbmoe.data import DataError, load_dataset
 from sbmoe.data.dataset import beir_text
+from sbmoe.heads import SBMoEHead
+from sbmoe.heads.upcycle import MoETransformer
 from sbmoe.model import SBMoEModel, find_head
 from sbmoe.quant.allocate import CRITERIA, allocate, make_plan, uniform
-from sbmoe.quant.calibrate import LinearStats, capture_inputs, head_frequencies, linear_stats
+from sbmoe.quant.calibrate import LinearStats, capture_inputs, head_frequencies, linear_stats, routed_frequencies
 from sbmoe.quant.head import QuantizedSBMoEHead
 from sbmoe.quant.linear import BIT_WIDTHS, expert_linears
+from sbmoe.quant.transformer import QuantizedMoETransformer
 from sbmoe.retrieval.encode import pooled_features
 
 DEFAULT_GROUP = 128
+
+
+def calibration_texts(spec: str, corpus_sample: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A dataset's query texts and a random sample of ``corpus_sample`` of its document texts.
+
+    Raises:
+        DataError: a dataset with neither.
+    """
+    dataset = load_dataset(spec)
+    texts = [beir_text(doc.title, doc.text) for doc in dataset.iter_docs()]
+    rows = np.sort(np.random.default_rng(seed).choice(len(texts), size=min(corpus_sample, len(texts)), replace=False))
+    queries, docs = list(dataset.queries.values()), [texts[i] for i in rows]
+    if not queries and not docs:
+        raise DataError(f"{spec}: no queries or documents to calibrate on")
+    return queries, docs
 
 
 def calibration_vectors(
     model: SBMoEModel, spec: str, corpus_sample: int, cache_dir: str | os.PathLike | None = None, seed: int = 0
 ) -> Tensor:
     """Pooled backbone vectors of a dataset's queries and a random sample of ``corpus_sample`` of its documents."""
-    dataset = load_dataset(spec)
-    texts = [beir_text(doc.title, doc.text) for doc in dataset.iter_docs()]
-    rows = np.sort(np.random.default_rng(seed).choice(len(texts), size=min(corpus_sample, len(texts)), replace=False))
-    parts = [pooled_features(model, [texts[i] for i in rows], "corpus", cache_dir)] if len(rows) else []
-    if dataset.queries:
-        parts.append(pooled_features(model, list(dataset.queries.values()), "queries", cache_dir))
-    if not parts:
-        raise DataError(f"{spec}: no queries or documents to calibrate on")
+    queries, docs = calibration_texts(spec, corpus_sample, seed)
+    parts = [pooled_features(model, docs, "corpus", cache_dir)] if docs else []
+    if queries:
+        parts.append(pooled_features(model, queries, "queries", cache_dir))
     return torch.cat(parts)
 
 
@@ -50,6 +70,57 @@ def calibrate_head(model: SBMoEModel, pooled: Tensor, group_size: int | None = D
     x = pooled.to(model.device)
     inputs = capture_inputs(head, lambda: head({"sentence_embedding": x}, task="query"), names)
     return linear_stats(head, inputs, {"": head_frequencies(head, x)}, group_size)
+
+
+def layer_expert_names(model: SBMoEModel) -> list[str]:
+    """The qualified names of the expert linears outside the model's SB-MoE head."""
+    head = find_head(model)
+    in_head = {id(m) for m in head.modules()} if head is not None else set()
+    return [name for name, linear in expert_linears(model) if id(linear) not in in_head]
+
+
+def calibrate_layers(
+    model: SBMoEModel, queries: Sequence[str], docs: Sequence[str], group_size: int | None = DEFAULT_GROUP
+) -> list[LinearStats]:
+    """Per expert linear outside the SB-MoE head (upcycled encoder layers): output error per bit width on the token
+    states routed to its expert while encoding ``queries`` and ``docs``, its expert's share of the routed tokens,
+    and its outlier score. Names are qualified in ``model``."""
+    names = layer_expert_names(model)
+    if not names:
+        return []
+    model.eval()
+
+    def encode() -> None:
+        if queries:
+            model.encode_query(list(queries), batch_size=32)
+        if docs:
+            model.encode_document(list(docs), batch_size=32)
+
+    counts: dict[str, int] = {}
+    inputs = capture_inputs(model, encode, names, counts)
+    return linear_stats(model, inputs, routed_frequencies(counts), group_size)
+
+
+def calibrate_model(
+    model: SBMoEModel, spec: str, corpus_sample: int, group_size: int | None = DEFAULT_GROUP, seed: int = 0
+) -> list[LinearStats]:
+    """Figures of every expert linear of ``model`` (names qualified in it): the head's (see :func:`calibrate_head`)
+    and the upcycled layers' (see :func:`calibrate_layers`), on a dataset's queries and sampled documents.
+
+    Raises:
+        ValueError: a model without experts.
+    """
+    stats = []
+    head = find_head(model)
+    if head is not None:
+        index = next(i for i, module in enumerate(model) if module is head)
+        pooled = calibration_vectors(model, spec, corpus_sample, seed=seed)
+        stats += [replace(s, name=f"{index}.{s.name}") for s in calibrate_head(model, pooled, group_size)]
+    if layer_expert_names(model):
+        stats += calibrate_layers(model, *calibration_texts(spec, corpus_sample, seed), group_size)
+    if not stats:
+        raise ValueError("the model has no expert linears to quantize")
+    return stats
 
 
 def choose_plan(
@@ -96,4 +167,28 @@ def quantize_head(model: SBMoEModel, plan: dict[str, Any]) -> SBMoEModel:
         raise ValueError("the model has no SB-MoE head: there are no experts to quantize")
     index = next(i for i, module in enumerate(model) if module is head)
     model[index] = QuantizedSBMoEHead.from_head(head, plan)
+    return model
+
+
+def quantize_model(model: SBMoEModel, plan: dict[str, Any]) -> SBMoEModel:
+    """Quantize every expert linear that ``plan`` names, in place: the head becomes a
+    :class:`QuantizedSBMoEHead`, an upcycled Transformer a :class:`QuantizedMoETransformer` (both save packed).
+
+    Raises:
+        ValueError: plan names in a module that cannot save packed experts.
+    """
+    linears = plan["linears"]
+    if not any(name.split(".")[0].isdigit() for name in linears):
+        return quantize_head(model, plan)
+    for index, module in enumerate(list(model)):
+        prefix = f"{index}."
+        own = {name.removeprefix(prefix): spec for name, spec in linears.items() if name.startswith(prefix)}
+        if not own:
+            continue
+        if isinstance(module, SBMoEHead):
+            model[index] = QuantizedSBMoEHead.from_head(module, {"linears": own})
+        elif isinstance(module, MoETransformer):
+            model[index] = QuantizedMoETransformer.from_transformer(module, {"linears": own})
+        else:
+            raise ValueError(f"module {index} ({type(module).__name__}) cannot hold packed experts")
     return model
