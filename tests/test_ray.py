@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_scale import all_rows
 
 from sbmoe.commands import index as index_command
 from sbmoe.data import Doc, load_corpus
@@ -49,15 +50,10 @@ def model(tiny_bert: str):
     return load_any_model(tiny_bert, device="cpu")
 
 
-def rows(shards: ShardSet) -> tuple[np.ndarray, list[str]]:
-    vectors = np.concatenate([np.asarray(v) for _, v in shards.iter_vectors()])
-    return vectors, [doc_id for shard in shards.shards for doc_id in shards.ids(shard)]
-
-
 def test_ray_encoding_equals_single_process_in_the_same_order(model, tiny_bert: str, corpus: Path, tmp_path) -> None:
     shards = ray_encode_to_shards(model, tiny_bert, corpus.as_uri(), tmp_path / "ray", SHARD, workers=1)
     reference, _ = encode_cached(model, load_corpus(corpus), "corpus", show_progress=False)
-    vectors, ids = rows(shards)
+    vectors, ids = all_rows(shards)
     assert ids == [f"d{i}" for i in range(DOCS)]  # read through fsspec from a file:// URL
     np.testing.assert_allclose(vectors, unit_rows(np.asarray(reference)), atol=1e-5)
     streamed = encode_to_shards(model, load_corpus(corpus), tmp_path / "stream", SHARD, show_progress=False)
