@@ -272,6 +272,8 @@ def main() -> None:
     root = Path(cli.out)
     pilot = cli.backbone == "minilm-l3" and cli.max_steps == 30
     suffix = "" if pilot else f"_{cli.backbone}_steps{cli.max_steps}"
+    if len(FULL_EVAL) == len(EVAL):
+        suffix += "_all_collections"
     if cli.part == "head":
         write_results(head_part(root / "head", cli.regimes.split(",")), "multidomain_head")
     else:
