@@ -22,6 +22,7 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["SBMOE_CACHE"] = str(path)
     return path
 
+
 WORDS = (
     "the a of and to in is was for on with by as cell cells protein gene genes cancer drug study results "
     "patients disease blood brain risk increase decrease effect effects treatment mice human dna rna virus "
@@ -29,8 +30,8 @@ WORDS = (
 ).split()
 
 
-def write_tiny_bert(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
-    """Save a random 2-layer BERT (hidden size ``hidden``) and a word-piece tokenizer to ``folder``."""
+def write_tiny_bert(folder: Path, hidden: int = 32, seed: int = 0, layers: int = 2) -> Path:
+    """Save a random BERT of ``layers`` layers (hidden size ``hidden``) and a word-piece tokenizer to ``folder``."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -42,7 +43,7 @@ def write_tiny_bert(folder: Path, hidden: int = 32, seed: int = 0) -> Path:
     config = BertConfig(
         vocab_size=len(dict.fromkeys(vocab)),
         hidden_size=hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=2 * hidden,
         max_position_embeddings=128,

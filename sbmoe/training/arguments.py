@@ -106,6 +106,13 @@ class FinetuneArguments:
     patience: int = field(
         default=0, metadata={"help": "head mode: epochs without dev gain before stopping (0: never; the study: 4)"}
     )
+    frozen_layers: int = field(
+        default=0,
+        metadata={"help": "full mode: freeze the embeddings and first K layers; their token states are computed once"},
+    )
+    token_cache_dir: str | None = field(
+        default=None, metadata={"help": "keep the frozen layers' token states here for later runs (default: memory)"}
+    )
     max_seq_length: int = field(default=256, metadata={"help": "tokens per text (longer texts are cut)"})
     save_steps: int = field(default=500, metadata={"help": "full mode: checkpoint every N steps"})
     logging_steps: int = field(default=10, metadata={"help": "full mode: log the loss every N steps"})
@@ -126,6 +133,8 @@ class FinetuneArguments:
             raise ValueError("--domain-loss-weight needs --train head and several --train-data sources")
         if self.tune_strength and (self.head == "none" or not self.dev_queries):
             raise ValueError("--tune-strength needs a head and a dev split (--dev-queries > 0)")
+        if self.frozen_layers and self.train != "full":
+            raise ValueError("--frozen-layers freezes the bottom of the backbone that --train full trains")
         self._check_moe()
 
     def _check_moe(self) -> None:

@@ -32,6 +32,7 @@ from sbmoe.heads.upcycle import MoETransformer
 from sbmoe.model import SBMoEModel, build_model, find_head
 from sbmoe.retrieval.encode import pooled_features
 from sbmoe.training.arguments import FinetuneArguments, count_parameters, make_model
+from sbmoe.training.frozen_bottom import frozen_bottom
 from sbmoe.training.head_trainer import HeadTrainConfig, embed, kmeans_router_init, train_head
 from sbmoe.training.prepared import PreparedData, dev_ndcg, prepare, reencode
 from sbmoe.training.sampling import WeightedSourceBatchSampler, parse_weights
@@ -317,12 +318,20 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
     """
     start = time.time()
     pin_local_gpu()
-    output = Path(args.output_dir)
-    check_output_dir(output, args)
+    check_output_dir(Path(args.output_dir), args)
     if args.threads:
         torch.set_num_threads(args.threads)
     set_seed(args.seed)
     model = make_model(args)
+    with frozen_bottom(model[0].auto_model, args.frozen_layers, args.token_cache_dir) as bottom:
+        return train_and_evaluate(model, args, callbacks or [], bottom, start)
+
+
+def train_and_evaluate(
+    model: SBMoEModel, args: FinetuneArguments, callbacks: list[TrainerCallback], bottom: Any, start: float
+) -> dict[str, Any]:
+    """:func:`run`'s work once the model is built: zero-shot scores, mining, training, saving, evaluation."""
+    output = Path(args.output_dir)
     sets = load_train_sets(args.train_data, args.data_dir, args.max_positives_per_query)
     initial = zero_shot_model(model, args)
     zero_shot = evaluate(initial, args, {}, use_head=False)  # also checks every eval set before training
@@ -336,7 +345,7 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
     if args.train == "head":
         history = train_head_mode(model, args, prepared)
     else:
-        history = train_full_mode(model, args, prepared, callbacks or [])
+        history = train_full_mode(model, args, prepared, callbacks)
     rank, world_size = process_rank()
     record: dict[str, Any] = {
         "arguments": asdict(args),
@@ -365,8 +374,8 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
     record["eval"] = evaluate(model, args, routing_before)
     record["moe_utilization"] = moe_utilization(model, args)
     record["zero_shot"] = {spec: {"metrics": result["metrics"]} for spec, result in zero_shot.items()}
+    if bottom is not None:
+        record["frozen_bottom"] = bottom.stats()
     record["seconds"] = time.time() - start
     write_atomic(output / "run.json", json.dumps(record, indent=1))
     return record
-
-
