@@ -4,6 +4,7 @@ Parts (every run's ``run.json`` is kept under ``--out`` and reused, so an interr
 
     python experiments/moe_layers/study.py --part head    # stacked heads on cached MiniLM-L6 vectors, 3 seeds
     python experiments/moe_layers/study.py --part full    # in-encoder pilot: MiniLM-L3, 15 steps, 1 seed
+    python experiments/moe_layers/study.py --part encoder [--shard I/N]  # MiniLM-L6, layers 4-5 trained, 3 seeds
     python experiments/moe_layers/study.py --part speed   # encode docs/s as a ratio to the plain backbone
     python experiments/moe_layers/study.py --part report  # JSON + markdown + per-layer expert plot
 
@@ -64,6 +65,19 @@ FULL_ROWS: dict[str, dict[str, Any]] = {
     "L3 upcycled every layer, pre-gate": {**UPCYCLED, "pregate": True},
     "L3 upcycled every layer, r=2, PSR": {**UPCYCLED, "reuse_group": 2, "psr": "linear"},
 }
+ENCODER_EVAL = [*EVAL, "nfcorpus:test"]
+ENCODER_BASE = {**multidomain.FULL_BASE, "backbone": "minilm", "eval_data": ",".join(ENCODER_EVAL), "threads": 1}
+ENCODER_BASE.update(frozen_layers=4, token_cache_dir="out/moe_layers/token_states")
+UP_TOP = {"head": "none", "moe_layers": "4,5", "num_experts": 8, "top_k": 2}
+ENCODER_ROWS: dict[str, dict[str, Any]] = {
+    "L6 fine-tuning (layers 4-5)": {"head": "none"},
+    "L6 fine-tuning + SB-MoE head (E=6, k=2)": {"head": "sbmoe"},
+    "L6 upcycled layers 4-5 (E=8, k=2)": UP_TOP,
+    "L6 upcycled every 2nd trained layer (5)": {**UP_TOP, "moe_layers": "5"},
+    "L6 upcycled layers 4-5, r=2": {**UP_TOP, "reuse_group": 2},
+    "L6 upcycled layers 4-5, r=2, PSR": {**UP_TOP, "reuse_group": 2, "psr": "linear"},
+    "L6 upcycled layers 4-5, pre-gate": {**UP_TOP, "pregate": True},
+}
 SPEED_MODELS: dict[str, dict[str, Any]] = {
     "minilm-l3 plain": {"backbone": "minilm-l3", "head": False},
     "minilm-l3 upcycled every layer (E=8, k=2)": {"backbone": "minilm-l3", "moe_layers": "all"},
@@ -74,6 +88,9 @@ SPEED_MODELS: dict[str, dict[str, Any]] = {
     "minilm + SB-MoE head": {"backbone": "minilm"},
     "minilm + stack L=4, r=2": {"backbone": "minilm", "head_layers": 4, "reuse_group": 2, "num_experts": 4},
     "minilm upcycled every layer (E=8, k=2)": {"backbone": "minilm", "moe_layers": "all"},
+    "minilm upcycled layers 4-5 (E=8, k=2)": {"backbone": "minilm", "moe_layers": "4,5"},
+    "minilm upcycled layer 5": {"backbone": "minilm", "moe_layers": "5"},
+    "minilm upcycled layers 4-5, pre-gate": {"backbone": "minilm", "moe_layers": "4,5", "pregate": True},
 }
 
 
@@ -98,9 +115,29 @@ def full_part(root: Path, max_steps: int) -> dict[str, Any]:
     return rows
 
 
-def row_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+def encoder_jobs() -> list[tuple[str, int]]:
+    """The (row, seed) runs of the encoder part, seed by seed (so the first runs fill the token-state store)."""
+    return [(name, seed) for seed in SEEDS for name in ENCODER_ROWS]
+
+
+def encoder_part(root: Path, shard: tuple[int, int] | None) -> dict[str, Any] | None:
+    """MiniLM-L6 rows, 3 seeds, layers 4-5 trained above a frozen, cached bottom. With ``shard = (i, n)`` this
+    process runs every n-th run from the i-th and returns None (run n shards side by side, then one without)."""
+    jobs = encoder_jobs()
+    mine = jobs[shard[0] :: shard[1]] if shard else jobs
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in ENCODER_ROWS}
+    for name, seed in mine:
+        args = {**ENCODER_BASE, **ENCODER_ROWS[name], "seed": seed}
+        records[name].append(run_once(args, root / name / f"seed{seed}"))
+        logging.getLogger("moe_layers").info("%s seed %d done", name, seed)
+    if shard:
+        return None
+    return {name: row_summary(runs, ENCODER_EVAL) for name, runs in records.items()}
+
+
+def row_summary(records: list[dict[str, Any]], specs: list[str] = EVAL) -> dict[str, Any]:
     """:func:`summarize` plus parameters and per-layer expert use averaged over seeds."""
-    row = summarize(records, EVAL)
+    row = summarize(records, specs)
     row["parameters"] = records[0].get("parameters")
     layers = [r.get("moe_utilization") or [] for r in records]
     row["layers"] = [
@@ -165,6 +202,12 @@ RIVALS = {  # row -> (rival, what the comparison tests)
     "L3 upcycled every 2nd layer (E=8, k=2)": ("L3 plain fine-tuning", "upcycled"),
     "L3 upcycled every layer, r=2, PSR": ("L3 upcycled every layer (E=8, k=2)", "reuse"),
     "L3 upcycled every layer, pre-gate": ("L3 upcycled every layer (E=8, k=2)", "pre-gate"),
+    "L6 fine-tuning + SB-MoE head (E=6, k=2)": ("L6 fine-tuning (layers 4-5)", "head"),
+    "L6 upcycled layers 4-5 (E=8, k=2)": ("L6 fine-tuning (layers 4-5)", "upcycled"),
+    "L6 upcycled every 2nd trained layer (5)": ("L6 fine-tuning (layers 4-5)", "upcycled"),
+    "L6 upcycled layers 4-5, r=2": ("L6 upcycled layers 4-5 (E=8, k=2)", "reuse"),
+    "L6 upcycled layers 4-5, r=2, PSR": ("L6 upcycled layers 4-5 (E=8, k=2)", "reuse"),
+    "L6 upcycled layers 4-5, pre-gate": ("L6 upcycled layers 4-5 (E=8, k=2)", "pre-gate"),
 }
 
 
@@ -209,21 +252,11 @@ def markdown(rows: dict[str, Any], speed: dict[str, Any] | None) -> str:
     if speed:
         ratio = {name: m["ratio_to_plain"] for name, m in speed["models"].items()}
     lines = [PROTOCOL, ""]
-    head = " | seeds | total params | active params | own-expert share per layer | max expert share per layer |"
-    lines += ["| row | " + " | ".join(EVAL) + head, "|---|" + "---:|" * (len(EVAL) + 5)]
+    groups: dict[tuple[str, ...], dict[str, Any]] = {}  # rows scored on the same eval sets share a table
     for name, row in rows.items():
-        cells = [f"{e['mean']:.4f} ± {e['std']:.4f}" for e in row["eval"].values()]
-        params = row.get("parameters") or {}
-        own = " ".join(f"{layer['own_share']:.2f}" for layer in row["layers"]) or "-"
-        top = " ".join(f"{max(layer['shares']):.2f}" for layer in row["layers"]) or "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(row['seconds'])} | {params.get('total', '-'):,} | "
-                     f"{params.get('active', '-'):,} | {own} | {top} |")  # fmt: skip
-    lines += ["", "| row | rival | " + " | ".join(EVAL) + " |", "|---|---|" + "---:|" * len(EVAL)]
-    for name, row in rows.items():
-        tests = [e.get("vs_rival") for e in row["eval"].values()]
-        if all(tests):
-            cells = [f"{100 * t['delta']:+.1f} (p={t['p_ttest']:.2g})" for t in tests]
-            lines.append(f"| {name} | {tests[0]['rival']} | " + " | ".join(cells) + " |")
+        groups.setdefault(tuple(row["eval"]), {})[name] = row
+    for specs, group in groups.items():
+        lines += results_table(group, list(specs))
     if ratio:
         lines += ["", "| model (max 128 tokens, 1 thread) | encode docs/s | ratio to its plain backbone |"]
         lines.append("|---|---:|---:|")
@@ -231,6 +264,26 @@ def markdown(rows: dict[str, Any], speed: dict[str, Any] | None) -> str:
             lines.append(f"| {name} | {statistics.median(m['docs_per_s']):.1f} | {ratio[name]:.2f} |")
     lines += ["", "Goals:", *goals(rows), ""]
     return "\n".join(lines) + "\n"
+
+
+def results_table(rows: dict[str, Any], specs: list[str]) -> list[str]:
+    """Markdown lines: nDCG@10, parameters and expert use per row, then each row against its rival."""
+    head = " | seeds | total params | active params | own-expert share per layer | max expert share per layer |"
+    lines = ["| row | " + " | ".join(specs) + head, "|---|" + "---:|" * (len(specs) + 5)]
+    for name, row in rows.items():
+        cells = [f"{e['mean']:.4f} ± {e['std']:.4f}" for e in row["eval"].values()]
+        params = row.get("parameters") or {}
+        own = " ".join(f"{layer['own_share']:.2f}" for layer in row["layers"]) or "-"
+        top = " ".join(f"{max(layer['shares']):.2f}" for layer in row["layers"]) or "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(row['seconds'])} | {params.get('total', '-'):,} | "
+                     f"{params.get('active', '-'):,} | {own} | {top} |")  # fmt: skip
+    lines += ["", "| row | rival | " + " | ".join(specs) + " |", "|---|---|" + "---:|" * len(specs)]
+    for name, row in rows.items():
+        tests = [e.get("vs_rival") for e in row["eval"].values()]
+        if all(tests):
+            cells = [f"{100 * t['delta']:+.1f} (p={t['p_ttest']:.2g})" for t in tests]
+            lines.append(f"| {name} | {tests[0]['rival']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot(rows: dict[str, Any], path: Path) -> None:
@@ -259,7 +312,8 @@ def plot(rows: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["head", "full", "speed", "report"], required=True)
+    parser.add_argument("--part", choices=["head", "full", "encoder", "speed", "report"], required=True)
+    parser.add_argument("--shard", help="encoder part: I/N runs every N-th run from the I-th, side by side")
     parser.add_argument("--out", default="out/moe_layers", help="folder of the individual runs")
     parser.add_argument("--max-steps", type=int, default=15, help="full part: training steps of the pilot")
     parser.add_argument("--docs", type=int, default=256, help="speed part: documents per encode")
@@ -273,11 +327,16 @@ def main() -> None:
         write_atomic(part_file, json.dumps(head_part(root / "head")))
     elif cli.part == "full":
         write_atomic(part_file, json.dumps(full_part(root / "full", cli.max_steps)))
+    elif cli.part == "encoder":
+        shard = tuple(int(x) for x in cli.shard.split("/")) if cli.shard else None
+        rows = encoder_part(root / "encoder", shard)
+        if rows is not None:
+            write_atomic(part_file, json.dumps(rows))
     elif cli.part == "speed":
         write_atomic(part_file, json.dumps(speed_part(cli.docs, cli.rounds), indent=1))
     else:
         rows = {}
-        for part in ("head", "full"):
+        for part in ("head", "full", "encoder"):
             if (RESULTS / f"moe_layers.{part}.json").is_file():
                 rows.update(json.loads((RESULTS / f"moe_layers.{part}.json").read_text()))
         speed_file = RESULTS / "moe_layers.speed.json"
