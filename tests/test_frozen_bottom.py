@@ -58,7 +58,7 @@ def test_only_the_layers_above_are_trained_and_everything_is_restored(four_layer
     model.train()
     with FrozenBottom(hf, 2, StateStore(hf.config.hidden_size)) as bottom:
         assert list(model.state_dict()) == keys  # nothing replaced: saving and checkpoints see the same model
-        features = model.tokenize(TEXTS)
+        features = model.preprocess(TEXTS)
         out = model(features)["sentence_embedding"]
         out.pow(2).sum().backward()
         frozen = {id(p) for p in bottom.frozen_parameters()}
@@ -118,3 +118,26 @@ def test_finetune_trains_only_the_layers_above_and_reuses_states_across_runs(
     assert second["eval"][f"{toy_beir}:test"]["metrics"] == first["eval"][f"{toy_beir}:test"]["metrics"]
     with pytest.raises(ValueError, match="--train full"):
         make_args(four_layers, toy_beir, tmp_path, frozen_layers=2)
+
+
+def test_loss_and_gradients_with_cached_states_equal_running_the_frozen_layers(four_layers: str) -> None:
+    model = build_model(four_layers, head=False, device="cpu")
+    model.eval()  # dropout off: the frozen layers run in eval mode under the cache, so compare in eval mode
+    hf = model[0].auto_model
+
+    def loss_and_grads() -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        queries = model(model.preprocess(TEXTS[:3]))["sentence_embedding"]
+        docs = model(model.preprocess(TEXTS[2:]))["sentence_embedding"]
+        loss = torch.nn.functional.cross_entropy(queries @ docs.T / 0.05, torch.arange(3))
+        loss.backward()
+        return loss.item(), [p.grad.clone() for layer in hf.encoder.layer[2:] for p in layer.parameters()]
+
+    plain_loss, plain_grads = loss_and_grads()
+    with FrozenBottom(hf, 2, StateStore(hf.config.hidden_size)) as bottom:
+        loss_and_grads()  # fills the store
+        cached_loss, cached_grads = loss_and_grads()
+        assert bottom.hits == 1 + 6  # TEXTS[2] is a query and a document: found on its second use already
+    assert cached_loss == pytest.approx(plain_loss, abs=1e-5)
+    for cached, plain in zip(cached_grads, plain_grads, strict=True):
+        torch.testing.assert_close(cached, plain, atol=1e-5, rtol=1e-4)
