@@ -5,6 +5,7 @@ Parts (every run's ``run.json`` is kept under ``--out`` and reused, so an interr
     python experiments/moe_layers/study.py --part head    # stacked heads on cached MiniLM-L6 vectors, 3 seeds
     python experiments/moe_layers/study.py --part full    # in-encoder pilot: MiniLM-L3, 15 steps, 1 seed
     python experiments/moe_layers/study.py --part encoder [--shard I/N]  # MiniLM-L6, layers 4-5 trained, 3 seeds
+    python experiments/moe_layers/study.py --part reuse4 [--shard I/N]   # MiniLM-L6, layers 2-5 trained, r = 4
     python experiments/moe_layers/study.py --part speed   # encode docs/s as a ratio to the plain backbone
     python experiments/moe_layers/study.py --part report  # JSON + markdown + per-layer expert plot
 
@@ -78,6 +79,13 @@ ENCODER_ROWS: dict[str, dict[str, Any]] = {
     "L6 upcycled layers 4-5, r=2, PSR": {**UP_TOP, "reuse_group": 2, "psr": "linear"},
     "L6 upcycled layers 4-5, pre-gate": {**UP_TOP, "pregate": True},
 }
+REUSE4_BASE = {**ENCODER_BASE, "frozen_layers": 2, "eval_data": ",".join(EVAL)}  # a group of 4 needs 4 MoE layers
+UP_FOUR = {"head": "none", "moe_layers": "2,3,4,5", "num_experts": 8, "top_k": 2}
+REUSE4_ROWS: dict[str, dict[str, Any]] = {
+    "L6 upcycled layers 2-5 (E=8, k=2)": UP_FOUR,
+    "L6 upcycled layers 2-5, r=4": {**UP_FOUR, "reuse_group": 4},
+    "L6 upcycled layers 2-5, r=4, PSR": {**UP_FOUR, "reuse_group": 4, "psr": "linear"},
+}
 SPEED_MODELS: dict[str, dict[str, Any]] = {
     "minilm-l3 plain": {"backbone": "minilm-l3", "head": False},
     "minilm-l3 upcycled every layer (E=8, k=2)": {"backbone": "minilm-l3", "moe_layers": "all"},
@@ -115,23 +123,23 @@ def full_part(root: Path, max_steps: int) -> dict[str, Any]:
     return rows
 
 
-def encoder_jobs() -> list[tuple[str, int]]:
-    """The (row, seed) runs of the encoder part, seed by seed (so the first runs fill the token-state store)."""
-    return [(name, seed) for seed in SEEDS for name in ENCODER_ROWS]
-
-
-def encoder_part(root: Path, shard: tuple[int, int] | None) -> dict[str, Any] | None:
-    """MiniLM-L6 rows, 3 seeds, layers 4-5 trained above a frozen, cached bottom. With ``shard = (i, n)`` this
-    process runs every n-th run from the i-th and returns None (run n shards side by side, then one without)."""
-    jobs = encoder_jobs()
+def encoder_part(
+    root: Path, shard: tuple[int, int] | None, table: dict[str, dict[str, Any]], base: dict[str, Any]
+) -> dict[str, Any] | None:
+    """MiniLM-L6 rows of ``table``, 3 seeds, layers above a frozen, cached bottom. With ``shard = (i, n)`` this
+    process runs every n-th run from the i-th and returns None (run n shards side by side, then one without).
+    Runs go seed by seed, so the first ones fill the token-state store."""
+    jobs = [(name, seed) for seed in SEEDS for name in table]
     mine = jobs[shard[0] :: shard[1]] if shard else jobs
-    records: dict[str, list[dict[str, Any]]] = {name: [] for name in ENCODER_ROWS}
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in table}
     for name, seed in mine:
-        args = {**ENCODER_BASE, **ENCODER_ROWS[name], "seed": seed}
-        records[name].append(run_once(args, root / name / f"seed{seed}"))
+        records[name].append(run_once({**base, **table[name], "seed": seed}, root / name / f"seed{seed}"))
         logging.getLogger("moe_layers").info("%s seed %d done", name, seed)
+    specs = base["eval_data"].split(",")
     if shard:
         return None
+    if table is not ENCODER_ROWS:
+        return {name: row_summary(runs, specs) for name, runs in records.items()}
     first = records[next(iter(ENCODER_ROWS))][0]  # the backbone before training, scored in every run alike
     zero_shot = {
         spec: {"mean": result["metrics"]["nDCG@10"], "std": 0.0, "per_query": {}}
@@ -139,7 +147,7 @@ def encoder_part(root: Path, shard: tuple[int, int] | None) -> dict[str, Any] | 
     }
     plain = {"eval": zero_shot, "seconds": [0], "layers": [], "parameters": first["parameters"]}
     rows = {"zero-shot MiniLM-L6 (128 tokens)": plain}
-    return {**rows, **{name: row_summary(runs, ENCODER_EVAL) for name, runs in records.items()}}
+    return {**rows, **{name: row_summary(runs, specs) for name, runs in records.items()}}
 
 
 def row_summary(records: list[dict[str, Any]], specs: list[str] = EVAL) -> dict[str, Any]:
@@ -223,6 +231,8 @@ RIVALS = {  # row -> (rival, what the comparison tests)
     "L6 upcycled layers 4-5, r=2": ("L6 upcycled layers 4-5 (E=8, k=2)", "reuse"),
     "L6 upcycled layers 4-5, r=2, PSR": ("L6 upcycled layers 4-5 (E=8, k=2)", "reuse"),
     "L6 upcycled layers 4-5, pre-gate": ("L6 upcycled layers 4-5 (E=8, k=2)", "pre-gate"),
+    "L6 upcycled layers 2-5, r=4": ("L6 upcycled layers 2-5 (E=8, k=2)", "reuse"),
+    "L6 upcycled layers 2-5, r=4, PSR": ("L6 upcycled layers 2-5 (E=8, k=2)", "reuse"),
 }
 
 
@@ -332,7 +342,7 @@ def plot(rows: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["head", "full", "encoder", "speed", "report"], required=True)
+    parser.add_argument("--part", choices=["head", "full", "encoder", "reuse4", "speed", "report"], required=True)
     parser.add_argument("--shard", help="encoder part: I/N runs every N-th run from the I-th, side by side")
     parser.add_argument("--out", default="out/moe_layers", help="folder of the individual runs")
     parser.add_argument("--max-steps", type=int, default=15, help="full part: training steps of the pilot")
@@ -347,16 +357,17 @@ def main() -> None:
         write_atomic(part_file, json.dumps(head_part(root / "head")))
     elif cli.part == "full":
         write_atomic(part_file, json.dumps(full_part(root / "full", cli.max_steps)))
-    elif cli.part == "encoder":
+    elif cli.part in ("encoder", "reuse4"):
         shard = tuple(int(x) for x in cli.shard.split("/")) if cli.shard else None
-        rows = encoder_part(root / "encoder", shard)
+        table, base = (ENCODER_ROWS, ENCODER_BASE) if cli.part == "encoder" else (REUSE4_ROWS, REUSE4_BASE)
+        rows = encoder_part(root / cli.part, shard, table, base)
         if rows is not None:
             write_atomic(part_file, json.dumps(rows))
     elif cli.part == "speed":
         write_atomic(part_file, json.dumps(speed_part(cli.docs, cli.rounds), indent=1))
     else:
         rows = {}
-        for part in ("head", "full", "encoder"):
+        for part in ("head", "full", "encoder", "reuse4"):
             if (RESULTS / f"moe_layers.{part}.json").is_file():
                 rows.update(json.loads((RESULTS / f"moe_layers.{part}.json").read_text()))
         speed_file = RESULTS / "moe_layers.speed.json"
