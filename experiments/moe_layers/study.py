@@ -135,9 +135,9 @@ def encoder_part(
     for name, seed in mine:
         records[name].append(run_once({**base, **table[name], "seed": seed}, root / name / f"seed{seed}"))
         logging.getLogger("moe_layers").info("%s seed %d done", name, seed)
-    specs = base["eval_data"].split(",")
     if shard:
         return None
+    specs = base["eval_data"].split(",")
     if table is not ENCODER_ROWS:
         return {name: row_summary(runs, specs) for name, runs in records.items()}
     first = records[next(iter(ENCODER_ROWS))][0]  # the backbone before training, scored in every run alike

@@ -92,13 +92,14 @@ def frozen_fingerprint(model: nn.Module, layers: int) -> str:
 def row_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[bytes], list[int]] | None:
     """Per row, a key of its token ids up to its last real token, and that length; None if a row is not padded on
     the right (its real tokens are not a prefix), which the store cannot key."""
-    lengths = attention_mask.sum(dim=1).tolist()
+    counts = attention_mask.sum(dim=1, keepdim=True)
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    if not torch.equal(attention_mask.bool(), positions[None, :] < attention_mask.sum(dim=1, keepdim=True)):
+    if not torch.equal(attention_mask.bool(), positions[None, :] < counts):
         return None
+    lengths = [int(n) for n in counts.squeeze(1).tolist()]
     ids = input_ids.to(torch.int64).cpu().numpy()
     keys = [hashlib.blake2b(ids[i, :n].tobytes(), digest_size=16).digest() for i, n in enumerate(lengths)]
-    return keys, [int(n) for n in lengths]
+    return keys, lengths
 
 
 class FrozenBottom:
