@@ -51,7 +51,8 @@ def test_reuse_group_at_psr_start_equals_layer_local_experts(tiny_bert: str) -> 
     for block in moe_blocks(reused):
         block.train()  # PSR masks while training; the rest stays in eval mode (no dropout)
     set_psr(reused, progress=0.0)
-    torch.testing.assert_close(embeddings(reused), embeddings(local), atol=0, rtol=0)
+    # 4 vs 8 candidates (half masked) is another computation: equal up to summation order, not bit for bit
+    torch.testing.assert_close(embeddings(reused), embeddings(local), atol=1e-6, rtol=0)
     assert all(block.last_routing.indices.lt(4).all() for block in moe_blocks(local))  # r = 1: own experts only
     set_psr(reused, progress=1.0)  # whole group open: other layers' experts get chosen and the output changes
     assert not torch.equal(embeddings(reused), embeddings(local))
