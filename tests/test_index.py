@@ -97,7 +97,8 @@ def test_k_beyond_the_gpu_limit_searches_the_cpu_copy(vectors: tuple[np.ndarray,
 def test_save_load_round_trip(tmp_path: Path, vectors: tuple[np.ndarray, np.ndarray], index_type: str) -> None:
     docs, queries = vectors
     docs = docs[:1000]
-    params = {"ivf": {"nlist": 16}, "ivfpq": {"nlist": 16, "pq_m": 8, "pq_bits": 4}}.get(index_type, {})
+    pq = {"pq_m": 8, "pq_bits": 4}  # 1-D sub-quantizers at 8 bits (the default for dim 32) train for a minute
+    params = {"ivf": {"nlist": 16}, "ivfpq": {"nlist": 16, **pq}, "pq": pq, "opq": pq}.get(index_type, {})
     ids = [f"doc-{i}" for i in range(len(docs))]
     index = DenseIndex(DIM, index_type, use_gpu=False, model_name="tiny", model_hash="abc123", **params)
     index.build(docs, ids, show_progress=False)
