@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sbmoe.commands.common import new_parser
+from sbmoe.commands.flags import new_parser
 from sbmoe.data import load_dataset
 from sbmoe.files import write_atomic
 from sbmoe.model import find_head, load_model

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, new_parser, setup_logging, slug
+from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, setup_logging, slug
+from sbmoe.commands.flags import new_parser
 from sbmoe.data import RetrievalDataset, load_dataset
 from sbmoe.evaluation.coverage import coverage, coverage_warnings
 from sbmoe.evaluation.evaluate import evaluate_model
@@ -174,7 +175,8 @@ def output_path(args: argparse.Namespace) -> Path:
     search adds no index part): runs with other settings never share a default name."""
     if args.output:
         return Path(args.output)
-    name = slug(Path(args.run).stem if args.run else args.model) + "_" + slug("+".join(args.dataset_specs))
+    datasets = [Path(spec).name if Path(spec).exists() else spec for spec in args.dataset_specs]  # folders by name
+    name = slug(Path(args.run).stem if args.run else args.model) + "_" + slug("+".join(datasets))
     if args.index != "flat":
         name += "_" + slug("-".join([args.index, *(f"{k}{v}" for k, v in sorted(args.index_params.items()))]))
     digest = hashlib.sha256(json.dumps(result_settings(args), sort_keys=True).encode()).hexdigest()[:8]
