@@ -25,7 +25,7 @@ from sbmoe.retrieval.index import INDEX_TYPES, DenseIndex
 
 logger = logging.getLogger("sbmoe.evaluate")
 
-TABLE_METRICS = ("nDCG@10", "MAP@100", "MRR@10", "Recall@100", "Recall@1000", "P@1")
+TABLE_METRICS = ("nDCG@10", "MAP@100", "MRR@10", "Recall@100", "Recall@1000", "P@1", "Success@1", "Success@5")
 EXAMPLES = (
     "sbmoe evaluate --model minilm --datasets scifact",
     "sbmoe evaluate --model out/minilm-sbmoe --datasets scifact,scifact:test-unseen,irds:cranfield --index hnsw",
