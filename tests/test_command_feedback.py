@@ -130,7 +130,8 @@ def test_evaluate_names_outputs_by_index_and_logs_the_split(tiny_bert: str, tmp_
         for index in ("flat", "hnsw"):
             assert cli.main(["evaluate", "--model", "minilm-plain", "--datasets", str(data), "--index", index]) == 0
     names = sorted(p.name for p in (tmp_path / "runs" / "evaluate").glob("*.json"))
-    assert [re.sub("_[0-9a-f]{8}.json$", "", name) for name in names] == ["minilm-plain_data", "minilm-plain_data_hnsw"]
+    stems = [re.sub("_[0-9a-f]{8}.json$", "", name) for name in names]
+    assert stems == ["minilm-plain_data", "minilm-plain_data_hnsw"]
     assert "on data:test (3 queries)" in caplog.text
     argv = ["evaluate", "--model", "minilm-plain", "--datasets", str(data), "--top-k", "2"]
     assert cli.main(argv) == 0  # other settings, default name: a third file, no clash

@@ -20,8 +20,8 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 model = SentenceTransformer(sys.argv[1], trust_remote_code=True)
 queries, docs = json.loads(sys.argv[2]), json.loads(sys.argv[3])
-np.savez(sys.argv[4], query=model.encode_query(queries), document=model.encode_document(docs), plain=model.encode(docs),
-         modules=np.array([type(m).__name__ for m in model]))
+vectors = {"query": model.encode_query(queries), "document": model.encode_document(docs), "plain": model.encode(docs)}
+np.savez(sys.argv[4], **vectors, modules=np.array([type(m).__name__ for m in model]))
 """
 
 
@@ -43,10 +43,13 @@ def test_saved_folder_is_a_router_with_one_shared_head(query_only: tuple[sbmoe.S
     assert router["parameters"]["default_route"] == "document"
 
 
-def test_stock_loading_in_a_fresh_process_equals_sbmoe(query_only: tuple[sbmoe.SBMoEModel, Path], tmp_path: Path) -> None:
+def test_stock_loading_in_a_fresh_process_equals_sbmoe(
+    query_only: tuple[sbmoe.SBMoEModel, Path], tmp_path: Path
+) -> None:
     model, path = query_only
     out = tmp_path / "stock.npz"
-    subprocess.run([sys.executable, "-c", STOCK, str(path), json.dumps(QUERIES), json.dumps(DOCS), str(out)], check=True)
+    argv = [sys.executable, "-c", STOCK, str(path), json.dumps(QUERIES), json.dumps(DOCS), str(out)]
+    subprocess.run(argv, check=True)
     stock = np.load(out)
     assert list(stock["modules"]) == ["Transformer", "Pooling", "TaskRouter"]
     np.testing.assert_allclose(stock["query"], model.encode_query(QUERIES), atol=1e-6)
