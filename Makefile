@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[cpu,dev,ray,onnx]"
+	$(PY) -m pip install -q -e ".[dev,ray,onnx]"
 	touch $(STAMP)
 
 demo: $(STAMP)

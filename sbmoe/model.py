@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules.router import Router
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from transformers.utils import logging as hf_logging
 
@@ -28,6 +29,28 @@ LEGACY_HEAD_REF = "sbmoe.head.SBMoEHead"  # models saved before the heads/ packa
 ST_LOGGER = "sentence_transformers.base.model"  # logs "No device provided, using cpu" (INFO) on every load
 HEAD_ARGS = ("num_experts", "routing", "top_k", "inference")  # build_model's own head arguments
 HEAD_OPTIONS = tuple(k for k in SBMoEHead.config_keys if k not in ("in_features", "normalize_output", *HEAD_ARGS))
+DEFAULT_ROUTE = "document"  # a query-only model's route for encode() without a task, as in Router.for_query_document
+CARD_START, CARD_END = "<!-- sbmoe -->", "<!-- /sbmoe -->"
+CARD_TEMPLATE = """{start}
+## Loading this sbmoe model
+
+```bash
+pip install sbmoe
+```
+
+```python
+import sbmoe
+model = sbmoe.load_model("PATH")
+# or stock sentence-transformers (sbmoe must be installed: it provides the head's class)
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer("PATH", trust_remote_code=True)
+```
+
+{about}
+
+Training data: {data}.
+{end}
+"""
 
 
 @contextmanager
@@ -53,24 +76,95 @@ def _hidden_bar(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     return factory(*args, **{**kwargs, "disable": True})
 
 
+class OwnModuleClasses(dict):
+    """This package's module classes by ``modules.json`` / ``router_config.json`` reference, imported on lookup:
+    what :class:`SBMoEModel` (and a ``Router`` inside it) loads without ``trust_remote_code``."""
+
+    def get(self, class_ref: str, default: Any = None) -> Any:
+        if class_ref == LEGACY_HEAD_REF:
+            return SBMoEHead
+        if class_ref.startswith("sbmoe."):
+            module, _, name = class_ref.rpartition(".")
+            return getattr(importlib.import_module(module), name)
+        return default
+
+    def __bool__(self) -> bool:  # sentence-transformers hands the mapping to a Router only when it is truthy
+        return True
+
+
+class TaskRouter(Router):
+    """A sentence-transformers ``Router`` that passes the route it chose on as the task, so a module shared by the
+    routes (a query-only head) knows it; the stock one passes ``task=None`` on the default route."""
+
+    def forward(self, features: dict[str, Any], task: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        route = self._resolve_route(task or features.get("task"), kwargs.get("modality") or features.get("modality"))
+        return super().forward(features, task=route, **kwargs)
+
+
+def routed_module(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The one module every route of a ``Router`` runs (how a query-only head is saved), else None."""
+    if not isinstance(module, Router):
+        return None
+    routes = [list(route) for route in module.sub_modules.values()]
+    first = routes[0][0] if routes and len(routes[0]) == 1 else None
+    return first if all(len(r) == 1 and r[0] is first for r in routes) else None
+
+
+def with_sbmoe_section(card: str, model: SentenceTransformer) -> str:
+    """``card`` (a model card in markdown, maybe with YAML front matter) with its sbmoe section written anew: how to
+    load the folder, what its head does, how it routes queries and documents, and what it was trained on."""
+    if CARD_START in card:
+        card = card[: card.index(CARD_START)] + card[card.index(CARD_END) + len(CARD_END) :].lstrip("\n")
+    head = find_head(model)
+    if head is None:
+        about = "Head: none (the backbone with mean pooling)."
+    else:
+        about = (
+            f"Head: {type(head).__name__} after mean pooling, {head.num_experts} experts of hidden size "
+            f"{head.expert_hidden}; routing `{head.routing}` (top-{head.top_k} while training), inference "
+            f"`{head.inference}`, residual {head.residual}, output normalised {head.normalize_output}."
+        )
+    if head is not None and head.query_only:
+        about += (
+            "\n\nRoutes (a sentence-transformers `Router`): queries go through the head, documents pass through it "
+            "unchanged. Use `encode_query` for queries and `encode_document` for documents; `encode()` without a "
+            f"task takes the `{DEFAULT_ROUTE}` route."
+        )
+    trained = model.training_data if isinstance(model, SBMoEModel) else None
+    section = CARD_TEMPLATE.format(
+        start=CARD_START, end=CARD_END, about=about, data=trained or "not recorded here (see run.json, if present)"
+    )
+    if card.startswith("---\n") and "\n---\n" in card[4:]:
+        end = card.index("\n---\n", 4) + 5
+        return card[:end] + "\n" + section + card[end:]
+    return section + "\n" + card
+
+
 class SBMoEModel(SentenceTransformer):
     """A SentenceTransformer that also speaks BEIR's ``encode_queries`` / ``encode_corpus`` protocol.
 
     It loads its own ``sbmoe`` modules without ``trust_remote_code`` (it trusts only this package's classes);
-    the saved folder also reloads with ``SentenceTransformer(path, trust_remote_code=True)``.
+    the saved folder also reloads with ``SentenceTransformer(path, trust_remote_code=True)``. A query-only head is
+    saved inside a sentence-transformers ``Router`` (routes ``query`` and ``document``, default ``document``), so
+    stock ``encode_query`` / ``encode_document`` / ``encode`` give the same vectors as this class; in memory the head
+    stays a module of its own.
+
+    Attributes:
+        training_data: What the head was trained on (``sbmoe finetune`` sets it), for the model card.
     """
+
+    _module_classes = OwnModuleClasses()
+    training_data: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         with quiet_loading():
             super().__init__(*args, **kwargs)
+        for name, module in list(self._modules.items()):
+            self._modules[name] = routed_module(module) or module
 
-    def _load_module_class_from_ref(self, class_ref: str, *args, **kwargs) -> type:
-        if class_ref == LEGACY_HEAD_REF:
-            return SBMoEHead
-        if class_ref.startswith("sbmoe."):  # this package's own modules (head, stacked head, MoE transformer)
-            module, _, name = class_ref.rpartition(".")
-            return getattr(importlib.import_module(module), name)
-        return super()._load_module_class_from_ref(class_ref, *args, **kwargs)
+    def _load_module_class_from_ref(self, class_ref: str, *args: Any, **kwargs: Any) -> type:
+        own = OwnModuleClasses().get(class_ref)  # also when a trainer's checkpoint reload swaps the mapping
+        return own or super()._load_module_class_from_ref(class_ref, *args, **kwargs)
 
     def expert_plan(self, texts: Sequence[str], batch_size: int = 32) -> list[dict[str, Any]]:
         """Per MoE layer, the experts each batch of ``texts`` needs (see :func:`sbmoe.heads.upcycle.expert_plan`)."""
@@ -81,32 +175,39 @@ class SBMoEModel(SentenceTransformer):
         """The SB-MoE head module, or None for a plain (headless) model."""
         return find_head(self)
 
-    def _create_model_card(self, *args, **kwargs) -> None:
-        """Write the model card without counting its example encodes in the head's routing statistics."""
+    def save(self, path: str, *args: Any, **kwargs: Any) -> None:
+        """``SentenceTransformer.save``, with each query-only module inside a ``Router`` (see the class)."""
+        modules = dict(self._modules)
+        for name, module in modules.items():
+            if getattr(module, "query_only", False):
+                self._modules[name] = TaskRouter({"query": [module], "document": [module]}, DEFAULT_ROUTE, False)
+        try:
+            super().save(path, *args, **kwargs)
+        finally:
+            self._modules.update(modules)
+
+    def _create_model_card(self, path: str, *args: Any, **kwargs: Any) -> None:
+        """Write sentence-transformers' model card plus how to load the folder and what its head is, without
+        counting the card's example encodes in the head's routing statistics."""
         head = self.head
         counts = head.expert_counts.clone() if head is not None else None
         if head is not None and head.query_only:  # its examples must be encoded as queries and documents
             self.model_card_data.ir_model = True
         try:
-            super()._create_model_card(*args, **kwargs)
+            super()._create_model_card(path, *args, **kwargs)
         finally:
             if head is not None:
                 head.expert_counts.copy_(counts)
+        card = Path(path) / "README.md"
+        if card.is_file():
+            card.write_text(with_sbmoe_section(card.read_text(encoding="utf-8"), self), encoding="utf-8")
 
     def encode(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        """``SentenceTransformer.encode``; refused without ``task`` when the head transforms queries only.
-
-        Raises:
-            ValueError: for a ``query_only`` head and no ``task``: whether the texts are queries (transformed) or
-                documents (passed through) would be a guess, and a wrong guess silently spoils an index.
-        """
+        """``SentenceTransformer.encode``; without ``task``, a query-only head takes the ``document`` route (as the
+        saved ``Router`` does): use ``encode_query`` for queries."""
         head = self.head
         if head is not None and head.query_only and kwargs.get("task") is None:
-            raise ValueError(
-                "this model's SB-MoE head transforms queries only (query_only=True), so encode() cannot tell "
-                "queries from documents: call encode_query(texts) for queries and encode_document(texts) for "
-                "documents (or pass task='query' / task='document')"
-            )
+            kwargs["task"] = DEFAULT_ROUTE
         return super().encode(inputs, *args, **kwargs)
 
     def encode_queries(self, queries: Sequence[str], batch_size: int = 64, **kwargs) -> np.ndarray | torch.Tensor:

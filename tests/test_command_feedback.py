@@ -129,11 +129,25 @@ def test_evaluate_names_outputs_by_index_and_logs_the_split(tiny_bert: str, tmp_
     with caplog.at_level(logging.INFO):
         for index in ("flat", "hnsw"):
             assert cli.main(["evaluate", "--model", "minilm-plain", "--datasets", str(data), "--index", index]) == 0
-    assert sorted(p.name for p in (tmp_path / "runs" / "evaluate").glob("*.json")) == [
-        "minilm-plain-hnsw.json",
-        "minilm-plain.json",
-    ]
+    names = sorted(p.name for p in (tmp_path / "runs" / "evaluate").glob("*.json"))
+    stems = [re.sub("_[0-9a-f]{8}.json$", "", name) for name in names]
+    assert stems == ["minilm-plain_data", "minilm-plain_data_hnsw"]
     assert "on data:test (3 queries)" in caplog.text
+    argv = ["evaluate", "--model", "minilm-plain", "--datasets", str(data), "--top-k", "2"]
+    assert cli.main(argv) == 0  # other settings, default name: a third file, no clash
+    assert len(list((tmp_path / "runs" / "evaluate").glob("*.json"))) == 3
+    assert cli.main(argv) == 0  # the same settings again replace their own file
+
+
+def test_evaluate_names_a_misspelled_dataset_even_after_earlier_runs(
+    tiny_bert: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    data = beir()(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["evaluate", "--model", tiny_bert, "--datasets", str(data), "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", tiny_bert, "--datasets", str(tmp_path / "dta"), "--quiet"]) == 1
+    assert f"dataset '{tmp_path / 'dta'}' not found" in capsys.readouterr().err
 
 
 def test_run_file_missing_queries_says_how_many_were_scored(tmp_path: Path, capsys, caplog) -> None:

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from beir.retrieval.custom_metrics import mrr
+from beir.retrieval.custom_metrics import mrr, top_k_accuracy
 from beir.retrieval.evaluation import EvaluateRetrieval
 
 from sbmoe.evaluation.metrics import DEFAULT_METRICS, cut_run, evaluate_run, parse_metric, per_query
@@ -32,6 +32,14 @@ def test_hand_computed_values() -> None:
     }  # fmt: skip
     means = evaluate_run(QRELS, RUN, ["MRR@10", "P@1"])
     assert means == {"MRR@10": pytest.approx(0.75), "P@1": pytest.approx(0.5)}
+
+
+def test_success_at_k_counts_a_relevant_document_in_the_top_k() -> None:
+    scores = per_query(QRELS, RUN, ["Success@1", "Success@2", "Success@5"])
+    assert scores["q1"] == {"Success@1": 0.0, "Success@2": 1.0, "Success@5": 1.0}  # d1 is second
+    assert scores["q2"] == {"Success@1": 1.0, "Success@2": 1.0, "Success@5": 1.0}
+    assert per_query(QRELS, RUN, ["Success@2"], relevance_level=2)["q1"] == {"Success@2": 0.0}  # d2 is third
+    assert parse_metric("success@5") == ("success", 5)
 
 
 def test_relevance_level_applies_to_binary_metrics_only() -> None:
@@ -67,9 +75,9 @@ def test_agrees_with_beir_evaluator_on_a_random_run() -> None:
     run = {q: {d: float(s) for d, s in zip(docs, rng.random(len(docs)), strict=True)} for q in qrels}
     ours = evaluate_run(qrels, run, DEFAULT_METRICS)
     ndcg, _map, recall, precision = EvaluateRetrieval.evaluate(qrels, run, [1, 3, 5, 10, 100, 1000])
-    beir = {**ndcg, **_map, **recall, **precision, **mrr(qrels, run, [10])}
+    beir = {**ndcg, **_map, **recall, **precision, **mrr(qrels, run, [10]), **top_k_accuracy(qrels, run, [1, 5])}
     for name in DEFAULT_METRICS:
-        key = name.replace("nDCG", "NDCG")
+        key = name.replace("nDCG", "NDCG").replace("Success", "Accuracy")
         assert ours[name] == pytest.approx(beir[key], abs=1e-5), name
 
 

@@ -115,18 +115,12 @@ def query_only(tiny_bert: str) -> SBMoEModel:
     return build_model(tiny_bert, num_experts=2, query_only=True).eval()
 
 
-def test_query_only_model_refuses_an_untyped_encode(query_only: SBMoEModel, tmp_path: Path) -> None:
-    message = (
-        "this model's SB-MoE head transforms queries only (query_only=True), so encode() cannot tell queries from "
-        "documents: call encode_query(texts) for queries and encode_document(texts) for documents (or pass "
-        "task='query' / task='document')"
-    )
-    with pytest.raises(ValueError) as info:
-        query_only.encode(TEXTS)
-    assert str(info.value) == message
+def test_query_only_model_encodes_documents_without_a_task(query_only: SBMoEModel, tmp_path: Path) -> None:
+    """encode() without a task takes the document route, in memory and reloaded (as stock loading does)."""
+    documents = query_only.encode_document(TEXTS)
+    np.testing.assert_allclose(query_only.encode(TEXTS), documents, atol=1e-6)
     query_only.save(str(tmp_path / "q"))  # its model card encodes examples as queries and documents
-    with pytest.raises(ValueError, match=r"transforms queries only \(query_only=True\)"):
-        load_model(str(tmp_path / "q")).encode(TEXTS)
+    np.testing.assert_allclose(load_model(str(tmp_path / "q")).encode(TEXTS), documents, atol=1e-6)
 
 
 def test_query_only_model_typed_paths_are_unchanged(query_only: SBMoEModel, tmp_path: Path) -> None:

@@ -29,12 +29,13 @@ def test_saved_int8_encoder_matches_the_in_memory_one(tiny_bert, tmp_path) -> No
     out = tmp_path / "int8"
     assert quantize_main(["--model", str(tmp_path / "fp32"), "--output", str(out), "--encoder", "onnx-int8"]) == 0
     assert "model_int8.onnx" in os.listdir(out) and "model.onnx" not in os.listdir(out)
+    assert not [name for name in os.listdir(out) if name.endswith((".safetensors", ".bin"))]  # no unused fp32 weights
     for loaded in (sbmoe.load_model(str(out), device="cpu"), load_any_model(str(out), device="cpu")):  # and index
         assert isinstance(loaded[0], OnnxTransformer) and isinstance(loaded[0].model, OrtEncoder)
         assert torch.equal(loaded.encode(TEXTS, task="query", convert_to_tensor=True), expected)
     fp32 = sbmoe.load_model(str(tmp_path / "fp32"), device="cpu")
     assert not torch.equal(fp32.encode(TEXTS, task="query", convert_to_tensor=True), expected)  # really int8
-    loaded.save(str(tmp_path / "again"))  # saves the float weights and the int8 file again
+    loaded.save(str(tmp_path / "again"))  # saves the int8 file, config and tokenizer again
     again = sbmoe.load_model(str(tmp_path / "again"), device="cpu")
     assert torch.equal(again.encode(TEXTS, task="query", convert_to_tensor=True), expected)
     assert model_fingerprint(again) == model_fingerprint(loaded) != model_fingerprint(fp32)

@@ -1,4 +1,5 @@
-"""The README's code blocks run as written (quick start with the real offline MiniLM), so they never rot."""
+"""The README's examples run as written (real offline MiniLM), twice in a row and in another order, so they never rot
+and never depend on what ran before them; its evaluate, finetune and quantize examples parse."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from sbmoe.commands import evaluate, finetune
+from sbmoe.commands import evaluate, finetune, quantize
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -20,64 +22,100 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
 
-def commands(block: str) -> list[str]:
+def block(language: str, marker: str) -> str:
+    (found,) = [b for b in blocks(language) if marker in b]
+    return found
+
+
+def commands(text: str) -> list[str]:
     """The block's commands, continuation lines joined."""
-    return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    return [line.strip() for line in text.replace("\\\n", " ").splitlines() if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def quick_start(tmp_path_factory: pytest.TempPathFactory, session_cache: Path) -> tuple[Path, str]:
-    """The quick start's shell block, run by bash in an empty folder with the package's ``sbmoe`` on PATH."""
-    folder = tmp_path_factory.mktemp("readme")
-    block = next(b for b in blocks("bash") if "sbmoe index" in b)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "SBMOE_CACHE": str(session_cache)}  # fmt: skip
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=folder, env=env, capture_output=True,
-                          text=True)  # fmt: skip
+def run_shell(folder: Path, cache: Path) -> str:
+    """The quick start's shell block, run by bash in ``folder`` with the package's ``sbmoe`` on PATH."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env["SBMOE_CACHE"] = str(cache)
+    script = block("bash", "sbmoe index")
+    argv = ["bash", "-euo", "pipefail", "-c", script]
+    done = subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    return folder, done.stdout
+    assert re.search(r"indexed 2 documents \(flat\)|up to date: all 2 documents already indexed", done.stdout)
+    assert '"id": "d1"' in done.stdout and done.stdout.index('"id": "d1"') < done.stdout.index('"id": "d2"')
+    assert "Stem cells drive glioblastoma growth." in done.stdout  # the tumour query finds d1 first
+    return done.stdout
 
 
-def test_quick_start_indexes_and_searches_a_folder_of_texts(quick_start: tuple[Path, str]) -> None:
-    folder, out = quick_start
-    assert (folder / "indexes" / "my_docs" / "docs.sqlite").is_file()
-    assert "indexed 2 documents (flat)" in out
-    assert '"id": "d1"' in out and out.index('"id": "d1"') < out.index('"id": "d2"')  # the tumour query finds d1
-    assert "Stem cells drive glioblastoma growth." in out
-
-
-def test_python_quick_start_runs(quick_start: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    folder, _ = quick_start
+def run_python(marker: str, monkeypatch: pytest.MonkeyPatch, folder: Path) -> dict:
     monkeypatch.chdir(folder)
-    code = blocks("python")[0]
-    exec(compile(code, str(README), "exec"), {})
-    printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 2 and printed[0].split()[1] == "d1" and "expert" in printed[0]
+    names: dict = {}
+    exec(compile(block("python", marker), str(README), "exec"), names)
+    return names
+
+
+def check_retriever(names: dict, printed: list[str]) -> None:
     import sbmoe
 
-    assert len(sbmoe.Retriever.load("indexes/my_docs-moe")) == 2  # the add() after save stays in memory
+    assert len(printed) == 2 and printed[0].split()[1] == "d1" and "expert" in printed[0]
+    assert len(sbmoe.Retriever.load("indexes/my_docs-moe")) == 3  # the add() was saved
 
 
-def test_every_evaluate_and_finetune_example_parses() -> None:
-    checked = 0
-    for block in blocks("bash"):
-        for command in commands(block):
+def check_routes(names: dict) -> None:
+    plain = names["stock"].encode(["Stem cells drive glioblastoma growth."])  # the document route, as documented
+    np.testing.assert_allclose(plain, names["doc_vectors"], atol=1e-6)
+    assert names["query_vectors"].shape == (1, 384)
+
+
+@pytest.mark.parametrize("order", [("shell", "python", "routes") * 2, ("routes", "python", "shell")])
+def test_readme_examples_run_in_any_order_and_twice(
+    order: tuple[str, ...], tmp_path: Path, session_cache: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    for example in order:
+        if example == "shell":
+            run_shell(tmp_path, session_cache)
+        elif example == "python":
+            capsys.readouterr()
+            names = run_python("Retriever.build", monkeypatch, tmp_path)
+            check_retriever(names, capsys.readouterr().out.splitlines())
+        else:
+            check_routes(run_python("trust_remote_code", monkeypatch, tmp_path))
+
+
+def test_every_evaluate_finetune_and_quantize_example_parses() -> None:
+    checked = []
+    for text in blocks("bash"):
+        for command in commands(text):
             words = shlex.split(command)
             if words[:2] == ["sbmoe", "evaluate"]:
                 evaluate.parse_args(words[2:])
             elif words[:2] == ["sbmoe", "finetune"]:
                 finetune.parse_args(words[2:])
+            elif words[:2] == ["sbmoe", "quantize"]:
+                args = quantize.build_parser().parse_args(words[2:])
+                quantize.QuantizeArguments(**vars(args))
             else:
                 continue
-            checked += 1
-    assert checked == 5
+            checked.append(words[1])
+    assert checked.count("evaluate") == 2 and checked.count("finetune") == 3 and checked.count("quantize") == 2
 
 
 def test_moe_layers_example_builds_what_it_says() -> None:
-    (code,) = [block for block in blocks("python") if "moe_layers" in block]
+    code = block("python", "moe_layers")
     names: dict = {}
     exec(compile("import sbmoe\n" + code, str(README), "exec"), names)
     model = names["model"]
     plans = model.expert_plan(["a question"])  # the last example: every MiniLM layer upcycled, pre-gated
     assert [plan["decided_by"] for plan in plans] == [0, 0, 1, 2, 3, 4]
     assert all(len(plan["batches"]) == 1 and plan["batches"][0] for plan in plans)
+
+
+def test_readme_stays_short_and_starts_with_make_demo_and_make_test() -> None:
+    text = README.read_text()
+    assert len(text.splitlines()) <= 300
+    assert commands(blocks("bash")[0])[:2] == [
+        "make demo    # sets up .venv, fine-tunes two heads on SciFact, indexes, searches, prints an honest table",
+        "make test    # sets up .venv, then runs ruff and the test suite",
+    ]
+    for section in ("cranfield", "irds:cranfield"):
+        assert section in text
+    assert "0.3817" in text and "0.3536" in text

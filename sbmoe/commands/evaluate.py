@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -10,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, new_parser, setup_logging, slug
+from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, setup_logging, slug
+from sbmoe.commands.flags import new_parser
 from sbmoe.data import RetrievalDataset, load_dataset
 from sbmoe.evaluation.coverage import coverage, coverage_warnings
 from sbmoe.evaluation.evaluate import evaluate_model
@@ -23,7 +25,7 @@ from sbmoe.retrieval.index import INDEX_TYPES, DenseIndex
 
 logger = logging.getLogger("sbmoe.evaluate")
 
-TABLE_METRICS = ("nDCG@10", "MAP@100", "MRR@10", "Recall@100", "Recall@1000", "P@1")
+TABLE_METRICS = ("nDCG@10", "MAP@100", "MRR@10", "Recall@100", "Recall@1000", "P@1", "Success@1", "Success@5")
 EXAMPLES = (
     "sbmoe evaluate --model minilm --datasets scifact",
     "sbmoe evaluate --model out/minilm-sbmoe --datasets scifact,scifact:test-unseen,irds:cranfield --index hnsw",
@@ -35,8 +37,11 @@ def build_parser(prog: str = "sbmoe evaluate") -> argparse.ArgumentParser:
     """The flags of ``sbmoe evaluate``."""
     parser = new_parser(prog, __doc__, EXAMPLES)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="backbone name (minilm = minilm-plain, no head), SentenceTransformer or "
-                        "sbmoe folder, HF encoder folder, or Hub id")  # fmt: skip
+    source.add_argument(
+        "--model",
+        help="backbone name (minilm = minilm-plain, no head), SentenceTransformer or sbmoe folder, HF encoder folder, "
+        "or Hub id",
+    )
     source.add_argument("--run", help="a TREC run file (qid Q0 docid rank score tag) to score instead of a model")
     parser.add_argument("--datasets", required=True, help="comma-separated BEIR folder names, paths or irds:<id>")
     parser.add_argument("--data-dir", help="where BEIR folder names live (default $SBMOE_DATA or ../shared/data)")
@@ -45,13 +50,19 @@ def build_parser(prog: str = "sbmoe evaluate") -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=1000, help="documents retrieved per query (default: 1000)")
     parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default: 64)")
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric names")
-    parser.add_argument("--output", help="JSON result path (default runs/evaluate/<model>[-<index>].json); .md beside")
+    parser.add_argument(
+        "--output",
+        help="JSON result path (default runs/evaluate/<model>_<datasets>[_<index>]_<settings hash>.json); .md beside",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an --output computed with other settings")
     parser.add_argument("--cache-dir", help="embedding cache (default $SBMOE_CACHE or ~/.cache/sbmoe)")
     parser.add_argument("--no-cache", action="store_true", help="encode without reading or writing the cache")
     parser.add_argument("--save-index", metavar="DIR", help="also save each built index to DIR/<dataset>/")
-    parser.add_argument("--keep-identical-ids", action="store_true",
-                        help="keep documents whose id equals the query id (BEIR drops them by default)")  # fmt: skip
+    parser.add_argument(
+        "--keep-identical-ids",
+        action="store_true",
+        help="keep documents whose id equals the query id (BEIR drops them by default)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -139,8 +150,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe evaluate") -> int
     started = time.perf_counter()
     output, settings = output_path(args), result_settings(args)
     try:
-        check_overwrite(output, settings, args.overwrite)
         datasets = [load_dataset(spec, args.split, args.data_dir) for spec in args.dataset_specs]
+        check_overwrite(output, settings, args.overwrite)
         if args.run:
             run = read_trec_run(args.run)
             results = [score_run(run, d, args.metric_names, args.keep_identical_ids) for d in datasets]
@@ -160,13 +171,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe evaluate") -> int
 
 
 def output_path(args: argparse.Namespace) -> Path:
-    """``--output``, or ``runs/evaluate/<model or run file>[-<index>].json`` (exact search adds nothing)."""
+    """``--output``, or ``runs/evaluate/<model or run file>_<datasets>[_<index>]_<settings hash>.json`` (exact
+    search adds no index part): runs with other settings never share a default name."""
     if args.output:
         return Path(args.output)
-    name = slug(Path(args.run).stem if args.run else args.model)
+    datasets = [Path(spec).name if Path(spec).exists() else spec for spec in args.dataset_specs]  # folders by name
+    name = slug(Path(args.run).stem if args.run else args.model) + "_" + slug("+".join(datasets))
     if args.index != "flat":
-        name += "-" + slug("-".join([args.index, *(f"{k}{v}" for k, v in sorted(args.index_params.items()))]))
-    return Path("runs") / "evaluate" / f"{name}.json"
+        name += "_" + slug("-".join([args.index, *(f"{k}{v}" for k, v in sorted(args.index_params.items()))]))
+    digest = hashlib.sha256(json.dumps(result_settings(args), sort_keys=True).encode()).hexdigest()[:8]
+    return Path("runs") / "evaluate" / f"{name[:100]}_{digest}.json"
 
 
 def result_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -199,12 +213,20 @@ def check_overwrite(output: Path, settings: dict[str, Any], overwrite: bool) -> 
 def _evaluate(model: Any, dataset: RetrievalDataset, args: argparse.Namespace) -> dict[str, Any]:
     logger.info("evaluating %s on %s:%s (%d queries)", args.model, dataset.name, dataset.split, len(dataset.queries))
     result = evaluate_model(
-        model, dataset, args.top_k, args.index, args.index_params, args.batch_size, args.metric_names,
-        not args.no_cache, args.cache_dir, not args.keep_identical_ids,
+        model,
+        dataset,
+        args.top_k,
+        args.index,
+        args.index_params,
+        args.batch_size,
+        args.metric_names,
+        not args.no_cache,
+        args.cache_dir,
+        not args.keep_identical_ids,
         save_index=Path(args.save_index) / slug(dataset.name) if args.save_index else None,
         model_name=args.model,
         show_progress=not args.quiet,
-    )  # fmt: skip
+    )
     metrics = {k: round(v, 4) for k, v in result["metrics"].items()}
     logger.info("%s:%s: %s", dataset.name, dataset.split, json.dumps(metrics))
     return result

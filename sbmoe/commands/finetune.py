@@ -6,8 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from sbmoe.commands.common import USER_ERRORS, fail, new_parser, setup_logging
+from sbmoe.commands.common import USER_ERRORS, fail, setup_logging
 from sbmoe.commands.dataclass_args import add_dataclass_arguments, from_json_file
+from sbmoe.commands.flags import new_parser
 from sbmoe.training.arguments import FinetuneArguments
 from sbmoe.training.finetune import run
 from sbmoe.training.losses import TrainingDivergedError
@@ -18,16 +19,29 @@ EXAMPLES = (
     "sbmoe finetune --train full --epochs 1 --hard-negatives 3 --output-dir out/full",
     "sbmoe finetune experiments/scifact/rows/recipe-query-only-routing.json   # a study row: every argument",
 )
+# --help lists the flags under these titles (fields of FinetuneArguments; any other field comes last, as "other").
+FLAG_GROUPS = {
+    "data": "train_data train_weights max_positives_per_query eval_data data_dir dev_queries hard_negatives "
+    "negatives_skip self_supervised keep_identical_ids cache_dir",
+    "model and head": "backbone max_seq_length head num_experts top_k routing inference expert_hidden dense_size "
+    "identity_init router_init query_only expert_dropout tune_strength noise similarity",
+    "MoE layers inside the encoder, stacked heads": "moe_layers upcycle_init head_layers reuse_group psr pregate "
+    "frozen_layers token_cache_dir",
+    "training": "train epochs max_steps batch_size learning_rate backbone_learning_rate weight_decay temperature "
+    "aux_loss_weight domain_loss_weight z_loss_weight anchor_weight patience seed threads",
+    "output and checkpoints": "output_dir save_model overwrite resume save_steps logging_steps",
+}
 
 
 def build_parser(prog: str = "sbmoe finetune") -> argparse.ArgumentParser:
     """The flags of ``sbmoe finetune``: the fields of :class:`~sbmoe.training.arguments.FinetuneArguments`."""
     parser = new_parser(prog, __doc__, EXAMPLES)
-    parser.description += (
+    parser.usage = f"{prog} [FLAGS] (grouped below)\n       {prog} CONFIG.json"
+    parser.description = parser.description.rstrip(".") + (
         ". The output directory is a SentenceTransformer folder plus run.json; a single .json argument (of these "
         "names with underscores, or a run.json) gives every argument at once."
     )
-    add_dataclass_arguments(parser, FinetuneArguments)
+    add_dataclass_arguments(parser, FinetuneArguments, {t: names.split() for t, names in FLAG_GROUPS.items()})
     return parser
 
 

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from sbmoe.commands.common import USER_ERRORS, fail, new_parser, setup_logging
+from sbmoe.commands.common import USER_ERRORS, fail, setup_logging
 from sbmoe.commands.dataclass_args import add_dataclass_arguments
+from sbmoe.commands.flags import new_parser
 from sbmoe.files import atomic_dir
 from sbmoe.model import load_any_model
 from sbmoe.quant.allocate import plan_table
@@ -35,8 +36,8 @@ EXAMPLES = (
 class QuantizeArguments:
     """The flags of ``sbmoe quantize``."""
 
-    model: str = field(default="", metadata={"help": "a saved sbmoe model folder (SB-MoE head or MoE layers)"})
-    output: str = field(default="", metadata={"help": "folder for the quantized model"})
+    model: str = field(metadata={"help": "a saved sbmoe model folder (SB-MoE head or MoE layers)"})
+    output: str = field(metadata={"help": "folder for the quantized model"})
     budget: float | None = field(default=None, metadata={"help": "average bits per expert weight (mixed precision)"})
     bits: int | None = field(default=None, metadata={"help": "the same bits (2, 3, 4 or 8) for every expert linear"})
     plan: str | None = field(default=None, metadata={"help": "a plan.json to apply as it is"})
@@ -83,8 +84,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe quantize") -> int
     setup_logging(format="%(message)s")
     args = QuantizeArguments(**vars(build_parser(prog).parse_args(argv)))
     chosen = sum(x is not None for x in (args.budget, args.bits, args.plan)) + (args.encoder != "none")
-    if not args.model or not args.output or chosen != 1:
-        print(f"{prog}: error: give --model, --output and one of --budget, --bits, --plan, --encoder", file=sys.stderr)
+    if chosen != 1:
+        print(f"{prog}: error: give exactly one of --budget, --bits, --plan, --encoder", file=sys.stderr)
         return 2
     try:
         plan = run(args)

@@ -22,17 +22,30 @@ DEFAULT_METRICS: tuple[str, ...] = (
     "Recall@100",
     "Recall@1000",
     "P@1",
+    "Success@1",
+    "Success@5",
 )
-# our name -> pytrec_eval measure family; MRR@k is recip_rank on the run cut to its top k.
-TREC_NAMES = {"ndcg": "ndcg_cut", "map": "map_cut", "recall": "recall", "p": "P", "mrr": "recip_rank"}
-PATTERN = re.compile(r"^(nDCG|MAP|MRR|Recall|P)@(\d+)$", re.IGNORECASE)
+# our name -> pytrec_eval measure family; MRR@k is recip_rank on the run cut to its top k. Success@k: 1 when a
+# relevant document is in the top k (what someone checking a search of their own corpus measures first).
+TREC_NAMES = {
+    "ndcg": "ndcg_cut",
+    "map": "map_cut",
+    "recall": "recall",
+    "p": "P",
+    "mrr": "recip_rank",
+    "success": "success",
+}
+PATTERN = re.compile(r"^(nDCG|MAP|MRR|Recall|P|Success)@(\d+)$", re.IGNORECASE)
 
 
 def parse_metric(name: str) -> tuple[str, int]:
     """``"nDCG@10"`` -> ``("ndcg", 10)``; raises ValueError naming the accepted forms."""
     match = PATTERN.match(name.strip())
     if not match or int(match.group(2)) < 1:
-        raise ValueError(f"unknown metric {name!r}: expected nDCG@k, MAP@k, MRR@k, Recall@k or P@k with k >= 1")
+        raise ValueError(
+            f"unknown metric {name!r}: expected nDCG@k, MAP@k, MRR@k, Recall@k, P@k or Success@k "
+            "with k >= 1"
+        )
     return match.group(1).lower(), int(match.group(2))
 
 
@@ -45,7 +58,7 @@ def per_query(
         qrels: Query id -> {doc id: graded relevance}.
         run: Query id -> {doc id: score}; higher scores rank first.
         metrics: Metric names, e.g. ``("nDCG@10", "MRR@10")``.
-        relevance_level: Lowest grade that MAP, Recall, P and MRR count as relevant (nDCG uses the grades).
+        relevance_level: Lowest grade that MAP, Recall, P, MRR and Success count as relevant (nDCG uses the grades).
     """
     parsed = {name: parse_metric(name) for name in metrics}
     cutoffs: dict[str, set[int]] = {}

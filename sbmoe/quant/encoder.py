@@ -113,8 +113,9 @@ def with_encoder(model: SentenceTransformer, encoder: str, folder: str | os.Path
 class OnnxTransformer(Transformer):
     """sentence-transformers' Transformer whose encoder runs through an ONNX file saved in its folder.
 
-    The float weights stay in the folder (the module is built from them and saves them again, so the folder also
-    re-exports); only the forward pass runs through ONNX Runtime.
+    The folder holds the ONNX file, the encoder's config and the tokenizer, and no float weights: the ONNX file
+    holds the weights the encoder runs with, and nothing reads float ones (a folder saved by this class does not
+    re-export; export again from the float model).
 
     Args:
         model_name_or_path: A folder saved by this class (see :func:`save_with_onnx_encoder`).
@@ -133,26 +134,30 @@ class OnnxTransformer(Transformer):
         onnx_digest: str | None = None,
         **kwargs: Any,
     ):
+        self.onnx_path = Path(model_name_or_path) / onnx_file  # read by _load_model, which __init__ calls
         super().__init__(model_name_or_path, **kwargs)
-        self.use_onnx(Path(model_name_or_path) / onnx_file)
+        self.use_onnx(self.onnx_path)
+
+    def _load_model(self, model_name_or_path: str, transformer_task: Any, config: Any, *args: Any, **kwargs: Any):
+        """The ONNX Runtime session in place of the Hugging Face model (whose float weights are not saved)."""
+        return OrtEncoder(self.onnx_path, config)
 
     def use_onnx(self, path: Path) -> None:
-        """Run the encoder through ``path`` (in place); the float encoder is kept, unregistered, for :meth:`save`."""
+        """Run the encoder through ``path`` (in place), dropping the float encoder."""
         self.onnx_file, self.onnx_path = path.name, path
         with path.open("rb") as f:
             self.onnx_digest = hashlib.file_digest(f, "blake2b").hexdigest()[:32]
-        self.__dict__["float_model"] = self.model
-        self.model = OrtEncoder(path, self.model.config)
+        if not isinstance(self.model, OrtEncoder):
+            self.model = OrtEncoder(path, self.model.config)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {**super().get_config_dict(), "onnx_file": self.onnx_file, "onnx_digest": self.onnx_digest}
 
     def save(self, output_path: str, *args: Any, **kwargs: Any) -> None:
-        session, self.model = self.model, self.__dict__["float_model"]
-        try:
-            super().save(output_path, *args, **kwargs)
-        finally:
-            self.model = session
+        """The encoder's config, the tokenizer, this module's config and the ONNX file (no float weights)."""
+        self.model.config.save_pretrained(output_path)
+        self.processor.save_pretrained(output_path)
+        self.save_config(output_path)
         target = Path(output_path) / self.onnx_file
         if not target.exists() or not target.samefile(self.onnx_path):
             shutil.copyfile(self.onnx_path, target)

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from sbmoe.data import DataError, load_dataset
-from sbmoe.data.dataset import beir_text
 from sbmoe.heads import SBMoEHead
 from sbmoe.heads.upcycle import MoETransformer
 from sbmoe.model import SBMoEModel, find_head
@@ -33,27 +32,40 @@ from sbmoe.retrieval.encode import pooled_features
 DEFAULT_GROUP = 128
 
 
-def calibration_texts(spec: str, corpus_sample: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """A dataset's query texts and a random sample of ``corpus_sample`` of its document texts.
+def calibration_data(spec: str, corpus_sample: int, seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
+    """A dataset's query texts, all its document texts (in corpus order: the embedding cache knows the corpus by
+    them) and the sorted rows of a random sample of ``corpus_sample`` documents.
 
     Raises:
-        DataError: a dataset with neither.
+        DataError: a dataset with neither queries nor documents.
     """
     dataset = load_dataset(spec)
-    texts = [beir_text(doc.title, doc.text) for doc in dataset.iter_docs()]
-    rows = np.sort(np.random.default_rng(seed).choice(len(texts), size=min(corpus_sample, len(texts)), replace=False))
-    queries, docs = list(dataset.queries.values()), [texts[i] for i in rows]
-    if not queries and not docs:
+    corpus = [doc.full_text for doc in dataset.iter_docs()]
+    size = min(corpus_sample, len(corpus))
+    rows = np.sort(np.random.default_rng(seed).choice(len(corpus), size=size, replace=False))
+    queries = list(dataset.queries.values())
+    if not queries and not corpus:
         raise DataError(f"{spec}: no queries or documents to calibrate on")
-    return queries, docs
+    return queries, corpus, rows
+
+
+def calibration_texts(spec: str, corpus_sample: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A dataset's query texts and a random sample of ``corpus_sample`` of its document texts."""
+    queries, corpus, rows = calibration_data(spec, corpus_sample, seed)
+    return queries, [corpus[i] for i in rows]
 
 
 def calibration_vectors(
     model: SBMoEModel, spec: str, corpus_sample: int, cache_dir: str | os.PathLike | None = None, seed: int = 0
 ) -> Tensor:
-    """Pooled backbone vectors of a dataset's queries and a random sample of ``corpus_sample`` of its documents."""
-    queries, docs = calibration_texts(spec, corpus_sample, seed)
-    parts = [pooled_features(model, docs, "corpus", cache_dir)] if docs else []
+    """Pooled backbone vectors of a dataset's queries and a random sample of ``corpus_sample`` of its documents.
+
+    The documents' vectors are rows of the whole corpus's cache entry, the one ``evaluate``, ``index`` and
+    ``finetune`` write and read: a corpus any of them encoded is not encoded again (one that none did is encoded
+    whole, once, for all of them).
+    """
+    queries, corpus, rows = calibration_data(spec, corpus_sample, seed)
+    parts = [pooled_features(model, corpus, "corpus", cache_dir)[torch.from_numpy(rows)]] if len(rows) else []
     if queries:
         parts.append(pooled_features(model, queries, "queries", cache_dir))
     return torch.cat(parts)
