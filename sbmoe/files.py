@@ -21,6 +21,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from sbmoe.errors import IndexBusyError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; two writers of one folder are then not serialised
+    fcntl = None
+
 SCRATCH = re.compile(r"-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}$")
 RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths atomically (Linux >= 3.15)
 AT_FDCWD = -100
@@ -133,6 +140,31 @@ def exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
+
+
+@contextmanager
+def writer_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold ``.NAME.lock`` beside ``path`` exclusively while a writer reads, changes and saves ``path``.
+
+    The lock is the kernel's (``flock``): it goes with the process, however it ends. The file itself stays.
+
+    Raises:
+        IndexBusyError: another process holds it (its writes would be lost under this one's, or the reverse).
+    """
+    final = Path(path)
+    if fcntl is None:
+        yield
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(final.parent / f".{final.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise IndexBusyError(f"{final}: another process is writing it; run this again once it ends") from err
+        yield
+    finally:
+        os.close(fd)
 
 
 def last_complete_checkpoint(folder: str | os.PathLike, marker: str = "trainer_state.json") -> Path | None:

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sbmoe.data.dataset import texts_fingerprint
+from sbmoe.errors import DataError
 from sbmoe.files import remove_stale, replace_dir, scratch_name
 from sbmoe.paths import cache_dir as default_cache_dir
 
@@ -165,7 +166,7 @@ def _encode_to(
             row += len(chunk)
             bar.update(row - bar.n)  # a no-op, unless the model's forward hooks did not run
     if row != count:
-        raise ValueError(f"encoded {row} items but expected {count}: the corpus changed while it was read")
+        raise DataError(f"encoded {row} items but expected {count}: the corpus changed while it was read; run again")
     out.flush()
     del out
     return {

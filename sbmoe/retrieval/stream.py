@@ -119,7 +119,7 @@ def retriever_from_shards(
     The document store is filled from the shards too, so the corpus is not read again.
     """
     if not shards.complete or not len(shards):
-        raise ValueError(f"{shards.folder}: the shard set is incomplete or empty; encode the corpus first")
+        raise DataError(f"{shards.folder}: the shard set is incomplete or empty; encode the corpus first")
     dense = DenseIndex(shards.dim, index_type, use_gpu=use_gpu, **(index_params or {}))
     dense.train(shards.sample(TRAIN_SAMPLE), total=len(shards))
     with tqdm(total=len(shards), desc=f"index {index_type}", unit="vec", disable=not show_progress) as bar:
