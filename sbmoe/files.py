@@ -143,25 +143,29 @@ def exchange(a: Path, b: Path) -> bool:
 
 
 @contextmanager
-def writer_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold ``.NAME.lock`` beside ``path`` exclusively while a writer reads, changes and saves ``path``.
+def writer_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``folder`` (made empty if absent) exclusively while a writer reads, changes and replaces it.
 
-    The lock is the kernel's (``flock``): it goes with the process, however it ends. The file itself stays.
+    The lock is the kernel's ``flock`` on the folder itself, no lock file: it goes with the process, however it
+    ends. A writer that replaces the folder (:func:`atomic_dir`) does so as its last step, so a second writer
+    that arrives before then is refused, and one that arrives after sees the new folder.
 
     Raises:
         IndexBusyError: another process holds it (its writes would be lost under this one's, or the reverse).
     """
-    final = Path(path)
+    final = Path(folder)
     if fcntl is None:
         yield
         return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(final.parent / f".{final.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    final.mkdir(parents=True, exist_ok=True)
+    fd = os.open(final, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
             raise IndexBusyError(f"{final}: another process is writing it; run this again once it ends") from err
+        if os.fstat(fd).st_ino != final.stat().st_ino:  # replaced between open and lock: the writer just ended
+            raise IndexBusyError(f"{final}: another process just replaced it; run this again")
         yield
     finally:
         os.close(fd)

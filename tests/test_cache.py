@@ -39,7 +39,7 @@ def test_hit_miss_and_keys(tiny_bert: str, tmp_path: Path) -> None:
 def test_damaged_entry_is_encoded_again(tiny_bert: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model = build_model(tiny_bert, head=False, max_seq_length=64)
     good = np.array(cached_embeddings(model, TEXTS, "queries", tmp_path, show_progress=False)[0])
-    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (entry,) = [p for p in tmp_path.iterdir() if p.name != "texts"]
     data = (entry / "embeddings.npy").read_bytes()
     (entry / "embeddings.npy").write_bytes(data[: len(data) // 2])
     with caplog.at_level(logging.WARNING, logger="sbmoe.retrieval.cache"):
@@ -120,9 +120,9 @@ def test_a_damaged_vector_row_is_encoded_again(tiny_bert: str, tmp_path: Path, e
     model = build_model(tiny_bert, head=False, max_seq_length=64)
     good, _ = cached_embeddings(model, TEXTS, "corpus", tmp_path, show_progress=False)
     for entry in tmp_path.iterdir():
-        if entry.is_dir():
+        if entry.name != "texts":
             shutil.rmtree(entry)
-    (store,) = tmp_path.glob("corpus-*.vectors.sqlite")
+    (store,) = (tmp_path / "texts").glob("corpus-*.sqlite")
     with sqlite3.connect(store) as db:
         db.execute("UPDATE vectors SET vector = zeroblob(length(vector)) WHERE rowid = 1")
     db.close()

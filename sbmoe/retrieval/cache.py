@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 KINDS = ("corpus", "queries")
 CHUNK = 512  # documents per encode call: bounds RAM (the progress bar moves per batch within it)
 TEMP = ".tmp-"  # prefix of entries being written
+TEXTS_DIR = "texts"  # each text's vector, one SQLite file per kind and model (sbmoe.retrieval.text_vectors)
 
 
 def model_fingerprint(model: SentenceTransformer) -> str:
@@ -110,7 +111,7 @@ def cached_embeddings(
     tmp = root / scratch_name(f"{TEMP}{folder.name}")
     tmp.mkdir()
     try:
-        vectors = TextVectors(root / f"{kind}-{model_fp[:20]}.vectors.sqlite", model.get_embedding_dimension())
+        vectors = TextVectors(root / TEXTS_DIR / f"{kind}-{model_fp[:20]}.sqlite", model.get_embedding_dimension())
         try:
             meta = _encode_to(tmp, model, items, kind, batch_size, show_progress, vectors)
         finally:

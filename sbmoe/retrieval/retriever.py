@@ -131,15 +131,16 @@ class Retriever:
         Raises:
             DataError: an id no index can hold (whitespace, line break, control character), or no documents.
         """
-        spec = model if isinstance(model, str) else None
-        model = load_any_model(model) if isinstance(model, str) else model
         dataset = as_dataset(corpus, data_dir)
         for warning in dataset.validate():
             logger.warning(warning)
+        docs = unique_docs(dataset)
         settings = DenseIndex(8, index, use_gpu=use_gpu, **(index_params or {}))  # its type and parameters, checked
+        spec = model if isinstance(model, str) else None
+        model = load_any_model(model) if isinstance(model, str) else model
         retriever = cls(model, settings, DocStore.temporary())
         retriever.model_spec, retriever.cache_dir = absolute_spec(spec), cache_dir
-        retriever._replace(unique_docs(dataset), batch_size, show_progress)
+        retriever._replace(docs, batch_size, show_progress)
         return retriever
 
     def sync(
