@@ -98,3 +98,14 @@ def test_blank_and_repeated_queries_are_skipped_with_a_warning(tmp_path: Path, c
     assert "1 repeated query ids, the first text of each kept (e.g. q1 at line 3)" in caplog.text
     with pytest.raises(DataError, match="no queries with text"):
         read_queries(write_jsonl(tmp_path / "blank.jsonl", [{"_id": "q1", "text": ""}]))
+
+
+def test_repeated_ids_through_the_stream_backend_leave_an_index_that_loads(tiny_bert: str, tmp_path: Path) -> None:
+    records = [{"_id": d.id, "text": d.text} for d in DOCS] + [{"_id": "d0", "text": "a second copy"}]
+    corpus = write_jsonl(tmp_path / "c.jsonl", records)
+    out = tmp_path / "idx"
+    argv = ["--model", tiny_bert, "--corpus", str(corpus), "--output", str(out), "--quiet", "--backend", "stream"]
+    assert index_main(argv) == 0
+    loaded = Retriever.load(out)
+    assert len(loaded) == len(loaded.store) == 12
+    assert loaded.search(DOCS[0].text, k=1)[0][0].text == DOCS[0].text

@@ -143,3 +143,24 @@ def test_one_corpus_encoding_for_evaluate_heads_and_finetune(
     run(FinetuneArguments(backbone=tiny_bert, train_data=f"{beir}:train", eval_data=str(beir), cache_dir=cache,
                           output_dir=str(tmp_path / "ft"), epochs=2, hard_negatives=2, save_model=False))  # fmt: skip
     assert [count for kind, count in encoded if kind == "corpus"] == [60]
+
+
+def test_reindexing_a_corpus_with_one_changed_document_encodes_that_document_only(
+    tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    changed = [*DOCS[:9], Doc("d9", "glioblastoma radiation", "stem cells resist radiation"), *DOCS[10:]]
+    args = ["--model", tiny_bert, "--output", str(tmp_path / "idx"), "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    assert index_main([*args, "--corpus", str(write_beir(tmp_path / "old", DOCS))]) == 0
+    encoded: list[str] = []
+    real = SentenceTransformer.encode_document
+
+    def counting(self, texts, *rest, **kwargs):
+        encoded.extend(texts)
+        return real(self, texts, *rest, **kwargs)
+
+    monkeypatch.setattr(SentenceTransformer, "encode_document", counting)
+    capsys.readouterr()
+    assert index_main([*args, "--corpus", str(write_beir(tmp_path / "new", changed))]) == 0
+    assert encoded == [changed[9].full_text] and "added 0, updated 1, removed 0" in capsys.readouterr().out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from sbmoe.data.corpus import load_corpus
 from sbmoe.data.dataset import Doc, Problem, RetrievalDataset
@@ -42,15 +42,19 @@ def unique_docs(corpus: Corpus, data_dir: str | os.PathLike | None = None) -> li
     Raises:
         DataError: an id that an index cannot hold (see :func:`sbmoe.data.ids.check_id`), with its position.
     """
-    dataset = as_dataset(corpus, data_dir)
-    docs: dict[str, Doc] = {}
+    return list(iter_unique_docs(as_dataset(corpus, data_dir)))
+
+
+def iter_unique_docs(dataset: RetrievalDataset) -> Iterator[Doc]:
+    """:func:`unique_docs` one document at a time (the ids seen so far are kept, not the documents)."""
+    seen: set[str] = set()
     repeated = Problem("repeated document ids, the first of each kept")
     for number, doc in enumerate(dataset.iter_docs(), start=1):
         check_id(doc.id, f"{dataset.name}: document {number}")
-        if doc.id in docs:
+        if doc.id in seen:
             repeated.add(doc.id)
-        else:
-            docs[doc.id] = doc
+            continue
+        seen.add(doc.id)
+        yield doc
     if repeated.count:
         logger.warning("%s: %s", dataset.name, repeated)
-    return list(docs.values())

@@ -273,6 +273,8 @@ class Retriever:
             IndexLoadError: a missing or damaged folder, or a model that changed since the index was built.
         """
         folder = Path(path)
+        if (folder / CONFIG).is_file() and not (folder / MANIFEST).is_file():
+            raise IndexLoadError(f"{folder}: written by an older sbmoe (no {MANIFEST}); {REBUILD}")
         models: dict[str | None, SentenceTransformer] = {}
         for _ in range(LOAD_ATTEMPTS):
             manifest = read_manifest(folder, {"generation", "dim", "metric", "type", "count"}, WRITTEN_BY)
