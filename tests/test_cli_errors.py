@@ -79,8 +79,9 @@ def test_ctrl_c_during_finetune_is_one_line_and_resume_gives_the_uninterrupted_w
     tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     beir = write_corpus(tmp_path / "toy" / "corpus.jsonl", DOCS).parent
-    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{t}", "text": f"gene study {t}"}) + "\n"
-                                                for t in range(3)))
+    (beir / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{t}", "text": f"gene study {t}"}) + "\n" for t in range(3))
+    )
     (beir / "qrels").mkdir()
     rows = "".join(f"q{int(d.id[1:]) % 3}\t{d.id}\t1\n" for d in DOCS)
     (beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + rows)

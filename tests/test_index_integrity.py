@@ -51,10 +51,14 @@ def scramble(file: Path) -> None:
 DAMAGES = {
     "truncated store": (lambda f: truncate(f / "docs.sqlite"), r"docs\.sqlite: truncated or altered"),
     "garbage store": (lambda f: scramble(f / "docs.sqlite"), r"docs\.sqlite: corrupt: SHA-256 differs"),
-    "index type edited": (lambda f: edit_json(f / "index" / "manifest.json", lambda m: m.update(type="hnsw")),
-                          r"index/manifest\.json: truncated or altered|index/manifest\.json: corrupt"),
-    "dim edited": (lambda f: edit_json(f / "manifest.json", lambda m: m.update(dim=64)),
-                   r"manifest\.json: says 12 64-d flat vectors; the folder holds 12 32-d flat"),
+    "index type edited": (
+        lambda f: edit_json(f / "index" / "manifest.json", lambda m: m.update(type="hnsw")),
+        r"index/manifest\.json: truncated or altered|index/manifest\.json: corrupt",
+    ),
+    "dim edited": (
+        lambda f: edit_json(f / "manifest.json", lambda m: m.update(dim=64)),
+        r"manifest\.json: says 12 64-d flat vectors; the folder holds 12 32-d flat",
+    ),
     "config damaged": (lambda f: (f / "retriever.json").write_text("{"), r"retriever\.json: truncated or altered"),
     "manifest damaged": (lambda f: (f / "manifest.json").write_text("[1"), r"manifest\.json:1: invalid JSON"),
 }

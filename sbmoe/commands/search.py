@@ -28,8 +28,11 @@ def build_parser(prog: str = "sbmoe search") -> argparse.ArgumentParser:
     parser.add_argument("index_dir", metavar="DIR", help="a folder written by `sbmoe index` (or Retriever.save)")
     parser.add_argument("query", nargs="?", help="the query text")
     parser.add_argument("-k", "--top-k", type=int, default=10, help="documents per query (default: 10)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table (with --queries: one "
-                        "line per query, and the run file only with --output)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of a table (with --queries: one line per query, and the run file only with --output)",
+    )
     parser.add_argument("--queries", metavar="FILE", help="a .jsonl ({_id, text}) or .tsv (id<TAB>text) of queries")
     parser.add_argument("--output", metavar="RUN", help="run file for --queries (default runs/search/<DIR>.trec)")
     parser.add_argument("--device", help="torch device (default: cuda when available)")

@@ -170,6 +170,12 @@ class Retriever:
             self._replace(list(merged.values()), batch_size, show_progress)
         return changes
 
+    def add(self, docs: Corpus, batch_size: int = 64, show_progress: bool = True) -> int:
+        """Add the documents whose ids are new (known ids keep their text: :meth:`upsert` replaces them); returns
+        how many were added. Call :meth:`save` to keep the result."""
+        known = {doc.id for doc, _ in self.store.iter_docs()}
+        return self.upsert([doc for doc in unique_docs(docs) if doc.id not in known], batch_size, show_progress).added
+
     def delete(self, ids: Sequence[str], show_progress: bool = True) -> int:
         """Remove the documents with these ids (unknown ids are ignored); returns how many went.
         Call :meth:`save` to keep the result."""
