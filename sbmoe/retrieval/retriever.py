@@ -272,8 +272,12 @@ class Retriever:
         return final
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | None = None, use_gpu: bool | str = "auto") -> Retriever:
+    def load(
+        cls, path: str | os.PathLike, device: str | None = None, use_gpu: bool | str = "auto", verify: bool = True
+    ) -> Retriever:
         """Reopen a folder written by :meth:`save`: every file checked against its manifest, one generation.
+
+        ``verify=False`` checks file sizes but skips the SHA-256 of each file (seconds for a store of millions).
 
         Raises:
             IndexLoadError: a missing or damaged folder, or a model that changed since the index was built.
@@ -285,7 +289,7 @@ class Retriever:
         for _ in range(LOAD_ATTEMPTS):
             manifest = read_manifest(folder, {"generation", "dim", "metric", "type", "count"}, WRITTEN_BY)
             try:
-                retriever = cls._open(folder, manifest, models, device, use_gpu)
+                retriever = cls._open(folder, manifest, models, device, use_gpu, verify)
             except (IndexLoadError, OSError, sqlite3.Error):
                 if _generation(folder) == manifest["generation"]:
                     raise
@@ -302,9 +306,10 @@ class Retriever:
         models: dict[str | None, SentenceTransformer],
         device: str | None,
         use_gpu: bool | str,
+        verify: bool,
     ) -> Retriever:
         """The retriever of one generation of ``folder`` (``manifest`` read first), checked against it."""
-        check_files(folder, manifest, verify=True)
+        check_files(folder, manifest, verify)
         config = _read_config(folder / CONFIG)
         spec = config["model"]["spec"]
         if spec not in models:
