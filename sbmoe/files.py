@@ -157,6 +157,7 @@ def writer_lock(folder: str | os.PathLike) -> Iterator[None]:
     if fcntl is None:
         yield
         return
+    made = not final.exists()
     final.mkdir(parents=True, exist_ok=True)
     fd = os.open(final, os.O_RDONLY)
     try:
@@ -169,6 +170,9 @@ def writer_lock(folder: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+        if made:  # a writer that failed before saving leaves no empty folder behind
+            with suppress(OSError):
+                final.rmdir()
 
 
 def last_complete_checkpoint(folder: str | os.PathLike, marker: str = "trainer_state.json") -> Path | None:

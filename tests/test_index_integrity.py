@@ -141,3 +141,9 @@ def test_an_index_path_with_hash_question_mark_and_percent(tiny_bert: str, tmp_p
     assert search_main([str(out), DOCS[3].text, "-k", "1", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["hits"][0]["id"] == "d3"
     assert sorted(p.name for p in out.parent.iterdir()) == ["a#b?c%20d"]  # no stray file beside it
+
+
+def test_a_failed_first_index_leaves_no_empty_folder(tiny_bert: str, tmp_path: Path, capsys) -> None:
+    argv = ["--model", tiny_bert, "--corpus", str(tmp_path / "none.jsonl"), "--output", str(tmp_path / "i")]
+    assert index_main(argv) == 1 and "corpus file not found" in capsys.readouterr().err
+    assert not (tmp_path / "i").exists()
