@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sbmoe.commands.common import USER_ERRORS, fail, new_parser, setup_logging
 from sbmoe.data.corpus import read_queries
+from sbmoe.errors import DataError
 from sbmoe.evaluation.runs import write_trec_run
 from sbmoe.retrieval.retriever import Hit, Retriever
 
@@ -48,6 +49,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe search") -> int:
     if args.top_k < 1:
         parser.error("-k must be >= 1")
     setup_logging(logging.WARNING)
+    if args.query is not None and not args.query.strip():
+        return fail("search", DataError(f"the query {args.query!r} is blank; give the words to search for"))
     try:
         queries = read_queries(args.queries) if args.queries else None
         retriever = Retriever.load(args.index_dir, device=args.device)
