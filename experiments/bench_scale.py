@@ -90,7 +90,7 @@ def child_stream(model_dir: str, corpus: str, work: str) -> dict[str, Any]:
     retriever.save(Path(work) / "index")
     record.update(save_s=time.perf_counter() - start, rss_peak_mb=rss_mb())
     record["index_bytes"] = (Path(work) / "index" / "index" / "index.faiss").stat().st_size
-    record["ids_bytes"] = (Path(work) / "index" / "index" / "doc_ids.txt").stat().st_size
+    record["ids_bytes"] = (Path(work) / "index" / "index" / "doc_ids.json").stat().st_size
     record["store_bytes"] = (Path(work) / "index" / "docs.sqlite").stat().st_size
     record["shard_bytes"] = sum(f.stat().st_size for f in (Path(work) / "shards").iterdir())
     record["docs_per_s"] = record["docs"] / record["encode_s"]

@@ -37,7 +37,7 @@ K = 10
 GOALS = {"cold_ratio_max": 1.2, "warm_throughput_ratio_min": 0.9}
 SQL = "SELECT id, title, text FROM docs WHERE id IN ({})"
 PLAIN_SCRIPT = f"""
-import sqlite3, sys
+import json, sqlite3, sys
 import faiss
 from rich.console import Console
 from rich.table import Table
@@ -47,7 +47,7 @@ folder, query, model_path = sys.argv[1:4]
 model = SentenceTransformer(model_path)
 model.max_seq_length = 256
 index = faiss.read_index(folder + "/index/index.faiss")
-doc_ids = open(folder + "/index/doc_ids.txt", encoding="utf-8").read().splitlines()
+doc_ids = json.load(open(folder + "/index/doc_ids.json", encoding="utf-8"))
 scores, rows = index.search(model.encode([query], normalize_embeddings=True), {K})
 ids = [doc_ids[r] for r in rows[0] if r >= 0]
 db = sqlite3.connect("file:" + folder + "/docs.sqlite?mode=ro", uri=True)
@@ -107,7 +107,7 @@ def warm_latency(index_dir: Path, model_path: str, queries: list[str], rounds: i
     model = SentenceTransformer(model_path)
     model.max_seq_length = 256
     index = faiss.read_index(str(index_dir / "index" / "index.faiss"))
-    doc_ids = (index_dir / "index" / "doc_ids.txt").read_text(encoding="utf-8").splitlines()
+    doc_ids = json.loads((index_dir / "index" / "doc_ids.json").read_text(encoding="utf-8"))
     db = sqlite3.connect(f"file:{index_dir / 'docs.sqlite'}?mode=ro", uri=True)
 
     def plain(query: str) -> list[tuple[str, float, str, str]]:
@@ -180,7 +180,7 @@ def main() -> None:
         index_cmd = [sbmoe_cli, "index", "--model", "minilm", "--corpus", str(corpus), "--output", str(index_dir)]
         subprocess.run([*index_cmd, "--quiet"], env=env, stdout=subprocess.DEVNULL, check=True)
         index_seconds = time.perf_counter() - start
-        n_docs = len((index_dir / "index" / "doc_ids.txt").read_text(encoding="utf-8").splitlines())
+        n_docs = len(json.loads((index_dir / "index" / "doc_ids.json").read_text(encoding="utf-8")))
         print(f"indexed {n_docs} documents in {index_seconds:.1f}s")
         commands = {
             "sbmoe": lambda q: [sbmoe_cli, "search", str(index_dir), q, "-k", str(K)],

@@ -21,6 +21,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from sbmoe.errors import IndexBusyError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; two writers of one folder are then not serialised
+    fcntl = None
+
 SCRATCH = re.compile(r"-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}$")
 RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths atomically (Linux >= 3.15)
 AT_FDCWD = -100
@@ -133,6 +140,39 @@ def exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False
     raise OSError(code, f"cannot swap {a} and {b}: {os.strerror(code)}")
+
+
+@contextmanager
+def writer_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``folder`` (made empty if absent) exclusively while a writer reads, changes and replaces it.
+
+    The lock is the kernel's ``flock`` on the folder itself, no lock file: it goes with the process, however it
+    ends. A writer that replaces the folder (:func:`atomic_dir`) does so as its last step, so a second writer
+    that arrives before then is refused, and one that arrives after sees the new folder.
+
+    Raises:
+        IndexBusyError: another process holds it (its writes would be lost under this one's, or the reverse).
+    """
+    final = Path(folder)
+    if fcntl is None:
+        yield
+        return
+    made = not final.exists()
+    final.mkdir(parents=True, exist_ok=True)
+    fd = os.open(final, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise IndexBusyError(f"{final}: another process is writing it; run this again once it ends") from err
+        if os.fstat(fd).st_ino != final.stat().st_ino:  # replaced between open and lock: the writer just ended
+            raise IndexBusyError(f"{final}: another process just replaced it; run this again")
+        yield
+    finally:
+        os.close(fd)
+        if made:  # a writer that failed before saving leaves no empty folder behind
+            with suppress(OSError):
+                final.rmdir()
 
 
 def last_complete_checkpoint(folder: str | os.PathLike, marker: str = "trainer_state.json") -> Path | None:

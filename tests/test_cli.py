@@ -79,7 +79,7 @@ def test_regrown_corpus_adds_only_new_ids(indexed: dict, tmp_path: Path) -> None
     done = sbmoe("index", "--model", "minilm", "--corpus", str(grown), "--output", str(indexed["index"]),
                  env=indexed["env"])  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert f"added 1 new documents to the {SLICE_DOCS} already indexed (flat)" in done.stdout
+    assert f"added 1, updated 0, removed 0 documents: {SLICE_DOCS + 1} indexed, {SLICE_DOCS} before" in done.stdout
     assert "encode corpus: 100%|██████████| 1/1" in done.stderr  # only the new document was encoded
     done = sbmoe("search", str(indexed["index"]), "glioblastoma stem cells resist radiation", "--json",
                  env=indexed["env"])  # fmt: skip

@@ -162,7 +162,7 @@ def test_missing_folder_and_bad_manifest(tmp_path: Path, saved: Path) -> None:
     (saved / "manifest.json").write_text('{"format": 1,\n "dim": ')
     with pytest.raises(IndexLoadError, match=r"manifest\.json:2: invalid JSON"):
         DenseIndex.load(saved)
-    (saved / "doc_ids.txt").unlink()
-    (saved / "manifest.json").write_text(json.dumps({"format": 1}))
+    (saved / "doc_ids.json").unlink()
+    (saved / "manifest.json").write_text(json.dumps({"format": 2}))
     with pytest.raises(IndexLoadError, match=r"missing keys \['count', 'dim'"):
         DenseIndex.load(saved)

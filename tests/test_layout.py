@@ -11,7 +11,7 @@ PACKAGE = Path(sbmoe.__file__).parent
 # Lower layers never import higher ones: cli -> commands -> training -> evaluation -> retrieval -> model
 # -> heads/data -> files/paths/backbones. `sbmoe/__init__.py` only names things lazily and is left out.
 LAYERS = [
-    {"sbmoe.files", "sbmoe.paths", "sbmoe.backbones"},
+    {"sbmoe.errors", "sbmoe.files", "sbmoe.paths", "sbmoe.backbones"},
     {"sbmoe.heads", "sbmoe.data"},
     {"sbmoe.model"},
     {"sbmoe.retrieval"},

@@ -49,39 +49,37 @@ def test_saved_and_loaded_retriever_gives_identical_hits(tiny_bert: str, beir: P
     assert (loaded.index.index_type, len(loaded), len(loaded.store)) == ("hnsw", 60, 60)
 
 
-def test_growth_adds_new_ids_for_flat_and_hnsw_and_refuses_ivf(tiny_bert: str, tmp_path: Path) -> None:
-    for index_type in ("flat", "hnsw"):
-        retriever = Retriever.build(tiny_bert, DOCS[:40], index=index_type, show_progress=False)
-        assert retriever.add(DOCS) == 20 and retriever.add(DOCS) == 0
-        assert len(retriever) == len(retriever.store) == 60
-        assert retriever.index.doc_ids == [d.id for d in DOCS]
-        hit = retriever.search(DOCS[55].full_text, k=1)[0][0]
-        assert (hit.id, hit.text) == ("d55", DOCS[55].text)
-    ivf = Retriever.build(tiny_bert, DOCS[:40], index="ivf", show_progress=False)
-    assert ivf.add(DOCS[:40]) == 0  # nothing new: nothing to refuse
-    with pytest.raises(ValueError, match=r"cannot add 20 new documents to a 'ivf' index: .* trained on the first 40"):
-        ivf.add(DOCS)
+@pytest.mark.parametrize("index_type", ["flat", "hnsw", "ivf"])
+def test_upsert_and_delete_leave_no_stale_text_or_removed_id(tiny_bert: str, index_type: str) -> None:
+    retriever = Retriever.build(tiny_bert, DOCS[:40], index=index_type, show_progress=False)
+    changed = Doc("d3", "glioblastoma radiation", "stem cells resist radiation")
+    assert str(retriever.upsert([*DOCS[40:], changed], show_progress=False)) == "added 20, updated 1, removed 0"
+    assert not retriever.upsert(DOCS[40:], show_progress=False)  # nothing new: nothing done
+    assert retriever.delete(["d5", "nope"], show_progress=False) == 1
+    assert len(retriever) == len(retriever.store) == 59 and "d5" not in retriever.index.doc_ids
+    hit = retriever.search(changed.full_text, k=1)[0][0]
+    assert (hit.id, hit.title, hit.text) == ("d3", changed.title, changed.text)
+    assert all(h.id != "d5" for h in retriever.search(DOCS[5].full_text, k=59)[0])
 
 
-def test_index_command_grows_in_place_and_refuses_a_trained_index(
+def test_index_command_mirrors_new_changed_and_removed_documents(
     tiny_bert: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    small, full = write_beir(tmp_path / "small", DOCS[:40]), write_beir(tmp_path / "full", DOCS)
+    changed = Doc("d3", "glioblastoma radiation", "stem cells resist radiation")
+    small = write_beir(tmp_path / "small", DOCS[:40])
+    mirrored = write_beir(tmp_path / "full", [d for d in [*DOCS[:3], changed, *DOCS[4:]] if d.id != "d5"])
     for index_type in ("flat", "ivf"):
         out = tmp_path / index_type
         args = ["--model", tiny_bert, "--index", index_type, "--output", str(out), "--quiet"]
         assert index_main([*args, "--corpus", str(small)]) == 0
-        code = index_main([*args, "--corpus", str(full)])
-        captured = capsys.readouterr()
-        if index_type == "flat":
-            assert code == 0 and "added 20 new documents to the 40 already indexed (flat)" in captured.out
-            assert len(Retriever.load(out)) == 60
-        else:
-            assert code == 1 and "cannot add 20 new documents to a 'ivf' index" in captured.err
-            assert "--rebuild" in captured.err and len(Retriever.load(out)) == 40  # the old index is intact
-    assert index_main(["--model", tiny_bert, "--corpus", str(full), "--output", str(tmp_path / "ivf"),
-                       "--index", "ivf", "--rebuild", "--quiet"]) == 0  # fmt: skip
-    assert len(Retriever.load(tmp_path / "ivf")) == 60
+        capsys.readouterr()
+        assert index_main([*args, "--corpus", str(mirrored)]) == 0
+        assert "added 20, updated 1, removed 1 documents: 59 indexed, 40 before" in capsys.readouterr().out
+        assert index_main([*args, "--corpus", str(mirrored)]) == 0
+        assert "up to date: all 59 documents indexed as they are in the corpus" in capsys.readouterr().out
+        assert search_main([str(out), changed.full_text, "-k", "59", "--json"]) == 0
+        hits = json.loads(capsys.readouterr().out)["hits"]
+        assert (hits[0]["id"], hits[0]["text"]) == ("d3", changed.text) and "d5" not in {h["id"] for h in hits}
 
 
 def test_search_with_an_sbmoe_model_shows_experts(tiny_bert: str, beir: Path, tmp_path: Path, capsys) -> None:
@@ -145,3 +143,24 @@ def test_one_corpus_encoding_for_evaluate_heads_and_finetune(
     run(FinetuneArguments(backbone=tiny_bert, train_data=f"{beir}:train", eval_data=str(beir), cache_dir=cache,
                           output_dir=str(tmp_path / "ft"), epochs=2, hard_negatives=2, save_model=False))  # fmt: skip
     assert [count for kind, count in encoded if kind == "corpus"] == [60]
+
+
+def test_reindexing_a_corpus_with_one_changed_document_encodes_that_document_only(
+    tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    changed = [*DOCS[:9], Doc("d9", "glioblastoma radiation", "stem cells resist radiation"), *DOCS[10:]]
+    args = ["--model", tiny_bert, "--output", str(tmp_path / "idx"), "--cache-dir", str(tmp_path / "c"), "--quiet"]
+    assert index_main([*args, "--corpus", str(write_beir(tmp_path / "old", DOCS))]) == 0
+    encoded: list[str] = []
+    real = SentenceTransformer.encode_document
+
+    def counting(self, texts, *rest, **kwargs):
+        encoded.extend(texts)
+        return real(self, texts, *rest, **kwargs)
+
+    monkeypatch.setattr(SentenceTransformer, "encode_document", counting)
+    capsys.readouterr()
+    assert index_main([*args, "--corpus", str(write_beir(tmp_path / "new", changed))]) == 0
+    assert encoded == [changed[9].full_text] and "added 0, updated 1, removed 0" in capsys.readouterr().out

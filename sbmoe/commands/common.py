@@ -10,11 +10,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from sbmoe.backbones import BackboneUnavailableError
-from sbmoe.data import DataError
-from sbmoe.retrieval.index import IndexLoadError
+from sbmoe.errors import SbmoeError
 
 # Errors a user can fix (a missing file, a malformed line, an unreachable model): one line on stderr, exit 1.
-USER_ERRORS = (DataError, BackboneUnavailableError, IndexLoadError, OSError)
+USER_ERRORS = (SbmoeError, BackboneUnavailableError, OSError)
 
 
 def description(doc: str) -> str:

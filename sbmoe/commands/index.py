@@ -16,18 +16,20 @@ from pathlib import Path
 
 from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, new_parser
 from sbmoe.data.corpus import FORMATS
-from sbmoe.files import recover_dir
+from sbmoe.errors import DataError
+from sbmoe.files import recover_dir, writer_lock
 from sbmoe.model import load_any_model
+from sbmoe.retrieval.documents import as_dataset
 from sbmoe.retrieval.index import INDEX_TYPES, DenseIndex
 from sbmoe.retrieval.index_settings import choose_index, parse_bytes
 from sbmoe.retrieval.ivf import IVF_TYPES
-from sbmoe.retrieval.retriever import CONFIG, Retriever, absolute_spec, as_dataset
+from sbmoe.retrieval.retriever import CONFIG, Retriever, absolute_spec
 from sbmoe.retrieval.sharded import retriever_on_disk
 from sbmoe.retrieval.stream import encode_to_shards, retriever_from_shards
 
 EXAMPLES = (
     "sbmoe index --model minilm --corpus my_docs.jsonl --output indexes/my_docs",
-    "sbmoe index --model minilm --corpus docs.tsv --output indexes/docs   # again later: adds only the new ids",
+    "sbmoe index --model minilm --corpus docs.tsv --output indexes/docs   # again later: mirrors the changes",
     "sbmoe index --model minilm --corpus big.jsonl --output indexes/big --backend stream --ram-budget 8GB"
     "   # or --backend ray --ray-address auto --ray-workers 8 --gpus-per-worker 1 (docs/scale.md)",
 )
@@ -43,7 +45,7 @@ def build_parser(prog: str = "sbmoe index") -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, metavar="DIR", help="the index folder (written atomically)")
     add_index_arguments(parser, INDEX_TYPES)
     parser.set_defaults(index=None)
-    parser.add_argument("--rebuild", action="store_true", help="rebuild DIR from scratch instead of adding new ids")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild DIR from scratch instead of updating it")
     parser.add_argument("--data-dir", help="where dataset names live (default $SBMOE_DATA or ../shared/data)")
     parser.add_argument("--cache-dir", help="embedding cache (default $SBMOE_CACHE or ~/.cache/sbmoe)")
     parser.add_argument("--batch-size", type=int, default=64, help="encoder batch size (default: 64)")
@@ -80,62 +82,73 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe index") -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     output, started = Path(args.output), time.perf_counter()
     try:
-        recover_dir(output)  # what a killed earlier run left beside it
-        _check_output(output)
-        if args.backend != "local":
-            message = _build_sharded(output, args, params, budget)
-        elif (output / CONFIG).is_file() and not args.rebuild:
-            message = _grow(output, args)
-        else:
-            retriever = Retriever.build(
-                args.model, args.corpus, args.index or "flat", params, args.data_dir, args.cache_dir,
-                args.batch_size, show_progress=not args.quiet,
-            )  # fmt: skip
-            retriever.save(output)
-            message = f"indexed {len(retriever)} documents ({retriever.index.index_type})"
-    except (ValueError, ImportError, *USER_ERRORS) as err:  # a refused growth, a missing extra: the user's to fix
+        with writer_lock(output):
+            message = _write(output, args, params, budget)
+    except USER_ERRORS as err:
         return fail("index", err)
     print(f"{message} in {output} ({time.perf_counter() - started:.1f} s)")
     print(f'search it: sbmoe search {output} "your question"')
     return 0
 
 
+def _write(output: Path, args: argparse.Namespace, params: dict, budget: int | None) -> str:
+    """Build, rebuild or update the index folder ``output`` (its writer lock held); the summary line."""
+    recover_dir(output)  # what a killed earlier run left beside it
+    _check_output(output)
+    if args.backend != "local":
+        return _build_sharded(output, args, params, budget)
+    if (output / CONFIG).is_file() and not args.rebuild:
+        return _sync(output, args)
+    retriever = Retriever.build(
+        args.model,
+        args.corpus,
+        args.index or "flat",
+        params,
+        args.data_dir,
+        args.cache_dir,
+        args.batch_size,
+        show_progress=not args.quiet,
+    )
+    retriever.save(output)
+    return f"indexed {len(retriever)} documents ({retriever.index.index_type})"
+
+
 def _check_output(output: Path) -> None:
     """Refuse an ``--output`` that holds something other than an index: saving replaces the whole folder."""
     if (output / CONFIG).is_file() or not output.exists() or (output.is_dir() and not any(output.iterdir())):
         return
-    raise ValueError(
+    raise DataError(
         f"{output} exists and is not an index folder (no {CONFIG}); saving would replace it whole, so it is left "
         "alone: choose another --output, or remove it first"
     )
 
 
-def _grow(output: Path, args: argparse.Namespace) -> str:
-    """Add the corpus's new ids to the existing index in ``output``; refuse a different model or index type."""
+def _sync(output: Path, args: argparse.Namespace) -> str:
+    """Make the index in ``output`` mirror the corpus (new, changed, removed ids); refuse another model or type."""
     retriever = Retriever.load(output, device=args.device)
     wanted = absolute_spec(args.model)
     if retriever.model_spec != wanted:
-        raise ValueError(
+        raise DataError(
             f"{output} was built with model {retriever.model_spec or 'embedded in it'!r}, not {args.model!r}; "
             "pass --rebuild to replace it"
         )
     if args.index and args.index != retriever.index.index_type:
-        raise ValueError(
+        raise DataError(
             f"{output} holds a {retriever.index.index_type!r} index, not {args.index!r}; pass --rebuild to replace it"
         )
     retriever.cache_dir = args.cache_dir
     before = len(retriever)
-    added = retriever.add(args.corpus, args.data_dir, args.batch_size, show_progress=not args.quiet)
-    if not added:
-        return f"up to date: all {before} documents already indexed"
+    changes = retriever.sync(args.corpus, args.data_dir, args.batch_size, show_progress=not args.quiet)
+    if not changes:
+        return f"up to date: all {before} documents indexed as they are in the corpus"
     retriever.save(output)
-    return f"added {added} new documents to the {before} already indexed ({retriever.index.index_type})"
+    return f"{changes} documents: {len(retriever)} indexed, {before} before ({retriever.index.index_type})"
 
 
 def _build_sharded(output: Path, args: argparse.Namespace, params: dict, budget: int | None) -> str:
     """Encode into shards (stream or ray backend, resuming after the shards there), then index them into ``output``."""
     if (output / CONFIG).is_file() and not args.rebuild:
-        raise ValueError(f"{output} holds an index: the {args.backend} backend builds from scratch; pass --rebuild")
+        raise DataError(f"{output} holds an index: the {args.backend} backend builds from scratch; pass --rebuild")
     model = load_any_model(args.model, device=args.device)
     folder = Path(args.shards) if args.shards else output.with_name(f"{output.name}.shards")
     if args.backend == "ray":

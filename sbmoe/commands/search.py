@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from sbmoe.commands.common import USER_ERRORS, fail, new_parser, setup_logging
 from sbmoe.data.corpus import read_queries
+from sbmoe.errors import DataError
 from sbmoe.evaluation.runs import write_trec_run
 from sbmoe.retrieval.retriever import Hit, Retriever
 
@@ -27,7 +29,11 @@ def build_parser(prog: str = "sbmoe search") -> argparse.ArgumentParser:
     parser.add_argument("index_dir", metavar="DIR", help="a folder written by `sbmoe index` (or Retriever.save)")
     parser.add_argument("query", nargs="?", help="the query text")
     parser.add_argument("-k", "--top-k", type=int, default=10, help="documents per query (default: 10)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of a table (with --queries: one line per query, and the run file only with --output)",
+    )
     parser.add_argument("--queries", metavar="FILE", help="a .jsonl ({_id, text}) or .tsv (id<TAB>text) of queries")
     parser.add_argument("--output", metavar="RUN", help="run file for --queries (default runs/search/<DIR>.trec)")
     parser.add_argument("--device", help="torch device (default: cuda when available)")
@@ -43,6 +49,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe search") -> int:
     if args.top_k < 1:
         parser.error("-k must be >= 1")
     setup_logging(logging.WARNING)
+    if args.query is not None and not args.query.strip():
+        return fail("search", DataError(f"the query {args.query!r} is blank; give the words to search for"))
     try:
         queries = read_queries(args.queries) if args.queries else None
         retriever = Retriever.load(args.index_dir, device=args.device)
@@ -60,12 +68,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe search") -> int:
 
 
 def _write_run(retriever: Retriever, queries: dict[str, str], args: argparse.Namespace) -> int:
+    """Search every query; write the TREC run (default path unless ``--json``), print JSON lines with ``--json``."""
     ids = list(queries)
-    hits = retriever.search([queries[q] for q in ids], args.top_k)
+    hits, experts = retriever.search_with_experts([queries[q] for q in ids], args.top_k)
+    if args.json:
+        for number, (qid, ranked) in enumerate(zip(ids, hits, strict=True)):
+            expert = None if experts is None else experts[number]
+            line = {"query_id": qid, "query": queries[qid], "expert": expert, "hits": [h.to_dict() for h in ranked]}
+            print(json.dumps(line))
+        if not args.output:
+            return 0
     run = {qid: {hit.id: hit.score for hit in ranked} for qid, ranked in zip(ids, hits, strict=True)}
     output = Path(args.output or Path("runs") / "search" / f"{Path(args.index_dir).name}.trec")
     write_trec_run(output, run)
-    print(f"wrote {len(ids)} queries x top {args.top_k} to {output}")
+    print(f"wrote {len(ids)} queries x top {args.top_k} to {output}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -81,7 +97,8 @@ def _print_table(query: str, expert: int | None, hits: list[Hit]) -> None:
     if expert is not None:
         table.add_column("expert", justify="right")
     for rank, hit in enumerate(hits, start=1):
-        snippet = hit.text if len(hit.text) <= SNIPPET else hit.text[:SNIPPET].rsplit(" ", 1)[0] + " ..."
+        text = " ".join(hit.text.split())  # one line: newlines and tabs in a document would break the table
+        snippet = text if len(text) <= SNIPPET else text[:SNIPPET].rsplit(" ", 1)[0] + " ..."
         cells = [str(rank), f"{hit.score:.4f}", hit.id, hit.title, snippet]
         table.add_row(*cells, *([] if expert is None else [str(hit.expert)]))
     Console().print(table)

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from sbmoe.errors import DataError as DataError
+
 EXAMPLES = 5
 
 
@@ -16,10 +18,6 @@ def texts_fingerprint(texts: Iterable[str]) -> str:
     for text in texts:
         digest.update(text.encode("utf-8", "surrogatepass") + b"\x00")
     return digest.hexdigest()
-
-
-class DataError(ValueError):
-    """Missing or malformed retrieval data; the message names the file (and line) and what was expected."""
 
 
 def beir_text(title: str | None, text: str | None) -> str:

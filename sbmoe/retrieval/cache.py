@@ -1,4 +1,8 @@
-"""Embedding cache on disk, keyed by model and corpus fingerprints; streaming, atomic, checksummed entries."""
+"""Embedding cache on disk, keyed by model and corpus fingerprints; streaming, atomic, checksummed entries.
+
+Under the corpus entries, each text's vector is kept by the text's hash (:mod:`sbmoe.retrieval.text_vectors`): a
+corpus with one changed document encodes that document only, and a killed encoding resumes after its last chunk.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sbmoe.data.dataset import texts_fingerprint
+from sbmoe.errors import DataError
 from sbmoe.files import remove_stale, replace_dir, scratch_name
 from sbmoe.paths import cache_dir as default_cache_dir
+from sbmoe.retrieval.text_vectors import TextVectors, text_key
 
 try:
     import fcntl
@@ -35,19 +41,38 @@ logger = logging.getLogger(__name__)
 KINDS = ("corpus", "queries")
 CHUNK = 512  # documents per encode call: bounds RAM (the progress bar moves per batch within it)
 TEMP = ".tmp-"  # prefix of entries being written
+TEXTS_DIR = "texts"  # each text's vector, one SQLite file per kind and model (sbmoe.retrieval.text_vectors)
 
 
 def model_fingerprint(model: SentenceTransformer) -> str:
-    """Hash of the model's modules (class, config, max length) and parameter values; routing counters excluded."""
+    """Hash of the model's modules (class, config, tokenizer, max length) and parameter values; routing counters
+    excluded. A tokenizer edited in place (vocabulary, normalisation, special tokens) changes it."""
     digest = hashlib.blake2b(digest_size=16)
     for name, module in model.named_children():
         config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
         digest.update(f"{name}:{type(module).__qualname__}:{json.dumps(config, sort_keys=True, default=str)}".encode())
+        digest.update(_tokenizer_state(module).encode("utf-8", "surrogatepass"))
     digest.update(f"max_seq_length={model.max_seq_length}".encode())
     for name, param in model.named_parameters():
         digest.update(name.encode())
         digest.update(param.detach().cpu().contiguous().float().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _tokenizer_state(module: Any) -> str:
+    """A module's tokenizer as text (the fast tokenizer's JSON without the truncation and padding that each encode
+    call sets, else its vocabulary), or "" without one."""
+    tokenizer = getattr(module, "tokenizer", None)
+    if tokenizer is None:
+        return ""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    else:
+        state = tokenizer.get_vocab()
+    body = json.dumps(state, sort_keys=True)
+    special = json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str)
+    return f"{type(tokenizer).__qualname__}:{special}:{body}"
 
 
 def cached_embeddings(
@@ -86,7 +111,11 @@ def cached_embeddings(
     tmp = root / scratch_name(f"{TEMP}{folder.name}")
     tmp.mkdir()
     try:
-        meta = _encode_to(tmp, model, items, kind, batch_size, show_progress)
+        vectors = TextVectors(root / TEXTS_DIR / f"{kind}-{model_fp[:20]}.sqlite", model.get_embedding_dimension())
+        try:
+            meta = _encode_to(tmp, model, items, kind, batch_size, show_progress, vectors)
+        finally:
+            vectors.close()
         meta.update(model_fingerprint=model_fp, data_fingerprint=data_fp, kind=kind)
         meta["checksum"] = file_checksum(tmp / "embeddings.npy")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -146,33 +175,62 @@ def _read(folder: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
     return embeddings, meta
 
 
+def _chunks(items: Any) -> Iterator[Sequence[Any]]:
+    """``items`` in lists of :data:`CHUNK` (a dataset streams its corpus)."""
+    if hasattr(items, "iter_corpus"):
+        yield from items.iter_corpus(CHUNK)
+    else:
+        yield from (items[i : i + CHUNK] for i in range(0, len(items), CHUNK))
+
+
 def _encode_to(
-    folder: Path, model: SentenceTransformer, items: Any, kind: str, batch_size: int, show_progress: bool
+    folder: Path,
+    model: SentenceTransformer,
+    items: Any,
+    kind: str,
+    batch_size: int,
+    show_progress: bool,
+    vectors: TextVectors,
 ) -> dict[str, Any]:
-    """Encode ``items`` chunk by chunk into ``folder/embeddings.npy``; return the metadata."""
+    """Fill ``folder/embeddings.npy`` with the vectors of ``items``: those ``vectors`` holds for their texts, the
+    rest encoded chunk by chunk and added to ``vectors`` as each chunk ends; return the metadata."""
     encode = model.encode_document if kind == "corpus" else model.encode_query
-    streaming = hasattr(items, "iter_corpus")
-    count = items.corpus_size if streaming else len(items)
-    chunks = items.iter_corpus(CHUNK) if streaming else (items[i : i + CHUNK] for i in range(0, count, CHUNK))
+    count = items.corpus_size if hasattr(items, "iter_corpus") else len(items)
+    known: set[bytes] = set()
+    wanted: set[bytes] = set()
+    for chunk in _chunks(items):
+        keys = [text_key(text) for text in _texts(chunk)]
+        wanted.update(keys)
+        known.update(vectors.get(keys))
     dim = model.get_embedding_dimension()
     out = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=np.float32, shape=(count, dim))
-    start, row = time.perf_counter(), 0
-    with tqdm(total=count, desc=f"encode {kind}", unit="doc" if kind == "corpus" else "query",
-              disable=not show_progress) as bar, _progress_per_batch(model, bar):  # fmt: skip
-        for chunk in chunks:
-            vectors = encode(_texts(chunk), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
-            out[row : row + len(chunk)] = vectors
+    start, row, encoded = time.perf_counter(), 0, 0
+    unit = "doc" if kind == "corpus" else "query"
+    bar = tqdm(total=len(wanted - known), desc=f"encode {kind}", unit=unit, disable=not show_progress)
+    with bar, _progress_per_batch(model, bar):
+        for chunk in _chunks(items):
+            texts = _texts(chunk)
+            keys = [text_key(text) for text in texts]
+            new = list(dict.fromkeys(key for key in keys if key not in known))
+            if new:
+                by_key = dict(zip(keys, texts, strict=True))
+                batch = [by_key[key] for key in new]
+                fresh = encode(batch, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+                vectors.put(new, fresh)
+                known.update(new)
+                encoded += len(new)
+            found = vectors.get(keys)
+            missing = [key for key in keys if key not in found]
+            if missing:
+                raise OSError(f"{vectors.path}: {len(missing)} vectors just written do not read back")
+            out[row : row + len(chunk)] = np.stack([found[key] for key in keys])
             row += len(chunk)
-            bar.update(row - bar.n)  # a no-op, unless the model's forward hooks did not run
+            bar.update(encoded - bar.n)  # a no-op, unless the model's forward hooks did not run
     if row != count:
-        raise ValueError(f"encoded {row} items but expected {count}: the corpus changed while it was read")
+        raise DataError(f"encoded {row} items but expected {count}: the corpus changed while it was read; run again")
     out.flush()
     del out
-    return {
-        "count": count,
-        "dim": dim,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+    return {"count": count, "dim": dim, "encoded": encoded, "seconds": round(time.perf_counter() - start, 3)}
 
 
 @contextmanager

@@ -13,37 +13,24 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from sbmoe.data.dataset import DataError
-from sbmoe.files import atomic_dir, sha256_file
+from sbmoe.data.ids import check_id
+from sbmoe.errors import DataError, SetupError
+from sbmoe.files import atomic_dir
+from sbmoe.retrieval.faiss_types import FAISS_CLASSES, GPU_TYPES, INDEX_TYPES, SETTINGS, new_faiss
+from sbmoe.retrieval.gpu import gpu_count, to_gpu
 from sbmoe.retrieval.ivf import IVF_TYPES, fallback_message, filled_params
-from sbmoe.retrieval.manifest import FORMAT, MANIFEST, IndexLoadError, check_file, read_manifest
-from sbmoe.retrieval.rescore import PQ_TYPES, RESCORED_TYPES, candidates, code_bytes, new_pq_index, pq_params, rescore
+from sbmoe.retrieval.manifest import MANIFEST, REBUILD, IndexLoadError, check_files, read_manifest, write_manifest
+from sbmoe.retrieval.rescore import PQ_TYPES, RESCORED_TYPES, candidates, code_bytes, pq_params, rescore
 
 logger = logging.getLogger(__name__)
 
-INDEX_TYPES = ("flat", "hnsw", "ivf", "ivfpq", "sq8", "binary", "pq", "opq")
-GPU_TYPES = ("flat", "ivf", "ivfpq", "sq8")  # the rest stay on CPU (faiss has no GPU HNSW)
 GPU_MAX_K = 2048  # faiss GPU top-k limit; larger k searches the CPU copy
 INDEX_FILE = "index.faiss"
-IDS_FILE = "doc_ids.txt"
+IDS_FILE = "doc_ids.json"
 LISTS_FILE = "lists.ivfdata"  # IVF inverted lists kept on disk (a disk-merged sharded index), beside INDEX_FILE
 VECTORS_FILE = "vectors.npy"
+METRIC = "inner_product"
 TRAIN_SAMPLE = 200_000
-SETTINGS = {  # the parameters each type uses
-    "flat": (),
-    "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
-    "ivf": ("nlist", "nprobe"),
-    "ivfpq": ("nlist", "nprobe", "pq_m", "pq_bits"),
-    "sq8": (),
-    "binary": ("rescore",),
-    "pq": ("pq_m", "pq_bits", "rescore"),
-    "opq": ("pq_m", "pq_bits", "rescore"),
-}
-
-
-def gpu_count() -> int:
-    """GPUs faiss can use: 0 when faiss is a CPU build or no GPU is visible."""
-    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
 
 
 class DenseIndex:
@@ -92,7 +79,7 @@ class DenseIndex:
             raise ValueError(f"unknown index type {index_type!r}: expected one of {', '.join(INDEX_TYPES)}")
         self._check_params(params)
         if index_type == "binary" and dim % 8:
-            raise ValueError(f"binary index needs a dimension divisible by 8, got {dim}")
+            raise DataError(f"binary index needs a dimension divisible by 8, got {dim}: choose another --index")
         self.dim = dim
         self.index_type = index_type
         self.model_name = model_name
@@ -137,7 +124,7 @@ class DenseIndex:
         if use_gpu == "auto":
             return available and self.index_type in GPU_TYPES
         if use_gpu and not available:
-            raise RuntimeError("use_gpu=True but faiss has no GPU support here (install faiss-gpu, check the GPU)")
+            raise SetupError("use_gpu=True but faiss has no GPU support here (install faiss-gpu, check the GPU)")
         if use_gpu and self.index_type not in GPU_TYPES:
             raise ValueError(f"index type {self.index_type!r} runs on CPU only; GPU types: {', '.join(GPU_TYPES)}")
         return bool(use_gpu)
@@ -159,26 +146,9 @@ class DenseIndex:
         self.params = filled_params(self.index_type, self.dim, n, train_size, self.requested)
         if "fallback" in self.params:
             logger.warning(fallback_message(self.index_type, n))
-        params = self.params
-        dim = self.dim
-        metric = faiss.METRIC_INNER_PRODUCT
-        if self.structure == "flat":
-            return faiss.IndexFlatIP(dim)
-        if self.index_type == "hnsw":
-            index = faiss.IndexHNSWFlat(dim, params["hnsw_m"], metric)
-            index.hnsw.efConstruction = params["ef_construction"]
-            return index
-        if self.index_type == "sq8":
-            return faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, metric)
-        if self.index_type == "binary":
-            return faiss.IndexBinaryFlat(dim)
-        if self.index_type in PQ_TYPES:
-            self.params = pq_params(dim, train_size, params)
-            return new_pq_index(self.index_type, dim, self.params)
-        quantizer = faiss.IndexFlatIP(dim)
-        if self.index_type == "ivf":
-            return faiss.IndexIVFFlat(quantizer, dim, params["nlist"], metric)
-        return faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["pq_m"], params["pq_bits"], metric)
+        if self.index_type in PQ_TYPES and self.structure != "flat":
+            self.params = pq_params(self.dim, train_size, self.params)
+        return new_faiss(self.index_type, self.structure, self.dim, self.params)
 
     def train(self, sample: np.ndarray, total: int | None = None) -> None:
         """Start a new, empty faiss index, trained on ``sample`` (ivf, ivfpq, sq8); ``total`` sizes the IVF lists."""
@@ -197,7 +167,7 @@ class DenseIndex:
         """
         embeddings = self._check(embeddings)
         if self.lists_on_disk:
-            raise ValueError("this index keeps its inverted lists on disk and cannot grow: rebuild it (--rebuild)")
+            raise DataError("this index keeps its inverted lists on disk and cannot grow: rebuild it (--rebuild)")
         if ids is not None and len(ids) != len(embeddings):
             raise ValueError(f"{len(ids)} ids for {len(embeddings)} embeddings")
         if self._cpu is None:
@@ -277,14 +247,8 @@ class DenseIndex:
         return self._gpu
 
     def _to_gpu(self) -> Any:
-        if gpu_count() > 1:
-            options = faiss.GpuMultipleClonerOptions()
-            options.shard, options.useFloat16 = True, self.structure == "ivfpq"
-            return faiss.index_cpu_to_all_gpus(self._cpu, co=options)
-        options = faiss.GpuClonerOptions()
-        options.useFloat16 = self.structure == "ivfpq"
-        self._gpu_resources = [faiss.StandardGpuResources()]
-        return faiss.index_cpu_to_gpu(self._gpu_resources[0], 0, self._cpu, options)
+        gpu, self._gpu_resources = to_gpu(self._cpu, float16=self.structure == "ivfpq")
+        return gpu
 
     def _check(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -306,12 +270,16 @@ class DenseIndex:
         """Write the index to the folder ``path`` atomically (temporary folder, then rename).
 
         The folder holds ``manifest.json`` (model name and hash, dimension, metric, type, parameters, count,
-        file sizes and SHA-256), ``index.faiss``, ``doc_ids.txt`` and, for re-scored types, ``vectors.npy``.
+        sbmoe and faiss versions, file sizes and SHA-256), ``index.faiss``, ``doc_ids.json`` and, for re-scored
+        types, ``vectors.npy``.
+
+        Raises:
+            DataError: an id a saved index (or a TREC run) cannot hold, named.
         """
         if self._cpu is None:
             raise ValueError("nothing to save: the index is empty")
-        if any("\n" in doc_id for doc_id in self.doc_ids):
-            raise ValueError("document ids must not contain newlines")
+        for row, doc_id in enumerate(self.doc_ids):
+            check_id(doc_id, f"document {row}")
         final = Path(path)
         with atomic_dir(final) as tmp:
             writer = faiss.write_index_binary if self.index_type == "binary" else faiss.write_index
@@ -323,20 +291,16 @@ class DenseIndex:
                     shutil.copyfile(self.lists_on_disk, tmp / LISTS_FILE)
             if self.index_type in RESCORED_TYPES:
                 np.save(tmp / VECTORS_FILE, self.vectors())
-            (tmp / IDS_FILE).write_text("".join(f"{doc_id}\n" for doc_id in self.doc_ids), encoding="utf-8")
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir())}
-            manifest = {
-                "format": FORMAT,
+            (tmp / IDS_FILE).write_text(json.dumps(self.doc_ids, ensure_ascii=True), encoding="utf-8")
+            fields = {
                 "model": {"name": self.model_name, "hash": self.model_hash},
                 "dim": self.dim,
-                "metric": "inner_product",
+                "metric": METRIC,
                 "type": self.index_type,
                 "params": self.params,
                 "count": len(self),
-                "faiss_version": faiss.__version__,
-                "files": files,
             }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            write_manifest(tmp, fields)
         return final
 
     @classmethod
@@ -358,10 +322,11 @@ class DenseIndex:
             verify: Check every file's SHA-256 (sizes are always checked).
 
         Raises:
-            IndexLoadError: missing/truncated/corrupt file or a dimension/model mismatch, with the file named.
+            IndexLoadError: missing/truncated/corrupt file, a manifest that disagrees with the faiss file, or a
+                dimension/model mismatch, with the file named.
         """
         folder = Path(path)
-        manifest = read_manifest(folder)
+        manifest = read_manifest(folder, {"model", "dim", "metric", "type", "params", "count"})
         if expect_dim is not None and manifest["dim"] != expect_dim:
             raise IndexLoadError(
                 f"{folder}: dimension mismatch: the index holds {manifest['dim']}-d vectors, "
@@ -373,25 +338,54 @@ class DenseIndex:
                 f"{folder}: model mismatch: built with {built_by['name'] or 'an unnamed model'} "
                 f"(hash {built_by['hash'][:12] or 'none'}), expected hash {expect_model_hash[:12]}"
             )
-        for name, info in manifest["files"].items():
-            check_file(folder / name, info, verify)
+        check_files(folder, manifest, verify)
+        if manifest["type"] not in INDEX_TYPES or manifest["metric"] != METRIC:
+            raise IndexLoadError(
+                f"{folder / MANIFEST}: type {manifest['type']!r}, metric {manifest['metric']!r}: "
+                f"this sbmoe reads {', '.join(INDEX_TYPES)} with {METRIC}: {REBUILD}"
+            )
         settings = {k: v for k, v in manifest["params"].items() if k != "fallback"}
         index = cls(manifest["dim"], manifest["type"], use_gpu, built_by["name"], built_by["hash"], **settings)
         index.params = dict(manifest["params"])
-        reader = faiss.read_index_binary if manifest["type"] == "binary" else faiss.read_index
-        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if LISTS_FILE in manifest["files"] else 0
-        try:
-            index._cpu = reader(str(folder / INDEX_FILE), flags)
-        except RuntimeError as err:
-            raise IndexLoadError(f"{folder / INDEX_FILE}: faiss cannot read it ({str(err).splitlines()[0]})") from err
+        index._cpu = _read_faiss(folder, manifest)
         if manifest["type"] in RESCORED_TYPES:
             index._vectors = [np.load(folder / VECTORS_FILE, mmap_mode="r")]
-        index.doc_ids = (folder / IDS_FILE).read_text(encoding="utf-8").splitlines()
+        index.doc_ids = _read_ids(folder / IDS_FILE)
         if not len(index) == len(index.doc_ids) == manifest["count"]:
             raise IndexLoadError(
                 f"{folder}: count mismatch: manifest {manifest['count']}, index {len(index)}, ids {len(index.doc_ids)}"
             )
         return index
+
+
+def _read_faiss(folder: Path, manifest: dict[str, Any]) -> Any:
+    """The faiss index of ``folder``, checked against the manifest's type and dimension."""
+    binary = manifest["type"] == "binary"
+    reader = faiss.read_index_binary if binary else faiss.read_index
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if LISTS_FILE in manifest["files"] else 0
+    try:
+        index = reader(str(folder / INDEX_FILE), flags)
+    except RuntimeError as err:
+        raise IndexLoadError(f"{folder / INDEX_FILE}: faiss cannot read it ({str(err).splitlines()[0]})") from err
+    structure = manifest["params"].get("fallback", manifest["type"])
+    found = type(faiss.downcast_index(index) if not binary else index).__name__
+    if found not in FAISS_CLASSES[structure] or index.d != manifest["dim"]:
+        raise IndexLoadError(
+            f"{folder / MANIFEST}: says a {manifest['dim']}-d {structure} index, {INDEX_FILE} holds a {index.d}-d "
+            f"{found}: the manifest was altered; {REBUILD}"
+        )
+    return index
+
+
+def _read_ids(file: Path) -> list[str]:
+    """The saved row ids (a JSON array of strings)."""
+    try:
+        ids = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise IndexLoadError(f"{file}: unreadable ({err}): {REBUILD}") from err
+    if not isinstance(ids, list) or not all(isinstance(doc_id, str) for doc_id in ids):
+        raise IndexLoadError(f"{file}: expected a JSON array of id strings: {REBUILD}")
+    return ids
 
 
 def binary_codes(x: np.ndarray) -> np.ndarray:

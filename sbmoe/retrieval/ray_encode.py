@@ -18,6 +18,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from sbmoe.data.dataset import DataError, Doc, beir_text
+from sbmoe.errors import MissingExtraError
 from sbmoe.model import load_any_model
 from sbmoe.retrieval.shards import ShardSet
 from sbmoe.retrieval.stream import CHUNK, ChunkEncoder, open_shards
@@ -33,7 +34,7 @@ def import_ray() -> Any:
         import ray
         import ray.data  # noqa: F401  (Ray Core alone lacks it)
     except ImportError as err:
-        raise ImportError(f"the ray backend needs Ray Data, which is not installed: {RAY_EXTRA}") from err
+        raise MissingExtraError(f"the ray backend needs Ray Data, which is not installed: {RAY_EXTRA}") from err
     return ray
 
 

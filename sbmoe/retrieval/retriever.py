@@ -1,11 +1,19 @@
-"""A :class:`Retriever` keeps a model, its faiss index and the documents' texts together: build, add, search, save."""
+"""A :class:`Retriever` keeps a model, its faiss index and the documents' texts together: build, update, search, save.
+
+A saved retriever is one folder: ``retriever.json`` (the model reference), ``docs.sqlite`` (the texts), ``index/``
+(the faiss folder) and ``manifest.json``, which checksums all of them and carries a generation number; a load that
+saw the folder replaced half way (a writer's atomic swap) starts again, so it never pairs one build's index with
+another build's store.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import sqlite3
+import uuid
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,23 +21,26 @@ from typing import Any
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
-from sbmoe.data.corpus import load_corpus
-from sbmoe.data.dataset import Doc, RetrievalDataset
+from sbmoe.data.dataset import Doc
+from sbmoe.errors import DataError, IndexLoadError
 from sbmoe.files import atomic_dir
 from sbmoe.model import find_head, load_any_model, load_model
 from sbmoe.retrieval.cache import model_fingerprint
+from sbmoe.retrieval.documents import Corpus, as_dataset, unique_docs
 from sbmoe.retrieval.encode import encode_cached, unit_rows
-from sbmoe.retrieval.index import DenseIndex, IndexLoadError
+from sbmoe.retrieval.index import METRIC, DenseIndex
+from sbmoe.retrieval.manifest import MANIFEST, REBUILD, check_files, read_manifest, write_manifest
 from sbmoe.retrieval.store import DocStore
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 CONFIG = "retriever.json"
 INDEX_DIR, STORE_FILE, MODEL_DIR = "index", "docs.sqlite", "model"
-TRAINED_TYPES = ("ivf", "ivfpq", "sq8")  # their quantizers were fitted to the first corpus
+LOAD_ATTEMPTS = 5  # loads that saw the folder replaced meanwhile, before giving up
+WRITTEN_BY = "`sbmoe index` (Retriever.save)"
 
-Corpus = str | os.PathLike | RetrievalDataset | Iterable[Doc | Mapping[str, str]]
+__all__ = ["CONFIG", "Changes", "Corpus", "Hit", "Retriever", "absolute_spec", "as_dataset"]
 
 
 @dataclass
@@ -47,12 +58,29 @@ class Hit:
         return asdict(self)
 
 
+@dataclass
+class Changes:
+    """What an update did: documents added (new ids), updated (new text) and removed."""
+
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.updated or self.removed)
+
+    def __str__(self) -> str:
+        return f"added {self.added}, updated {self.updated}, removed {self.removed}"
+
+
 class Retriever:
     """Model + index + document store behind one object.
 
-    Build one with :meth:`build`, search it with :meth:`search`, grow it with :meth:`add`, keep it with
-    :meth:`save` and reopen it with :meth:`load`. Corpus vectors go through the shared embedding cache, so
-    indexing a corpus already encoded by ``evaluate`` or ``finetune`` with the same backbone costs no encoding.
+    Build one with :meth:`build`, search it with :meth:`search`, change it with :meth:`sync`, :meth:`upsert` and
+    :meth:`delete`, keep it with :meth:`save` and reopen it with :meth:`load`. Changes live in memory until
+    :meth:`save` writes them (a loaded retriever's folder is untouched until then). Corpus vectors go through the
+    shared embedding cache, which keeps each document's vector by its text: an update encodes only new and
+    changed texts, and indexing a corpus already encoded by ``evaluate`` or ``finetune`` costs no encoding.
 
     Args:
         model: The SentenceTransformer that encodes queries and documents.
@@ -86,7 +114,7 @@ class Retriever:
         use_gpu: bool | str = "auto",
         show_progress: bool = True,
     ) -> Retriever:
-        """Encode ``corpus`` (through the cache), index it and store its texts.
+        """Encode ``corpus`` (through the cache), index it and store its texts; a repeated id keeps its first text.
 
         Args:
             model: A SentenceTransformer, or a name/folder for :func:`sbmoe.model.load_any_model`.
@@ -99,54 +127,91 @@ class Retriever:
             batch_size: Encoder batch size.
             use_gpu: Index on GPU (``"auto"``, True, False).
             show_progress: Progress bars.
+
+        Raises:
+            DataError: an id no index can hold (whitespace, line break, control character), or no documents.
         """
-        spec = model if isinstance(model, str) else None
-        model = load_any_model(model) if isinstance(model, str) else model
         dataset = as_dataset(corpus, data_dir)
         for warning in dataset.validate():
             logger.warning(warning)
-        embeddings, meta = encode_cached(model, dataset, "corpus", cache_dir, batch_size, show_progress)
-        embeddings = unit_rows(embeddings) if model.similarity_fn_name == "cosine" else embeddings
-        doc_ids = [doc.id for doc in dataset.iter_docs()]
-        dense = DenseIndex(embeddings.shape[1], index, use_gpu=use_gpu, **(index_params or {}))
-        dense.build(embeddings, doc_ids, show_progress=show_progress)
-        store = DocStore.temporary()
-        store.add(dataset.iter_docs(), meta["experts"])
-        retriever = cls(model, dense, store, absolute_spec(spec))
-        retriever.cache_dir = cache_dir
+        docs = unique_docs(dataset)
+        settings = DenseIndex(8, index, use_gpu=use_gpu, **(index_params or {}))  # its type and parameters, checked
+        spec = model if isinstance(model, str) else None
+        model = load_any_model(model) if isinstance(model, str) else model
+        retriever = cls(model, settings, DocStore.temporary())
+        retriever.model_spec, retriever.cache_dir = absolute_spec(spec), cache_dir
+        retriever._replace(docs, batch_size, show_progress)
         return retriever
 
-    def add(
-        self, docs: Corpus, data_dir: str | os.PathLike | None = None, batch_size: int = 64, show_progress: bool = True
-    ) -> int:
-        """Index the documents of ``docs`` whose ids are new; returns how many were added.
+    def sync(
+        self,
+        corpus: Corpus,
+        data_dir: str | os.PathLike | None = None,
+        batch_size: int = 64,
+        show_progress: bool = True,
+    ) -> Changes:
+        """Make the index mirror ``corpus``: add its new ids, re-encode documents whose text changed, drop the ids
+        it no longer has. Only new and changed texts are encoded; the faiss index is rebuilt from the vectors
+        (HNSW cannot remove, IVF lists would drift from their quantizer). Call :meth:`save` to keep the result."""
+        wanted = unique_docs(corpus, data_dir)
+        changes = self._changes(wanted)
+        if changes:
+            self._replace(wanted, batch_size, show_progress)
+        return changes
 
-        Raises:
-            ValueError: for an index type whose quantizer was trained on the first corpus (ivf, ivfpq, sq8), when
-                there are new documents: rebuild it with :meth:`build` instead.
-        """
-        dataset = as_dataset(docs, data_dir)
-        all_docs = list(dataset.iter_docs())
-        new_ids = set(self.store.missing([doc.id for doc in all_docs]))
-        new_docs = [doc for doc in all_docs if doc.id in new_ids]
-        if not new_docs:
-            return 0
-        if self.index.index_type in TRAINED_TYPES:
-            raise ValueError(
-                f"cannot add {len(new_docs)} new documents to a {self.index.index_type!r} index: its quantizer was "
-                f"trained on the first {len(self.index)} documents and would not fit new ones; rebuild the index "
-                f"(sbmoe index --rebuild), or use flat, hnsw or binary, which grow in place"
-            )
-        embeddings, meta = encode_cached(self.model, new_docs, "corpus", self.cache_dir, batch_size, show_progress)
+    def upsert(self, docs: Corpus, batch_size: int = 64, show_progress: bool = True) -> Changes:
+        """Add documents with new ids and replace those whose id is known (new title/text); others stay.
+        Call :meth:`save` to keep the result."""
+        current = {doc.id: doc for doc, _ in self.store.iter_docs()}
+        incoming = unique_docs(docs)
+        merged = {**current, **{doc.id: doc for doc in incoming}}
+        changes = self._changes(list(merged.values()))
+        if changes:
+            self._replace(list(merged.values()), batch_size, show_progress)
+        return changes
+
+    def add(self, docs: Corpus, batch_size: int = 64, show_progress: bool = True) -> int:
+        """Add the documents whose ids are new (known ids keep their text: :meth:`upsert` replaces them); returns
+        how many were added. Call :meth:`save` to keep the result."""
+        known = {doc.id for doc, _ in self.store.iter_docs()}
+        return self.upsert([doc for doc in unique_docs(docs) if doc.id not in known], batch_size, show_progress).added
+
+    def delete(self, ids: Sequence[str], show_progress: bool = True) -> int:
+        """Remove the documents with these ids (unknown ids are ignored); returns how many went.
+        Call :meth:`save` to keep the result."""
+        gone = set(ids)
+        kept = [doc for doc, _ in self.store.iter_docs() if doc.id not in gone]
+        removed = len(self.store) - len(kept)
+        if removed:
+            self._replace(kept, show_progress=show_progress)
+        return removed
+
+    def _changes(self, wanted: list[Doc]) -> Changes:
+        current = {doc.id: doc for doc, _ in self.store.iter_docs()}
+        added = sum(doc.id not in current for doc in wanted)
+        updated = sum(doc.id in current and current[doc.id] != doc for doc in wanted)
+        return Changes(added, updated, len(current) - (len(wanted) - added))
+
+    def _replace(self, docs: list[Doc], batch_size: int = 64, show_progress: bool = True) -> None:
+        """Index and store exactly ``docs`` (vectors through the per-document cache), same type and settings."""
+        if not docs:
+            raise DataError("no documents to index: the corpus is empty (or every id was deleted)")
+        embeddings, meta = encode_cached(self.model, docs, "corpus", self.cache_dir, batch_size, show_progress)
         embeddings = unit_rows(embeddings) if self.model.similarity_fn_name == "cosine" else embeddings
-        self.index.add(embeddings, [doc.id for doc in new_docs])
-        if self.store.read_only:
-            self.store = DocStore.temporary(self.store)
-        self.store.add(new_docs, meta["experts"])
-        return len(new_docs)
+        old = self.index
+        dim = embeddings.shape[1]
+        dense = DenseIndex(dim, old.index_type, old.use_gpu, old.model_name, old.model_hash, **old.requested)
+        dense.build(embeddings, [doc.id for doc in docs], show_progress=show_progress)
+        store = DocStore.temporary()
+        store.add(docs, meta["experts"])
+        self.index, self.store = dense, store
 
     def search(self, queries: str | Sequence[str], k: int = 10, batch_size: int = 64) -> list[list[Hit]]:
-        """The top ``k`` documents for each query (a single string counts as one query), best first."""
+        """The top ``k`` documents for each query (a single string counts as one query), best first.
+
+        Raises:
+            DataError: a blank query (it would rank documents without a word to go on).
+        """
         return self.search_with_experts(queries, k, batch_size)[0]
 
     def search_with_experts(
@@ -154,6 +219,9 @@ class Retriever:
     ) -> tuple[list[list[Hit]], list[int] | None]:
         """:meth:`search`, plus each query's top-1 expert (None for a model without an SB-MoE head)."""
         texts = [queries] if isinstance(queries, str) else list(queries)
+        blank = [i for i, text in enumerate(texts) if not text.strip()]
+        if blank:
+            raise DataError(f"query {blank[0]} is blank ({texts[blank[0]]!r}); give the words to search for")
         embeddings, experts = self.encode_queries(texts, batch_size)
         scores, rows = self.index.search(embeddings, k)
         found = self.store.get(list({self.index.doc_ids[r] for r in rows.ravel().tolist() if r >= 0}))
@@ -181,7 +249,8 @@ class Retriever:
         return (unit_rows(vectors) if self.model.similarity_fn_name == "cosine" else vectors), experts
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write model reference (or the model), index and store to the folder ``path`` atomically."""
+        """Write model reference (or the model), index and store to the folder ``path`` atomically, under a
+        checksum manifest with a new generation number."""
         final = Path(path)
         with atomic_dir(final) as tmp:
             if self.model_spec is None:
@@ -197,51 +266,93 @@ class Retriever:
                 "count": len(self.index),
                 "index": {"type": self.index.index_type, "params": self.index.params},
             }
-            (tmp / CONFIG).write_text(json.dumps(config, indent=1))
+            (tmp / CONFIG).write_text(json.dumps(config, indent=1), encoding="utf-8")
+            fields = {"generation": uuid.uuid4().hex, "dim": self.index.dim, "metric": METRIC}
+            write_manifest(tmp, {**fields, "type": self.index.index_type, "count": len(self.index)})
         return final
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | None = None, use_gpu: bool | str = "auto") -> Retriever:
-        """Reopen a folder written by :meth:`save`.
+    def load(
+        cls, path: str | os.PathLike, device: str | None = None, use_gpu: bool | str = "auto", verify: bool = True
+    ) -> Retriever:
+        """Reopen a folder written by :meth:`save`: every file checked against its manifest, one generation.
+
+        ``verify=False`` checks file sizes but skips the SHA-256 of each file (seconds for a store of millions).
 
         Raises:
             IndexLoadError: a missing or damaged folder, or a model that changed since the index was built.
         """
         folder = Path(path)
-        config_file = folder / CONFIG
-        if not config_file.is_file():
-            what = "folder not found" if not folder.exists() else f"no {CONFIG}"
-            raise IndexLoadError(f"{config_file}: {what}; expected a folder written by `sbmoe index` (Retriever.save)")
-        config = json.loads(config_file.read_text())
+        if (folder / CONFIG).is_file() and not (folder / MANIFEST).is_file():
+            raise IndexLoadError(f"{folder}: written by an older sbmoe (no {MANIFEST}); {REBUILD}")
+        models: dict[str | None, SentenceTransformer] = {}
+        for _ in range(LOAD_ATTEMPTS):
+            manifest = read_manifest(folder, {"generation", "dim", "metric", "type", "count"}, WRITTEN_BY)
+            try:
+                retriever = cls._open(folder, manifest, models, device, use_gpu, verify)
+            except (IndexLoadError, OSError, sqlite3.Error):
+                if _generation(folder) == manifest["generation"]:
+                    raise
+                continue  # the folder was replaced while this load read it: read the new one
+            if _generation(folder) == manifest["generation"]:
+                return retriever
+        raise IndexLoadError(f"{folder}: rewritten during each of {LOAD_ATTEMPTS} loads; load it once the writer ends")
+
+    @classmethod
+    def _open(
+        cls,
+        folder: Path,
+        manifest: dict[str, Any],
+        models: dict[str | None, SentenceTransformer],
+        device: str | None,
+        use_gpu: bool | str,
+        verify: bool,
+    ) -> Retriever:
+        """The retriever of one generation of ``folder`` (``manifest`` read first), checked against it."""
+        check_files(folder, manifest, verify)
+        config = _read_config(folder / CONFIG)
         spec = config["model"]["spec"]
-        model = load_model(str(folder / MODEL_DIR), device=device) if spec is None else load_any_model(spec, device)
+        if spec not in models:
+            models[spec] = (
+                load_model(str(folder / MODEL_DIR), device) if spec is None else load_any_model(spec, device)
+            )
+        model = models[spec]
         fingerprint = model_fingerprint(model)
         if fingerprint != config["model_fingerprint"]:
             raise IndexLoadError(
                 f"{folder}: the model {spec!r} changed since this index was built (fingerprint {fingerprint[:12]}, "
-                f"index built with {config['model_fingerprint'][:12]}); rebuild it with `sbmoe index`"
+                f"index built with {config['model_fingerprint'][:12]}); rebuild it with `sbmoe index --rebuild`"
             )
-        index = DenseIndex.load(folder / INDEX_DIR, expect_model_hash=fingerprint, use_gpu=use_gpu)
-        return cls(model, index, DocStore(folder / STORE_FILE, read_only=True), spec)
+        index = DenseIndex.load(folder / INDEX_DIR, expect_model_hash=fingerprint, use_gpu=use_gpu, verify=False)
+        store = DocStore(folder / STORE_FILE, read_only=True)
+        found = (index.dim, index.index_type, len(index), len(store))
+        expected = (manifest["dim"], manifest["type"], manifest["count"], manifest["count"])
+        if found != expected:
+            raise IndexLoadError(
+                f"{folder / MANIFEST}: says {expected[2]} {expected[0]}-d {expected[1]} vectors; the folder holds "
+                f"{found[2]} {found[0]}-d {found[1]} vectors and {found[3]} documents: {REBUILD}"
+            )
+        return cls(model, index, store, spec)
 
 
-def as_dataset(corpus: Corpus, data_dir: str | os.PathLike | None = None) -> RetrievalDataset:
-    """A corpus spec, dataset or iterable of documents as a :class:`~sbmoe.data.RetrievalDataset`."""
-    if isinstance(corpus, RetrievalDataset):
-        return corpus
-    if isinstance(corpus, str | os.PathLike):
-        return load_corpus(corpus, data_dir)
-    docs = [_as_doc(item) for item in corpus]
-    return RetrievalDataset("docs", "corpus", {}, {}, lambda: iter(docs))
+def _read_config(file: Path) -> dict[str, Any]:
+    """``retriever.json``, checked for the keys :meth:`Retriever.load` reads."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+        spec, fingerprint = config["model"]["spec"], config["model_fingerprint"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise IndexLoadError(f"{file}: unreadable or incomplete ({err!r}): {REBUILD}") from err
+    if not (spec is None or isinstance(spec, str)) or not isinstance(fingerprint, str):
+        raise IndexLoadError(f"{file}: model spec or fingerprint of the wrong type: {REBUILD}")
+    return config
 
 
-def _as_doc(item: Doc | Mapping[str, str]) -> Doc:
-    if isinstance(item, Doc):
-        return item
-    doc_id = item.get("_id", item.get("id"))
-    if doc_id in (None, ""):
-        raise ValueError(f"document {dict(item)!r} has no '_id' or 'id'")
-    return Doc(str(doc_id), item.get("title") or "", item.get("text") or "")
+def _generation(folder: Path) -> str | None:
+    """The generation number in ``folder``'s manifest now (None when it cannot be read)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("generation")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def absolute_spec(spec: str | None) -> str | None:

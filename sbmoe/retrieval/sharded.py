@@ -18,6 +18,7 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 from sentence_transformers import SentenceTransformer
 
+from sbmoe.errors import DataError, SetupError
 from sbmoe.retrieval.index import INDEX_FILE, LISTS_FILE, TRAIN_SAMPLE, DenseIndex, gpu_count
 from sbmoe.retrieval.ivf import IVF_TYPES
 from sbmoe.retrieval.retriever import Retriever, absolute_spec
@@ -133,7 +134,7 @@ def serve_shards(shard_files: Iterable[str], use_gpu: bool | str = "auto", nprob
         raise ValueError("no shard indexes to serve")
     gpus = gpu_count() if use_gpu else 0
     if use_gpu is True and not gpus:
-        raise RuntimeError("use_gpu=True but faiss has no GPU support here (install faiss-gpu, check the GPU)")
+        raise SetupError("use_gpu=True but faiss has no GPU support here (install faiss-gpu, check the GPU)")
     served = faiss.IndexShards(indexes[0].d, True, False)  # threaded, ids as stored
     resources = [faiss.StandardGpuResources() for _ in range(gpus)]
     for number, index in enumerate(indexes):
@@ -199,7 +200,7 @@ def retriever_on_disk(
     :func:`~sbmoe.retrieval.stream.retriever_from_shards` does.
     """
     if not shards.complete or not len(shards):
-        raise ValueError(f"{shards.folder}: the shard set is incomplete or empty; encode the corpus first")
+        raise DataError(f"{shards.folder}: the shard set is incomplete or empty; encode the corpus first")
     dense = trained(shards.sample(TRAIN_SAMPLE), index_type, len(shards), params) if index_type in IVF_TYPES else None
     if dense is None or dense.structure not in IVF_TYPES:
         return retriever_from_shards(model, model_spec, shards, index_type, params, show_progress=False)

@@ -7,10 +7,12 @@ import shutil
 import sqlite3
 import tempfile
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from sbmoe.data.dataset import Doc
+from sbmoe.errors import IndexLoadError
+from sbmoe.retrieval.manifest import REBUILD
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS docs (id TEXT PRIMARY KEY, title TEXT NOT NULL, text TEXT NOT NULL, expert INTEGER)"
@@ -25,14 +27,23 @@ class DocStore:
     Args:
         path: The SQLite file.
         read_only: Open without write access (a saved retriever's store); :meth:`temporary` copies one to add to.
+
+    Raises:
+        IndexLoadError: a read-only store that is missing or no SQLite database with the ``docs`` table.
     """
 
     def __init__(self, path: str | os.PathLike, read_only: bool = False):
         self.path = Path(path)
         if read_only:
             if not self.path.is_file():
-                raise FileNotFoundError(f"{self.path}: document store not found")
-            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+                raise IndexLoadError(f"{self.path}: document store not found: {REBUILD}")
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"  # as_uri escapes '#', '?' and '%' in the path
+            self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+            try:
+                self._db.execute("SELECT id, title, text, expert FROM docs LIMIT 1").fetchall()
+            except sqlite3.DatabaseError as err:
+                self._db.close()
+                raise IndexLoadError(f"{self.path}: not a readable document store ({err}): {REBUILD}") from err
         else:
             self._db = sqlite3.connect(self.path, check_same_thread=False)
             self._db.execute(SCHEMA)
@@ -58,6 +69,11 @@ class DocStore:
         with self._db:
             self._db.executemany("INSERT OR IGNORE INTO docs VALUES (?, ?, ?, ?)", rows)
         return len(self) - before
+
+    def iter_docs(self) -> Iterator[tuple[Doc, int | None]]:
+        """Every ``(Doc, expert)`` in the order they were added."""
+        for doc_id, title, text, expert in self._db.execute("SELECT id, title, text, expert FROM docs ORDER BY rowid"):
+            yield Doc(doc_id, title, text), expert
 
     def get(self, ids: Sequence[str]) -> dict[str, tuple[Doc, int | None]]:
         """``{id: (Doc, expert)}`` for the ids present in the store."""

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from sbmoe.data.dataset import DataError, Doc, RetrievalDataset
 from sbmoe.model import find_head
 from sbmoe.retrieval.cache import model_fingerprint
+from sbmoe.retrieval.documents import iter_unique_docs
 from sbmoe.retrieval.encode import apply_tail, pooled_model, unit_rows
 from sbmoe.retrieval.index import TRAIN_SAMPLE, DenseIndex
 from sbmoe.retrieval.retriever import Retriever, absolute_spec
@@ -88,7 +89,7 @@ def encode_to_shards(
         The complete shard set.
     """
     shards = open_shards(model, folder, shard_size)
-    docs = dataset.iter_docs()
+    docs = iter_unique_docs(dataset)
     skip_written(shards, docs)
     if shards.complete:
         if next(docs, None) is not None:
@@ -119,7 +120,7 @@ def retriever_from_shards(
     The document store is filled from the shards too, so the corpus is not read again.
     """
     if not shards.complete or not len(shards):
-        raise ValueError(f"{shards.folder}: the shard set is incomplete or empty; encode the corpus first")
+        raise DataError(f"{shards.folder}: the shard set is incomplete or empty; encode the corpus first")
     dense = DenseIndex(shards.dim, index_type, use_gpu=use_gpu, **(index_params or {}))
     dense.train(shards.sample(TRAIN_SAMPLE), total=len(shards))
     with tqdm(total=len(shards), desc=f"index {index_type}", unit="vec", disable=not show_progress) as bar:
