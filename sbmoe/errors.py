@@ -26,3 +26,7 @@ class MissingExtraError(SbmoeError, ImportError):
 
 class SetupError(SbmoeError, RuntimeError):
     """The machine cannot do what was asked (e.g. ``use_gpu=True`` without a GPU build of faiss)."""
+
+
+class ModelLoadError(SbmoeError, ValueError):
+    """A model folder that sbmoe refuses to load: a class outside sentence-transformers and sbmoe, or a pickle."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from difflib import get_close_matches
@@ -13,15 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.base.modules.router import Router
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from transformers.utils import logging as hf_logging
 
 from sbmoe.backbones import KNOWN_NAMES, OFFLINE_DEFAULT, backbone_layers, locate, resolve_backbone
 from sbmoe.data.dataset import beir_text
+from sbmoe.errors import ModelLoadError
 from sbmoe.heads import SBMoEHead
 from sbmoe.heads.stacked import StackedMoEHead
 from sbmoe.heads.upcycle import MoELayers, MoETransformer, expert_plan
+from sbmoe.model_folder import DEFAULT_ROUTE, TaskRouter, routed_module, with_sbmoe_section
 
 Document = Mapping[str, str]
 PLAIN_SUFFIX = "-plain"
@@ -29,28 +31,6 @@ LEGACY_HEAD_REF = "sbmoe.head.SBMoEHead"  # models saved before the heads/ packa
 ST_LOGGER = "sentence_transformers.base.model"  # logs "No device provided, using cpu" (INFO) on every load
 HEAD_ARGS = ("num_experts", "routing", "top_k", "inference")  # build_model's own head arguments
 HEAD_OPTIONS = tuple(k for k in SBMoEHead.config_keys if k not in ("in_features", "normalize_output", *HEAD_ARGS))
-DEFAULT_ROUTE = "document"  # a query-only model's route for encode() without a task, as in Router.for_query_document
-CARD_START, CARD_END = "<!-- sbmoe -->", "<!-- /sbmoe -->"
-CARD_TEMPLATE = """{start}
-## Loading this sbmoe model
-
-```bash
-pip install sbmoe
-```
-
-```python
-import sbmoe
-model = sbmoe.load_model("PATH")
-# or stock sentence-transformers (sbmoe must be installed: it provides the head's class)
-from sentence_transformers import SentenceTransformer
-model = SentenceTransformer("PATH", trust_remote_code=True)
-```
-
-{about}
-
-Training data: {data}.
-{end}
-"""
 
 
 @contextmanager
@@ -90,54 +70,6 @@ class OwnModuleClasses(dict):
 
     def __bool__(self) -> bool:  # sentence-transformers hands the mapping to a Router only when it is truthy
         return True
-
-
-class TaskRouter(Router):
-    """A sentence-transformers ``Router`` that passes the route it chose on as the task, so a module shared by the
-    routes (a query-only head) knows it; the stock one passes ``task=None`` on the default route."""
-
-    def forward(self, features: dict[str, Any], task: str | None = None, **kwargs: Any) -> dict[str, Any]:
-        route = self._resolve_route(task or features.get("task"), kwargs.get("modality") or features.get("modality"))
-        return super().forward(features, task=route, **kwargs)
-
-
-def routed_module(module: torch.nn.Module) -> torch.nn.Module | None:
-    """The one module every route of a ``Router`` runs (how a query-only head is saved), else None."""
-    if not isinstance(module, Router):
-        return None
-    routes = [list(route) for route in module.sub_modules.values()]
-    first = routes[0][0] if routes and len(routes[0]) == 1 else None
-    return first if all(len(r) == 1 and r[0] is first for r in routes) else None
-
-
-def with_sbmoe_section(card: str, model: SentenceTransformer) -> str:
-    """``card`` (a model card in markdown, maybe with YAML front matter) with its sbmoe section written anew: how to
-    load the folder, what its head does, how it routes queries and documents, and what it was trained on."""
-    if CARD_START in card:
-        card = card[: card.index(CARD_START)] + card[card.index(CARD_END) + len(CARD_END) :].lstrip("\n")
-    head = find_head(model)
-    if head is None:
-        about = "Head: none (the backbone with mean pooling)."
-    else:
-        about = (
-            f"Head: {type(head).__name__} after mean pooling, {head.num_experts} experts of hidden size "
-            f"{head.expert_hidden}; routing `{head.routing}` (top-{head.top_k} while training), inference "
-            f"`{head.inference}`, residual {head.residual}, output normalised {head.normalize_output}."
-        )
-    if head is not None and head.query_only:
-        about += (
-            "\n\nRoutes (a sentence-transformers `Router`): queries go through the head, documents pass through it "
-            "unchanged. Use `encode_query` for queries and `encode_document` for documents; `encode()` without a "
-            f"task takes the `{DEFAULT_ROUTE}` route."
-        )
-    trained = model.training_data if isinstance(model, SBMoEModel) else None
-    section = CARD_TEMPLATE.format(
-        start=CARD_START, end=CARD_END, about=about, data=trained or "not recorded here (see run.json, if present)"
-    )
-    if card.startswith("---\n") and "\n---\n" in card[4:]:
-        end = card.index("\n---\n", 4) + 5
-        return card[:end] + "\n" + section + card[end:]
-    return section + "\n" + card
 
 
 class SBMoEModel(SentenceTransformer):
@@ -200,7 +132,10 @@ class SBMoEModel(SentenceTransformer):
                 head.expert_counts.copy_(counts)
         card = Path(path) / "README.md"
         if card.is_file():
-            card.write_text(with_sbmoe_section(card.read_text(encoding="utf-8"), self), encoding="utf-8")
+            card.write_text(
+                with_sbmoe_section(card.read_text(encoding="utf-8"), find_head(self), self.training_data),
+                encoding="utf-8",
+            )
 
     def encode(self, inputs: Any, *args: Any, **kwargs: Any) -> Any:
         """``SentenceTransformer.encode``; without ``task``, a query-only head takes the ``document`` route (as the
@@ -362,8 +297,26 @@ def _with_closest(name: str, options: Sequence[str]) -> str:
 
 
 def load_model(path: str, device: str | None = None) -> SBMoEModel:
-    """Load a saved sbmoe model (or any SentenceTransformer folder) as an :class:`SBMoEModel`."""
-    return SBMoEModel(path, device=device)
+    """Load a saved sbmoe model (or any SentenceTransformer folder) as an :class:`SBMoEModel`.
+
+    Raises:
+        ModelLoadError: in one line, for a folder naming a module class outside sentence-transformers and sbmoe
+            (sentence-transformers' trust check) or holding a pickled weights file that is not plain tensors.
+    """
+    try:
+        return SBMoEModel(path, device=device)
+    except pickle.UnpicklingError as err:
+        raise ModelLoadError(
+            f"{path}: holds a pickled weights file that is not plain tensors, and pickles are never loaded (they "
+            "can run code): save the model with safetensors"
+        ) from err
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ModelLoadError(
+            f"{path}: modules.json names a module class outside sentence-transformers and sbmoe; sbmoe does not run "
+            "third-party code: load it with SentenceTransformer(path, trust_remote_code=True) if you trust it"
+        ) from err
 
 
 def load_any_model(spec: str, device: str | None = None) -> SentenceTransformer:

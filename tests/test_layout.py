@@ -13,7 +13,7 @@ PACKAGE = Path(sbmoe.__file__).parent
 LAYERS = [
     {"sbmoe.errors", "sbmoe.files", "sbmoe.paths", "sbmoe.backbones"},
     {"sbmoe.heads", "sbmoe.data"},
-    {"sbmoe.model"},
+    {"sbmoe.model", "sbmoe.model_folder"},
     {"sbmoe.retrieval"},
     {"sbmoe.quant"},
     {"sbmoe.evaluation"},

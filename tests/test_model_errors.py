@@ -3,7 +3,11 @@ model and build_model's ignored or misspelled arguments are refused."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ import torch
 
 from sbmoe.backbones import BackboneUnavailableError, resolve_backbone
 from sbmoe.cli import main as cli_main
+from sbmoe.errors import ModelLoadError
 from sbmoe.model import ST_LOGGER, SBMoEModel, build_model, load_any_model, load_model, quiet_loading
 from sbmoe.retrieval.encode import encode_cached, pooled_model
 
@@ -153,3 +158,54 @@ def test_build_model_refuses_unknown_and_ignored_arguments(tiny_bert: str) -> No
     head = build_model(tiny_bert, num_experts=3, expert_hidden=8).head  # the head's own defaults fill the rest
     settings = (head.num_experts, head.top_k, head.routing, head.inference, head.expert_hidden)
     assert settings == (3, 2, "learned", "soft", 8)
+
+
+class _RunsCode:
+    """A pickled object that would run a command when unpickled."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, ("touch pwned",)
+
+
+@pytest.fixture(scope="module")
+def refused_folders(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Copies of a saved tiny model: one naming a module class outside sentence-transformers, one whose weights are
+    a pickle that runs code."""
+    root = tmp_path_factory.mktemp("refused")
+    build_model(tiny_bert, head=False).save(str(root / "model"))
+    untrusted, pickled = root / "untrusted", root / "pickled"
+    shutil.copytree(root / "model", untrusted)
+    modules = json.loads((untrusted / "modules.json").read_text())
+    modules[0]["type"] = "someone_elses_package.Module"
+    (untrusted / "modules.json").write_text(json.dumps(modules))
+    shutil.copytree(root / "model", pickled)
+    for weights in pickled.rglob("model.safetensors"):
+        weights.unlink()
+    (pickled / "pytorch_model.bin").write_bytes(pickle.dumps(_RunsCode()))
+    return {"untrusted": untrusted, "pickled": pickled}
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("untrusted", "modules.json names a module class outside sentence-transformers and sbmoe"),
+        ("pickled", "holds a pickled weights file that is not plain tensors"),
+    ],
+)
+def test_a_folder_refused_by_the_trust_check_or_holding_a_pickle_is_one_line(
+    refused_folders: dict[str, Path],
+    kind: str,
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(str(refused_folders[kind]))
+    (tmp_path / "docs.jsonl").write_text('{"_id": "d1", "text": "cells"}\n')
+    argv = ["index", "--model", str(refused_folders[kind]), "--corpus", "docs.jsonl", "--output", "idx"]
+    assert cli_main(argv) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert message in line and "bug" not in line
+    assert not (tmp_path / "pwned").exists()  # no code ran
