@@ -4,7 +4,8 @@ disk and made ready (dequantised / read) only when a batch needs them.
 - ``mode="on-demand"``: an expert is made ready when its block reaches it, used, and dropped.
 - ``mode="ahead"``: with pre-gating, block l knows block l+1's experts (the pre-gate plan) before it computes; a
   background worker makes them ready while block l (and block l+1's attention) computes, at most ``lookahead``
-  experts ahead of use. The first block, which gates itself, is served on demand.
+  experts ahead of use. The first block, which gates itself, is served on demand. On a GPU the stored experts stay
+  in host memory and the worker copies them to the device on a side CUDA stream.
 
 Storage: ``packed`` keeps round-to-nearest low-bit codes in memory (:mod:`sbmoe.quant.linear`, 4 bits by default);
 ``disk`` writes float32 experts to a safetensors file and reads each one when needed (exact: embeddings equal the
@@ -47,7 +48,8 @@ class PackedStore:
             parts = []
             for linear in (expert.up, expert.down):
                 codes, scale, offset = quantize(linear.weight, bits, group_size)
-                parts.append((pack(codes, bits), scale, offset, tuple(codes.shape), linear.bias.detach().clone()))
+                bias = linear.bias.detach().cpu().clone()
+                parts.append((pack(codes, bits), scale.cpu(), offset.cpu(), tuple(codes.shape), bias))
             self.entries[key] = parts
         self.nbytes = sum(t.nbytes for parts in self.entries.values() for p in parts for t in (p[0], p[1], p[2], p[4]))
 
@@ -134,11 +136,13 @@ class ExpertResidency:
         self.store = PackedStore(experts, bits, group_size) if storage == "packed" else DiskStore(experts, path)
         self.stored_bytes = self.store.nbytes
         self.mode, self.lookahead = mode, lookahead
+        self.device = self.blocks[0].router.net[0].weight.device
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" and mode == "ahead" else None
         self.ready_bytes = self.peak_ready_bytes = 0
         self.served = {"ahead": 0, "on_demand": 0}
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(lookahead)
-        self._pending: dict[tuple[int, Key], Future[ExpertWeights]] = {}
+        self._pending: dict[tuple[int, Key], Future[tuple[ExpertWeights, torch.cuda.Event | None]]] = {}
         ahead = mode == "ahead"
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-ready") if ahead else None
         self._consumer = 0
@@ -153,7 +157,7 @@ class ExpertResidency:
         """A block starts: the experts ``run`` serves are its (the first block also drops any stale plan)."""
         if block.index == 0:
             for future in self._pending.values():
-                self._account(-_nbytes(future.result()))
+                self._account(-_nbytes(future.result()[0]))
                 self._slots.release()
             self._pending.clear()
         self._consumer = block.index
@@ -165,21 +169,29 @@ class ExpertResidency:
             key = (block.group[candidate // size].index, candidate % size)
             self._pending[(block.index, key)] = self._worker.submit(self._prepare_ahead, key)
 
-    def _prepare_ahead(self, key: Key) -> ExpertWeights:
+    def _prepare_ahead(self, key: Key) -> tuple[ExpertWeights, torch.cuda.Event | None]:
+        """Make an expert ready on the worker; on a GPU, copied on a side stream (the event marks the copy's end)."""
         self._slots.acquire()
-        weights = self.store.ready(key)
+        weights, event = self.store.ready(key), None
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                weights = tuple(t.pin_memory().to(self.device, non_blocking=True) for t in weights)
+                event = torch.cuda.Event()
+                event.record(self._stream)
         self._account(_nbytes(weights))
-        return weights
+        return weights, event
 
     def run(self, owner: int, expert: int, x: Tensor, activation: Callable[[Tensor], Tensor]) -> Tensor:
         """Expert ``expert`` of block ``owner`` on ``x``: ready ahead when planned, else made ready now."""
         future = self._pending.pop((self._consumer, (owner, expert)), None)
         if future is None:
-            weights = self.store.ready((owner, expert))
+            weights = tuple(t.to(self.device) for t in self.store.ready((owner, expert)))
             self._account(_nbytes(weights))
             self.served["on_demand"] += 1
         else:
-            weights = future.result()
+            weights, event = future.result()
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
             self._slots.release()
             self.served["ahead"] += 1
         up, up_bias, down, down_bias = weights
