@@ -204,6 +204,11 @@ class ExpertResidency:
             self.ready_bytes += nbytes
             self.peak_ready_bytes = max(self.peak_ready_bytes, self.ready_bytes)
 
+    def reset_peak(self) -> None:
+        """Start counting the peak of ready experts afresh (e.g. after a warm-up)."""
+        with self._lock:
+            self.peak_ready_bytes = self.ready_bytes
+
     def stats(self) -> dict[str, int]:
         """Bytes of all experts resident in float32, of the stored experts and of the peak of ready ones (stored +
         peak: the experts' peak memory), and how many expert runs were served ahead and on demand."""
