@@ -176,6 +176,12 @@ def rss_part(cli: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+def device_expert_bytes(stats: dict[str, int], device: str) -> int:
+    """Peak expert bytes in the device's memory: stored + ready on CPU; only the ready ones on a GPU (the stored
+    experts stay in host memory)."""
+    return stats["peak_ready_bytes"] + (stats["stored_bytes"] if device == "cpu" else 0)
+
+
 def markdown(report: dict[str, Any]) -> str:
     """Tables of latency ratios, hidden share and expert memory, and the issue's two goals."""
     lines = [f"# Pre-gated expert residency ({report['device']})", "", report["protocol"], ""]
@@ -193,14 +199,14 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| E | mode | expert MB (stored + peak ready) | share of all-resident fp32 | min cosine to resident |",
+        "| E | mode | peak expert MB in device memory | share of all-resident fp32 | min cosine to resident |",
         "|---:|---|---:|---:|---:|",
     ]
     shares = {}
     for experts in EXPERTS:
         entry = report["latency"][f"E={experts}, memory"]
         for mode, stats in entry["expert_bytes"].items():
-            used = stats["stored_bytes"] + stats["peak_ready_bytes"]
+            used = device_expert_bytes(stats, report["device"])
             shares[(experts, mode)] = used / stats["resident_fp32_bytes"]
             lines.append(
                 f"| {experts} | {mode} | {used / 1e6:.1f} (of {stats['resident_fp32_bytes'] / 1e6:.1f}) | "
@@ -250,7 +256,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for i, experts in enumerate(EXPERTS):
         stats = report["latency"][f"E={experts}, memory"]["expert_bytes"]
         values = [1.0] + [
-            (s["stored_bytes"] + s["peak_ready_bytes"]) / s["resident_fp32_bytes"]
+            device_expert_bytes(s, report["device"]) / s["resident_fp32_bytes"]
             for s in (stats["on-demand"], stats["ahead"])
         ]
         right.bar([x + (i - 0.5) * 0.4 for x in range(3)], values, 0.4, label=f"E={experts}")

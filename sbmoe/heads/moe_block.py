@@ -226,12 +226,19 @@ def set_psr(module: nn.Module, schedule: str | None = None, progress: float | No
 
 def block_utilization(block: MoEBlock) -> dict[str, object]:
     """Top-1 shares of a block's candidates since the last reset (candidate ``g * N + e``: expert e of group
-    member g), and the share that went to the block's own experts."""
+    member g; a token's top-1 is its candidate of largest weight, foreign gates times the reuse scale), the share
+    that went to the block's own experts, and the reuse scale (None outside a group)."""
     counts = block.expert_counts.float()
     total = counts.sum().item()
     shares = (counts / total).tolist() if total else [0.0] * len(counts)
     own = block._links["position"] * block.num_experts  # type: ignore[operator]
-    return {"shares": shares, "own_share": sum(shares[own : own + block.num_experts]), "total": int(total)}
+    scale = None if block.reuse_scale is None else block.reuse_scale.item()
+    return {
+        "shares": shares,
+        "own_share": sum(shares[own : own + block.num_experts]),
+        "total": int(total),
+        "reuse_scale": scale,
+    }
 
 
 def active_parameters(module: nn.Module) -> int:
