@@ -36,6 +36,8 @@ def test_upcycled_model_encodes_as_the_backbone_at_init(tiny_bert: str, init: st
 def test_parameters_do_not_depend_on_the_reuse_group_but_for_its_scalars(tiny_bert: str) -> None:
     counts = {r: count(build_model(tiny_bert, moe_layers="all", num_experts=4, reuse_group=r)) for r in (1, 2)}
     assert counts[2] - counts[1] == 2  # per MoE layer: its reuse scale
+    names = [n for n, _ in build_model(tiny_bert, moe_layers="all", reuse_group=2).named_parameters() if "reuse" in n]
+    assert len(names) == 2 and all(".intermediate.router.reuse_scale" in n for n in names)  # the routers' rate
     dense = count(build_model(tiny_bert, head=False))
     ffn = 32 * 64 * 2 + 64 + 32  # one dense feed-forward block of the tiny BERT
     assert counts[1] - dense == 2 * (3 * ffn + 4 * 33)  # per layer: 3 more expert copies, a 32 -> 4 router

@@ -72,8 +72,6 @@ class MoEBlock(nn.Module):
         self.num_experts, self.top_k, self.slices = num_experts, top_k, slices
         self.experts = ExpertBank(FeedForwardExpert(dim, hidden, activation) for _ in range(num_experts))
         self.router = Router(dim, num_experts, noise)
-        self.register_parameter("reuse_scale", None)  # set by link_blocks in a group of r > 1
-        self.register_parameter("owner_bias", None)  # ... and, for r > 2, one routing bias per foreign member
         self.psr, self.psr_until, self.progress = "none", 0.5, 1.0
         self.pregate = False
         self.aux_loss: Tensor = torch.zeros(())
@@ -83,6 +81,16 @@ class MoEBlock(nn.Module):
         self.last_decided_by: int = 0
         self.index = 0
         self._links: dict[str, object] = {"group": (self,), "next": None, "plan": None, "position": 0, "on_plan": None}
+
+    @property
+    def reuse_scale(self) -> nn.Parameter | None:
+        """The weight of the foreign experts' mixture (0 at the start; None outside a group), held by the router."""
+        return self.router.reuse_scale
+
+    @property
+    def owner_bias(self) -> nn.Parameter | None:
+        """The routing logit added per foreign group member (r > 2), held by the router."""
+        return self.router.owner_bias
 
     @property
     def group(self) -> tuple[MoEBlock, ...]:
@@ -202,9 +210,7 @@ def link_blocks(blocks: Sequence[MoEBlock], reuse_group: int = 1, pregate: bool 
         for position, block in enumerate(group):
             block._links.update(group=group, position=position)
             block.expert_counts = torch.zeros(block.candidates, dtype=torch.long)
-            device = block.router.net[0].weight.device
-            block.reuse_scale = nn.Parameter(torch.zeros((), device=device)) if len(group) > 1 else None
-            block.owner_bias = nn.Parameter(torch.zeros(len(group) - 1, device=device)) if len(group) > 2 else None
+            block.router.enable_reuse(len(group) - 1)
     for index, block in enumerate(blocks):
         block.index, block.pregate = index, pregate
         block._links["next"] = blocks[index + 1] if index + 1 < len(blocks) else None
