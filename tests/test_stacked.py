@@ -24,10 +24,27 @@ def out(h: StackedMoEHead, x: torch.Tensor) -> torch.Tensor:
     return h({"sentence_embedding": x})["sentence_embedding"]
 
 
-def test_parameters_do_not_depend_on_the_reuse_group() -> None:
+def test_parameters_do_not_depend_on_the_reuse_group_but_for_its_scalars() -> None:
     counts = {r: sum(p.numel() for p in head(head_layers=4, reuse_group=r).parameters()) for r in (1, 2, 4)}
-    assert len(set(counts.values())) == 1
     assert counts[1] == 4 * (4 * (DIM * 8 + 8 + 8 * DIM + DIM) + DIM * 4 + 4)  # L x (N experts + a DIM -> N router)
+    assert counts[2] - counts[1] == 4  # per layer: its reuse scale
+    assert counts[4] - counts[1] == 4 * (1 + 3)  # per layer: its reuse scale and a routing bias per foreign member
+
+
+@pytest.mark.parametrize("reuse_group", [2, 4])
+def test_reuse_at_init_with_the_group_open_equals_no_reuse(reuse_group: int) -> None:
+    torch.manual_seed(3)
+    local = head(head_layers=4)
+    reused = head(head_layers=4, reuse_group=reuse_group)
+    missing, unexpected = reused.load_state_dict(local.state_dict(), strict=False)
+    assert not unexpected and {k.rsplit(".", 1)[-1] for k in missing} <= {"reuse_scale", "owner_bias"}
+    x = torch.randn(16, DIM)
+    local.train(), reused.train()  # training mode: the foreign mixture is computed (times a scale of 0)
+    y, expected = out(reused, x), out(local, x)
+    assert (y - expected).abs().max() <= 1e-6
+    assert all(block.last_routing.indices.shape[1] == 4 for block in reused.layers)  # 2 own + 2 foreign chosen
+    y.square().sum().backward()
+    assert all(block.reuse_scale.grad.abs() > 0 for block in reused.layers)  # the gradient can open reuse
 
 
 def test_one_layer_groups_use_layer_local_experts() -> None:

@@ -10,6 +10,7 @@ import torch
 from sbmoe.heads.moe_block import moe_blocks, set_psr
 from sbmoe.heads.upcycle import moe_layer_indices, upcycle_encoder
 from sbmoe.model import build_model, load_model
+from tests.conftest import write_tiny_bert
 
 TEXTS = ["the protein of the cell", "dense vector search with an expert router", "blood risk", "a study of mice"]
 
@@ -32,31 +33,79 @@ def test_upcycled_model_encodes_as_the_backbone_at_init(tiny_bert: str, init: st
     torch.testing.assert_close(model.encode(TEXTS, convert_to_tensor=True), reference, atol=1e-5, rtol=0)
 
 
-def test_parameters_do_not_depend_on_the_reuse_group(tiny_bert: str) -> None:
+def test_parameters_do_not_depend_on_the_reuse_group_but_for_its_scalars(tiny_bert: str) -> None:
     counts = {r: count(build_model(tiny_bert, moe_layers="all", num_experts=4, reuse_group=r)) for r in (1, 2)}
-    assert counts[1] == counts[2]
+    assert counts[2] - counts[1] == 2  # per MoE layer: its reuse scale
+    names = [n for n, _ in build_model(tiny_bert, moe_layers="all", reuse_group=2).named_parameters() if "reuse" in n]
+    assert len(names) == 2 and all(".intermediate.router.reuse_scale" in n for n in names)  # the routers' rate
     dense = count(build_model(tiny_bert, head=False))
     ffn = 32 * 64 * 2 + 64 + 32  # one dense feed-forward block of the tiny BERT
     assert counts[1] - dense == 2 * (3 * ffn + 4 * 33)  # per layer: 3 more expert copies, a 32 -> 4 router
 
 
-def test_reuse_group_at_psr_start_equals_layer_local_experts(tiny_bert: str) -> None:
-    local = build_model(tiny_bert, moe_layers="all", num_experts=4, reuse_group=1)
-    reused = build_model(tiny_bert, moe_layers="all", num_experts=4, reuse_group=2, psr="linear")
-    torch.manual_seed(1)
-    with torch.no_grad():  # experts that differ, as after training
-        for p in local.parameters():
+@pytest.fixture(scope="module")
+def tiny_bert4(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random BERT of 4 layers: room for a reuse group of 4 MoE layers."""
+    return str(write_tiny_bert(tmp_path_factory.mktemp("tiny-bert4"), layers=4))
+
+
+def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """``model`` with every parameter moved a little (experts that differ, as after training)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    reused.load_state_dict(local.state_dict())  # same parameters whatever r
-    for block in moe_blocks(reused):
-        block.train()  # PSR masks while training; the rest stays in eval mode (no dropout)
-    set_psr(reused, progress=0.0)
-    # 4 vs 8 candidates (half masked) is another computation: equal up to summation order, not bit for bit
-    torch.testing.assert_close(embeddings(reused), embeddings(local), atol=1e-6, rtol=0)
-    assert all(block.last_routing.indices.lt(4).all() for block in moe_blocks(local))  # r = 1: own experts only
-    set_psr(reused, progress=1.0)  # whole group open: other layers' experts get chosen and the output changes
-    assert not torch.equal(embeddings(reused), embeddings(local))
-    assert any(block.last_routing.indices.ge(4).any() for block in moe_blocks(reused))
+    return model
+
+
+@pytest.mark.parametrize("init", ["copies", "fine"])
+@pytest.mark.parametrize("reuse_group", [2, 4])
+def test_reuse_at_init_with_the_group_open_encodes_as_no_reuse(tiny_bert4: str, init: str, reuse_group: int) -> None:
+    options = {"moe_layers": "all", "num_experts": 4, "init": init}
+    local = perturbed(build_model(tiny_bert4, **options))
+    reused = build_model(tiny_bert4, **options, reuse_group=reuse_group)
+    missing, unexpected = reused.load_state_dict(local.state_dict(), strict=False)
+    assert not unexpected and {k.rsplit(".", 1)[-1] for k in missing} <= {"reuse_scale", "owner_bias"}
+    blocks = moe_blocks(reused)
+    for block in blocks:
+        block.train()  # the foreign mixture is computed (times a scale of 0); the rest stays in eval mode
+    assert all(len(block.group) == reuse_group and block.open_mask() is None for block in blocks)  # group open
+    y, expected = embeddings(reused), embeddings(local)
+    assert (y - expected).abs().max() <= 1e-6
+    assert all(block.last_routing.indices.ge(block.num_experts).any() for block in blocks[:1])  # foreign chosen
+    y.square().sum().backward()
+    assert all(block.reuse_scale.grad.abs() > 0 for block in blocks)  # the gradient can open reuse
+    reused.eval()
+    for block in blocks:
+        block.reset_routing_stats()
+    encoded = [m.encode(TEXTS, convert_to_tensor=True) for m in (reused, local)]
+    assert (encoded[0] - encoded[1]).abs().max() <= 1e-6  # and at inference (scale 0: no foreign experts run)
+    usage = reused[0].expert_utilization()
+    assert [u["reuse_scale"] for u in usage] == [0.0] * 4 and usage[0]["total"] > 0
+    assert [u["own_share"] for u in usage] == pytest.approx([1.0] * 4)  # every token's top-1 on its own experts
+
+
+def test_opened_reuse_routes_foreign_experts_with_the_layers_own_router(tiny_bert: str) -> None:
+    model = perturbed(build_model(tiny_bert, moe_layers="all", num_experts=4, reuse_group=2, psr="linear"))
+    blocks = moe_blocks(model)
+    for block in blocks:
+        block.train()
+    set_psr(model, progress=0.0)  # PSR shut: own experts only
+    embeddings(model)
+    assert all(block.last_routing.indices.shape[1] == 2 for block in blocks)
+    set_psr(model, progress=1.0)
+    with torch.no_grad():
+        for block in blocks:
+            block.reuse_scale.fill_(0.5)
+    inputs: list[torch.Tensor] = []
+    hook = blocks[1].register_forward_pre_hook(lambda _m, args: inputs.append(args[0].reshape(-1, 32)))
+    embeddings(model)
+    hook.remove()
+    routing = blocks[1].last_routing
+    assert routing.indices[:, :2].ge(4).all() and routing.indices[:, 2:].lt(4).all()  # own (member 1), then member 0
+    own_choice = blocks[1].router(inputs[0]).topk(2).indices  # this layer's keys choose the foreign experts too
+    assert torch.equal(routing.indices[:, 2:], own_choice) and torch.equal(routing.indices[:, :2] - 4, own_choice)
+    torch.testing.assert_close(routing.weights[:, 2:], 0.5 * routing.weights[:, :2])
 
 
 @pytest.mark.parametrize(("init", "pregate"), [("copies", True), ("fine", False)])

@@ -8,6 +8,7 @@ Parts (every run's ``run.json`` is kept under ``--out`` and reused, so an interr
     python experiments/moe_layers/study.py --part reuse4 [--shard I/N]   # MiniLM-L6, layers 2-5 trained, r = 4
     python experiments/moe_layers/study.py --part speed   # encode docs/s as a ratio to the plain backbone
     python experiments/moe_layers/study.py --part report  # JSON + markdown + per-layer expert plot
+    python experiments/moe_layers/reuse_open.py ...       # reuse that starts at no reuse, row by row (see there)
 
 Head rows train on SciFact train (the multi-domain data costs ~5x more per run on two shared cores), pick the epoch
 on a 100-query dev split held out of it (patience 4), at the fixed learning rate 1e-3 (no choice on test).
@@ -215,7 +216,15 @@ backbone lr 5e-5, routers and heads 1e-3, 3 seeds. Layers 4-5 and everything abo
 layers 0-3 are frozen and their token states come from the token-state cache (`--frozen-layers 4`), which is what
 makes 3 seeds of 7 rows fit two CPU cores. MoE rows upcycle the trained layers (E = 8 copies, top-2); r = 2 makes
 layers 4 and 5 one group of 16 candidates; pre-gating lets layer 4's input choose layer 5's experts. NFCorpus test is
-in-domain and leaky (it shares relevant documents with NFCorpus train)."""
+in-domain and leaky (it shares relevant documents with NFCorpus train).
+
+Reuse rows named "r=2" / "r=4" without "identity start" use the first reuse construction (the group's candidates
+scored by their owners' routers on this layer's input, balanced over all r x N candidates): at initialisation it was
+not the model without reuse (layers 4-5, r = 2: document cosine 0.605, top-10 overlap 0.57, layer 5 keeps 29% of
+its tokens). Rows "identity start" (`reuse_open.py`) use the current construction: own mixture plus a per-layer
+scale (0 at the start) times the foreign mixture, routed by the layer's own router, balanced per owner group; at
+initialisation it encodes exactly as no reuse (`moe_layers_reuse_open/init.json`). Their no-reuse rival is rerun
+beside them ("identity-start code"), so that both run on the same training code."""
 
 RIVALS = {  # row -> (rival, what the comparison tests)
     **{f"stack L={n}, r=2": (f"stack L={n}, r=1", "reuse") for n in (2, 4)},
@@ -370,6 +379,12 @@ def main() -> None:
         for part in ("head", "full", "encoder", "reuse4"):
             if (RESULTS / f"moe_layers.{part}.json").is_file():
                 rows.update(json.loads((RESULTS / f"moe_layers.{part}.json").read_text()))
+        for path in sorted((RESULTS / "moe_layers_reuse_open").glob("*.json")):  # reuse_open.py, one per row
+            entry = json.loads(path.read_text())
+            if "row" in entry:
+                rows[entry["name"]] = entry["row"]
+            if entry.get("rival"):
+                RIVALS[entry["name"]] = (entry["rival"], "reuse")
         speed_file = RESULTS / "moe_layers.speed.json"
         speed = json.loads(speed_file.read_text()) if speed_file.is_file() else None
         compare(rows)

@@ -1,12 +1,16 @@
 """A token-routed Mixture-of-Experts feed-forward block, the unit of the MoE encoder layers and the stacked head.
 
-Each block owns ``num_experts`` experts and a router holding one routing key per own expert. Blocks are linked in
-ReXMoE groups of ``r``: a block scores the ``r * num_experts`` experts of its group with its group's routing keys (its
-own first, then its group's other blocks in cyclic order), so parameters stay fixed whatever r while the routing
-choices grow r-fold. Progressive scaling routing (PSR) masks the candidates
-while training, opening them from the block's own experts to its whole group as ``progress`` goes from 0 to
-``psr_until`` (at inference the whole group is open). With pre-gating, block l applies block l+1's router to its own
-input, so block l+1's experts are known one block ahead (the first block keeps a conventional gate).
+Each block owns ``num_experts`` experts (N) and a router holding one routing key per own expert. Blocks are linked in
+ReXMoE groups of ``r``; a block in a group computes ``own(x) + reuse_scale * foreign(x)``: ``own`` is the mixture
+of its top-k own experts, ``foreign`` the mixture of the top-k of the group's other ``(r - 1) * N`` experts, both
+chosen by this block's router (foreign expert e of any member is scored with this block's key e, plus a learned
+per-owner bias when r > 2), and ``reuse_scale`` is a per-block scalar that starts at 0. So a reuse model starts
+exactly as the model without reuse and training opens reuse only as far as it helps. Load balancing runs per owner
+group (own experts, foreign slots), so it never pushes tokens off a block's own experts. Parameters grow with r only
+by those scalars. Progressive scaling routing (PSR) masks the foreign candidates while training, opening them
+to the whole group as ``progress`` goes from 0 to ``psr_until`` (at inference the whole group is open). With
+pre-gating, block l applies block l+1's router to its own input, so block l+1's experts are known one block ahead
+(the first block keeps a conventional gate).
 
 Two routing styles: ``slices == 1`` keeps the ``top_k`` best candidates, gates renormalised over them (upcycled
 copies); ``slices == s`` picks the best candidate of each of the ``s`` slice classes (candidate ``c`` belongs to class
@@ -27,7 +31,8 @@ from sbmoe.heads.routing import Router, load_balancing_loss, psr_open_count, rou
 
 
 class Routing(NamedTuple):
-    """One batch's routing: T x k candidate indices, their T x k weights, the T x C probabilities, the losses."""
+    """One batch's routing: T x m candidate indices (own experts first, then foreign ones), their T x m weights,
+    the T x N own-expert probabilities, the losses."""
 
     indices: Tensor
     weights: Tensor
@@ -75,7 +80,17 @@ class MoEBlock(nn.Module):
         self.last_routing: Routing | None = None
         self.last_decided_by: int = 0
         self.index = 0
-        self._links: dict[str, object] = {"group": (self,), "next": None, "plan": None, "position": 0}
+        self._links: dict[str, object] = {"group": (self,), "next": None, "plan": None, "position": 0, "on_plan": None}
+
+    @property
+    def reuse_scale(self) -> nn.Parameter | None:
+        """The weight of the foreign experts' mixture (0 at the start; None outside a group), held by the router."""
+        return self.router.reuse_scale
+
+    @property
+    def owner_bias(self) -> nn.Parameter | None:
+        """The routing logit added per foreign group member (r > 2), held by the router."""
+        return self.router.owner_bias
 
     @property
     def group(self) -> tuple[MoEBlock, ...]:
@@ -100,25 +115,60 @@ class MoEBlock(nn.Module):
         count = psr_open_count(self.psr, self.progress, self.num_experts, self.candidates, self.psr_until)
         return self.candidate_ranks() < count
 
+    def foreign_candidates(self) -> Tensor:
+        """The candidate index of each foreign slot: slot ``(d - 1) * N + e`` is expert e of the group member d
+        places after this block (cyclic), so slots come in PSR rank order."""
+        position, size, n = self._links["position"], len(self.group), self.num_experts
+        slots = torch.arange((size - 1) * n)
+        return ((position + 1 + slots // n) % size) * n + slots % n
+
     def route(self, x: Tensor) -> Routing:
-        """Route T x H inputs among this block's candidates (this block's router, whatever block's input it reads)."""
-        logits = torch.cat([block.router(x) for block in self.group], dim=-1)
-        z_loss = router_z_loss(logits)
+        """Route T x H inputs (whatever block's input it reads) with this block's routing parameters: its own
+        experts' choice, then, in a group, the foreign candidates' choice with gates times ``reuse_scale``."""
+        logits = self.router(x)
+        own = self._choose(logits, self.top_k)
+        indices = own.indices + self._links["position"] * self.num_experts  # type: ignore[operator]
+        weights, aux_loss = own.weights, own.aux_loss
+        foreign = self._route_foreign(logits)
+        if foreign is not None:
+            slots = self.foreign_candidates().to(x.device)
+            indices = torch.cat([indices, slots[foreign.indices]], dim=-1)
+            weights = torch.cat([weights, foreign.weights * self.reuse_scale], dim=-1)
+            aux_loss = (aux_loss + foreign.aux_loss) / 2  # balanced per owner group: own experts keep their tokens
+        return Routing(indices, weights, own.probs, aux_loss, router_z_loss(logits))
+
+    def _route_foreign(self, logits: Tensor) -> Routing | None:
+        """The foreign slots' choice (indices into :meth:`foreign_candidates`), or None when no slot may be chosen
+        (no group, PSR has opened none yet, or a zero scale at inference, where it adds nothing)."""
+        if len(self.group) == 1 or (not self.training and not self.reuse_scale.detach().any()):
+            return None
+        size, n = len(self.group), self.num_experts
+        slot_logits = logits.repeat(1, size - 1)
+        if self.owner_bias is not None:
+            slot_logits = slot_logits + self.owner_bias.repeat_interleave(n)
         mask = self.open_mask()
         if mask is not None:
-            logits = logits.masked_fill(~mask.to(logits.device), float("-inf"))
+            is_open = mask[self.foreign_candidates()].to(logits.device)
+            if not is_open.any():
+                return None
+            slot_logits = slot_logits.masked_fill(~is_open, float("-inf"))
+            return self._choose(slot_logits, min(self.top_k, int(is_open.sum())))
+        return self._choose(slot_logits, self.top_k)
+
+    def _choose(self, logits: Tensor, top_k: int) -> Routing:
+        """Top-k (gates renormalised) or best-per-slice choice among ``logits``' candidates (z-loss left at 0)."""
         probs = logits.softmax(dim=-1)
         if self.slices == 1:
-            gates, dispatch = top_k_gates(probs, self.top_k, renormalize=True)
-            indices = probs.topk(self.top_k, dim=-1).indices
+            gates, dispatch = top_k_gates(probs, top_k, renormalize=True)
+            indices = probs.topk(top_k, dim=-1).indices
             weights = gates.gather(-1, indices)
         else:
             best = probs.view(len(probs), -1, self.slices).argmax(dim=1)
-            indices = best * self.slices + torch.arange(self.slices, device=x.device)
+            indices = best * self.slices + torch.arange(self.slices, device=logits.device)
             chosen = probs.gather(-1, indices)
-            weights = chosen / chosen.detach()  # 1 in value; the router's gradient passes straight through
+            weights = chosen / chosen.detach().clamp(min=1e-30)  # 1 in value (0 for a slice class PSR keeps shut)
             dispatch = torch.zeros_like(probs).scatter_(-1, indices, 1.0)
-        return Routing(indices, weights, probs, load_balancing_loss(probs, dispatch), z_loss)
+        return Routing(indices, weights, probs, load_balancing_loss(probs, dispatch), torch.zeros(()))
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -131,9 +181,13 @@ class MoEBlock(nn.Module):
         nxt: MoEBlock | None = self._links["next"]  # type: ignore[assignment]
         if self.pregate and nxt is not None:
             nxt._links["plan"], nxt.last_decided_by = nxt.route(flat), self.index
+            listener = self._links["on_plan"]
+            if listener is not None:
+                listener(nxt, nxt._links["plan"])
         self.aux_loss, self.z_loss, self.last_routing = routing.aux_loss, routing.z_loss, routing
         if not torch.is_grad_enabled():
-            self.expert_counts += torch.bincount(routing.indices[:, 0].cpu(), minlength=self.candidates)
+            top = routing.indices.gather(-1, routing.weights.abs().argmax(dim=-1, keepdim=True))[:, 0]
+            self.expert_counts += torch.bincount(top.cpu(), minlength=self.candidates)
         banks = [block.experts for block in self.group]
         return combine_experts(banks, flat, routing.indices, routing.weights).view_as(x)
 
@@ -144,7 +198,7 @@ class MoEBlock(nn.Module):
 
 def link_blocks(blocks: Sequence[MoEBlock], reuse_group: int = 1, pregate: bool = False) -> None:
     """Group ``blocks`` (in depth order) r per ReXMoE group (the last group holds the rest when r does not divide
-    their number) and chain them for pre-gating.
+    their number), give each block of a group its reuse scale (0: no reuse yet), and chain them for pre-gating.
 
     Raises:
         ValueError: ``reuse_group`` < 1.
@@ -156,6 +210,7 @@ def link_blocks(blocks: Sequence[MoEBlock], reuse_group: int = 1, pregate: bool 
         for position, block in enumerate(group):
             block._links.update(group=group, position=position)
             block.expert_counts = torch.zeros(block.candidates, dtype=torch.long)
+            block.router.enable_reuse(len(group) - 1)
     for index, block in enumerate(blocks):
         block.index, block.pregate = index, pregate
         block._links["next"] = blocks[index + 1] if index + 1 < len(blocks) else None
@@ -177,20 +232,28 @@ def set_psr(module: nn.Module, schedule: str | None = None, progress: float | No
 
 def block_utilization(block: MoEBlock) -> dict[str, object]:
     """Top-1 shares of a block's candidates since the last reset (candidate ``g * N + e``: expert e of group
-    member g), and the share that went to the block's own experts."""
+    member g; a token's top-1 is its candidate of largest weight, foreign gates times the reuse scale), the share
+    that went to the block's own experts, and the reuse scale (None outside a group)."""
     counts = block.expert_counts.float()
     total = counts.sum().item()
     shares = (counts / total).tolist() if total else [0.0] * len(counts)
     own = block._links["position"] * block.num_experts  # type: ignore[operator]
-    return {"shares": shares, "own_share": sum(shares[own : own + block.num_experts]), "total": int(total)}
+    scale = None if block.reuse_scale is None else block.reuse_scale.item()
+    return {
+        "shares": shares,
+        "own_share": sum(shares[own : own + block.num_experts]),
+        "total": int(total),
+        "reuse_scale": scale,
+    }
 
 
 def active_parameters(module: nn.Module) -> int:
-    """Parameters of ``module`` that one input uses: all of them, less the experts each MoE block leaves unused
-    (N - k per block: each token runs k experts, its own or its group's, of equal size)."""
+    """Parameters one input runs through: all of them, less the N experts of each MoE block, plus the experts a token
+    runs there (k own, and k foreign ones in a reuse group: a reused expert counts once per block that runs it, so
+    with N < 2k this can exceed the total)."""
     total = sum(p.numel() for p in module.parameters())
     for block in moe_blocks(module):
         per_expert = sum(p.numel() for p in block.experts[0].parameters())
-        used = block.top_k if block.slices == 1 else block.slices
+        used = (block.top_k if block.slices == 1 else block.slices) * (2 if len(block.group) > 1 else 1)
         total -= (block.num_experts - used) * per_expert
     return total

@@ -20,7 +20,8 @@ class Router(nn.Module):
     """Logits over ``num_experts`` candidates, with learned Gaussian noise while training (noisy top-k gating).
 
     ``hidden`` None gives one linear layer (``net.0``); an int gives Linear -> ReLU -> Linear (``net.0``, ``net.2``),
-    the SB-MoE head's router.
+    the SB-MoE head's router. A router in an MoE block of a reuse group also holds that block's reuse parameters
+    (:meth:`enable_reuse`), so they train at the routers' learning rate.
     """
 
     def __init__(self, dim: int, num_experts: int, noise: bool, hidden: int | None = None):
@@ -30,6 +31,16 @@ class Router(nn.Module):
         else:
             self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, num_experts))
         self.noise = nn.Linear(dim, num_experts) if noise else None
+        self.register_parameter("reuse_scale", None)
+        self.register_parameter("owner_bias", None)
+
+    def enable_reuse(self, foreign_members: int) -> None:
+        """Give this router the reuse parameters of a block with ``foreign_members`` other blocks in its group (none:
+        remove them): ``reuse_scale`` weighs the foreign experts' mixture and starts at 0; ``owner_bias`` (r > 2)
+        adds one routing logit per foreign member, starting at 0."""
+        device = self.net[0].weight.device
+        self.reuse_scale = nn.Parameter(torch.zeros((), device=device)) if foreign_members else None
+        self.owner_bias = nn.Parameter(torch.zeros(foreign_members, device=device)) if foreign_members > 1 else None
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.net(x)

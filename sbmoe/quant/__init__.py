@@ -26,6 +26,7 @@ _LAZY = {
     "OnnxTransformer": "sbmoe.quant.encoder",
     "save_with_onnx_encoder": "sbmoe.quant.encoder",
     "QuantizedMoETransformer": "sbmoe.quant.transformer",
+    "ExpertResidency": "sbmoe.quant.residency",
     "calibrate_head": "sbmoe.quant.recipe",
     "calibrate_layers": "sbmoe.quant.recipe",
     "calibrate_model": "sbmoe.quant.recipe",

@@ -69,8 +69,12 @@ def pack(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack(packed: Tensor, bits: int, shape: tuple[int, int]) -> Tensor:
-    """The inverse of :func:`pack`: uint8 codes of ``shape``."""
+    """The inverse of :func:`pack`: uint8 codes of ``shape`` (4 and 8 bits by whole nibbles and bytes)."""
     count = shape[0] * shape[1]
+    if bits == 8:
+        return packed[:count].reshape(shape).clone()
+    if bits == 4:  # code 2j is byte j's low nibble, code 2j + 1 its high nibble (little bit order)
+        return torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)[:count].reshape(shape)
     planes = np.unpackbits(packed.cpu().numpy(), bitorder="little")[: count * bits].reshape(count, bits)
     codes = np.packbits(planes, axis=1, bitorder="little")[:, 0]
     return torch.from_numpy(codes).reshape(shape)
