@@ -147,23 +147,6 @@ def serve_shards(shard_files: Iterable[str], use_gpu: bool | str = "auto", nprob
     return served
 
 
-def sharded_index(
-    shards: ShardSet,
-    index_type: str,
-    out_dir: str | os.PathLike,
-    params: dict[str, Any] | None = None,
-    parallel: str = "threads",
-    on_disk: bool = False,
-) -> Any:
-    """Train once on a sample of ``shards``, build one index per shard, then merge on disk or serve together."""
-    template = train_template(shards.sample(TRAIN_SAMPLE), index_type, len(shards), params)
-    files = build_shards(shards, template, Path(out_dir) / "shards", parallel)
-    if on_disk and index_type in IVF_TYPES:
-        nprobe = faiss.deserialize_index(np.frombuffer(template, dtype=np.uint8)).nprobe
-        return read_merged(merge_on_disk(template, files, out_dir), nprobe)
-    return serve_shards(files, use_gpu=False)
-
-
 def fill_on_disk(dense: DenseIndex, shards: ShardSet, work_dir: str | os.PathLike, parallel: str = "threads") -> None:
     """Fill ``dense``, an IVF index trained on a sample of ``shards`` (on CPU), with every shard, its lists on disk:
     one index per shard (in ``work_dir/shards``, built in parallel) from ``dense``'s quantizer, merged on disk into

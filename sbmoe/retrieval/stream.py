@@ -65,13 +65,7 @@ def skip_written(shards: ShardSet, docs: Iterator[Doc]) -> None:
         DataError: the corpus differs from the one the shards were written from.
     """
     for shard in shards.shards:
-        found = [doc.id for doc in islice(docs, shard.count)]
-        if found != shards.ids(shard):
-            raise DataError(
-                f"{shards.folder}: shard {shard.name} holds other ids than rows {shard.start}-"
-                f"{shard.start + shard.count - 1} of this corpus: it was written from another corpus; "
-                "remove the shard folder or pass another one"
-            )
+        shards.check_written([doc.id for doc in islice(docs, shard.count)], shard.start)
 
 
 def encode_to_shards(
