@@ -24,7 +24,7 @@ from sbmoe.retrieval.encode import encode_cached, unit_rows
 from sbmoe.retrieval.index_settings import choose_index, parse_bytes
 from sbmoe.retrieval.sharded import build_shards, merge_on_disk, read_merged, serve_shards, train_template
 from sbmoe.retrieval.shards import ShardSet
-from sbmoe.retrieval.stream import encode_to_shards, retriever_from_shards
+from sbmoe.retrieval.stream import encode_to_shards, index_from_shards, store_from_shards
 
 DOCS, SHARD = 300, 64
 
@@ -174,7 +174,8 @@ def test_index_command_merges_ivf_lists_on_disk_and_serves_the_in_ram_top_100(
     disk = Retriever.load(out)
     assert disk.index.lists_on_disk == str(out / "index" / "lists.ivfdata")  # memory-mapped where it was saved
     shards = ShardSet.open(tmp_path / "disk.shards")  # the same vectors, one index filled in RAM
-    ram = retriever_from_shards(model, tiny_bert, shards, kind, {"nlist": 4, "nprobe": 2, "pq_m": 8}, False, False)
+    in_ram = index_from_shards(shards, kind, {"nlist": 4, "nprobe": 2, "pq_m": 8}, False, False)
+    ram = Retriever(model, in_ram, store_from_shards(model, shards), tiny_bert)
     assert ram.index.lists_on_disk is None and len(disk) == len(ram) == DOCS
     queries = [doc.full_text for doc in list(load_corpus(corpus).iter_docs())[:20]]
     for got, want in zip(disk.search(queries, 100), ram.search(queries, 100), strict=True):

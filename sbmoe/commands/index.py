@@ -34,8 +34,11 @@ EXAMPLES = (
 def build_parser(prog: str = "sbmoe index") -> argparse.ArgumentParser:
     """The flags of ``sbmoe index``."""
     parser = new_parser(prog, __doc__, EXAMPLES)
-    parser.add_argument("--model", required=True, help="backbone name (minilm), sbmoe or SentenceTransformer folder, "
-                        "or fine-tuned output folder")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="backbone name (minilm), sbmoe or SentenceTransformer folder, or fine-tuned output folder",
+    )
     parser.add_argument("--corpus", required=True, help=FORMATS)
     parser.add_argument("--output", required=True, metavar="DIR", help="the index folder (written atomically)")
     add_index_arguments(parser, INDEX_TYPES)
@@ -47,13 +50,22 @@ def build_parser(prog: str = "sbmoe index") -> argparse.ArgumentParser:
     parser.add_argument("--device", help="torch device (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     scale = parser.add_argument_group("large corpora (stream and ray backends)")
-    scale.add_argument("--backend", choices=BACKENDS, default="local", help="local: through the embedding cache "
-                       "(default); stream: chunks -> resumable shards -> index; ray: that on Ray Data")  # fmt: skip
-    scale.add_argument("--shards", metavar="DIR", help="embedding shard folder, kept to resume or re-index "
-                       "(default: OUTPUT.shards)")  # fmt: skip
+    scale.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="local: through the embedding cache "
+        "(default); stream: chunks -> resumable shards -> index; ray: that on Ray Data",
+    )
+    scale.add_argument(
+        "--shards", metavar="DIR", help="embedding shard folder, kept to resume or re-index (default: OUTPUT.shards)"
+    )
     scale.add_argument("--shard-size", type=int, default=100_000, help="vectors per shard (default: 100000)")
-    scale.add_argument("--ram-budget", metavar="SIZE", help="without --index: pick the index type that fits "
-                       "SIZE (4GB, 512MiB) for the corpus size")  # fmt: skip
+    scale.add_argument(
+        "--ram-budget",
+        metavar="SIZE",
+        help="without --index: pick the index type that fits SIZE (4GB, 512MiB) for the corpus size",
+    )
     scale.add_argument("--ray-address", help="Ray cluster to join (auto, ray://head:10001; default: start Ray here)")
     scale.add_argument("--ray-workers", type=int, default=1, help="encoding actors (default: 1)")
     scale.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default: 0, CPU)")

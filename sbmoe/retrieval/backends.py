@@ -1,4 +1,5 @@
-"""The stream and ray backends of :meth:`Retriever.build <sbmoe.retrieval.retriever.Retriever.build>`.
+"""The stream and ray backends of :meth:`Retriever.build <sbmoe.retrieval.retriever.Retriever.build>`: its index and
+document store.
 
 The corpus is encoded into resumable embedding shards (in chunks here, or in a Ray actor pool), then indexed shard
 by shard: memory holds a chunk plus the index, never the corpus. An ``ivf`` or ``ivfpq`` index is filled per shard
@@ -17,12 +18,13 @@ from typing import Any
 from sentence_transformers import SentenceTransformer
 
 from sbmoe.retrieval.documents import Corpus, as_dataset
+from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.index_settings import IndexSettings, choose_index, parse_bytes
 from sbmoe.retrieval.ivf import IVF_TYPES
-from sbmoe.retrieval.retriever import Retriever
-from sbmoe.retrieval.sharded import retriever_on_disk
+from sbmoe.retrieval.sharded import index_on_disk
 from sbmoe.retrieval.shards import ShardSet
-from sbmoe.retrieval.stream import encode_to_shards, retriever_from_shards
+from sbmoe.retrieval.store import DocStore
+from sbmoe.retrieval.stream import encode_to_shards, index_from_shards, store_from_shards
 
 BACKENDS = ("local", "stream", "ray")
 
@@ -43,8 +45,9 @@ def build_sharded(
     data_dir: str | os.PathLike | None,
     use_gpu: bool | str,
     show_progress: bool,
-) -> Retriever:
-    """:meth:`Retriever.build` with ``backend`` ``stream`` or ``ray`` (its arguments, the model loaded)."""
+) -> tuple[DenseIndex, DocStore, IndexSettings | None]:
+    """The index, the document store and the index choice made (if any) of :meth:`Retriever.build` with
+    ``backend`` ``stream`` or ``ray`` (its arguments, the model loaded)."""
     if backend not in BACKENDS[1:]:
         raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if shards is None:
@@ -53,9 +56,8 @@ def build_sharded(
         model, model_spec, corpus, backend, shards, shard_size, batch_size, data_dir, show_progress, ray
     )
     index_type, params, choice = index_choice(index, params, len(shard_set), shard_set.dim, ram_budget)
-    retriever = build_from_shards(model, model_spec, shard_set, index_type, params, use_gpu, show_progress)
-    retriever.index_choice = choice
-    return retriever
+    dense = index_of_shards(shard_set, index_type, params, use_gpu, show_progress)
+    return dense, store_from_shards(model, shard_set), choice
 
 
 def encode_shards(
@@ -97,25 +99,19 @@ def index_choice(
     return chosen.index_type, {**chosen.params, **params}, chosen
 
 
-def build_from_shards(
-    model: SentenceTransformer,
-    model_spec: str | None,
-    shard_set: ShardSet,
-    index_type: str,
-    params: dict[str, Any],
-    use_gpu: bool | str,
-    show_progress: bool,
-) -> Retriever:
-    """A :class:`Retriever` over complete shards; ivf and ivfpq keep their lists on disk, in a folder beside the
-    shards that goes with the retriever's index (saving links or copies the lists into the index folder)."""
+def index_of_shards(
+    shard_set: ShardSet, index_type: str, params: dict[str, Any], use_gpu: bool | str, show_progress: bool
+) -> DenseIndex:
+    """The index of complete shards; ivf and ivfpq keep their lists on disk, in a folder beside the shards that
+    goes with the index (saving links or copies the lists into the index folder)."""
     if index_type not in IVF_TYPES:
-        return retriever_from_shards(model, model_spec, shard_set, index_type, params, use_gpu, show_progress)
+        return index_from_shards(shard_set, index_type, params, use_gpu, show_progress)
     folder = shard_set.folder
     work_dir = tempfile.mkdtemp(prefix=f".{folder.name}.lists-", dir=folder.parent)
     try:
-        retriever = retriever_on_disk(model, model_spec, shard_set, index_type, work_dir, params)
+        dense = index_on_disk(shard_set, index_type, work_dir, params)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
-    weakref.finalize(retriever.index, shutil.rmtree, work_dir, True)
-    return retriever
+    weakref.finalize(dense, shutil.rmtree, work_dir, True)
+    return dense

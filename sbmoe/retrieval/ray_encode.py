@@ -161,8 +161,8 @@ def ray_encode_to_shards(
         shards = open_shards(model, folder, shard_size)
         if shards.complete:
             return shards
-        for docs, vectors, experts in unwritten(shards, ray_batches(model_spec, corpus, batch_size, workers,
-                                                                     gpus_per_worker)):  # fmt: skip
+        batches = ray_batches(model_spec, corpus, batch_size, workers, gpus_per_worker)
+        for docs, vectors, experts in unwritten(shards, batches):
             shards.append(vectors, docs, experts)
         return shards.finish()
     finally:

@@ -24,6 +24,7 @@ from sbmoe.data.dataset import Doc
 from sbmoe.errors import DataError, IndexLoadError
 from sbmoe.files import atomic_dir
 from sbmoe.model import find_head, load_any_model, load_model
+from sbmoe.retrieval.backends import build_sharded
 from sbmoe.retrieval.cache import model_fingerprint
 from sbmoe.retrieval.documents import Corpus, as_dataset, unique_docs
 from sbmoe.retrieval.encode import encode_cached, unit_rows
@@ -124,10 +125,8 @@ class Retriever:
         """
         check_index_params(index or "flat", index_params or {})
         if backend != "local":
-            from sbmoe.retrieval.backends import build_sharded  # it builds on this module
-
             spec, model = _model(model, device)
-            return build_sharded(
+            dense, store, choice = build_sharded(
                 model,
                 spec,
                 corpus,
@@ -143,6 +142,9 @@ class Retriever:
                 use_gpu=use_gpu,
                 show_progress=show_progress,
             )
+            retriever = cls(model, dense, store, spec)
+            retriever.index_choice = choice
+            return retriever
         if ram_budget is not None or shards is not None or ray:
             raise ValueError("ram_budget, shards and ray need backend='stream' or 'ray'")
         dataset = as_dataset(corpus, data_dir)
