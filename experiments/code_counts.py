@@ -19,6 +19,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,33 +57,33 @@ def called_names(node: ast.AST) -> set[str]:
     return names
 
 
+def library_nodes(root: Path, files: list[Path]) -> Iterator[tuple[str, ast.AST]]:
+    """``(file, node)`` for every syntax node of the files under ``sbmoe/``."""
+    for file in files:
+        name = file.relative_to(root).as_posix()
+        if name.startswith("sbmoe/"):
+            for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+                yield name, node
+
+
 def build_paths(root: Path, files: list[Path]) -> list[str]:
     """``file:function`` for each function under ``sbmoe/`` that constructs an index and fills it."""
     found = []
-    for file in files:
-        if file.relative_to(root).parts[0] != "sbmoe":
-            continue
-        tree = ast.parse(file.read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                names = called_names(node)
-                if any(CONSTRUCTORS.match(name) for name in names) and names & FILLERS:
-                    found.append(f"{file.relative_to(root).as_posix()}:{node.name}")
+    for name, node in library_nodes(root, files):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            called = called_names(node)
+            if any(CONSTRUCTORS.match(call) for call in called) and called & FILLERS:
+                found.append(f"{name}:{node.name}")
     return found
 
 
 def config_dataclasses(root: Path, files: list[Path]) -> list[str]:
     """``file:Class`` for each configuration dataclass under ``sbmoe/``."""
     found = []
-    for file in files:
-        if file.relative_to(root).parts[0] != "sbmoe":
-            continue
-        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
-            decorated = isinstance(node, ast.ClassDef) and any(
-                "dataclass" in ast.unparse(decorator) for decorator in node.decorator_list
-            )
-            if decorated and CONFIG_NAME.search(node.name):
-                found.append(f"{file.relative_to(root).as_posix()}:{node.name}")
+    for name, node in library_nodes(root, files):
+        named = isinstance(node, ast.ClassDef) and CONFIG_NAME.search(node.name)
+        if named and any("dataclass" in ast.unparse(decorator) for decorator in node.decorator_list):
+            found.append(f"{name}:{node.name}")
     return found
 
 
