@@ -24,7 +24,7 @@ from sbmoe.retrieval.encode import encode_cached, unit_rows
 from sbmoe.retrieval.index_settings import choose_index, parse_bytes
 from sbmoe.retrieval.sharded import build_shards, merge_on_disk, read_merged, serve_shards, train_template
 from sbmoe.retrieval.shards import ShardSet
-from sbmoe.retrieval.stream import encode_to_shards, retriever_from_shards
+from sbmoe.retrieval.stream import encode_to_shards, index_from_shards, store_from_shards
 
 DOCS, SHARD = 300, 64
 
@@ -122,7 +122,7 @@ def test_resuming_refuses_another_corpus_or_model(model, corpus: Path, tmp_path:
     encode_to_shards(model, load_corpus(corpus), tmp_path / "s", SHARD, show_progress=False)
     other = write_corpus(tmp_path / "other.jsonl", seed=1)
     other.write_text(other.read_text().replace('"d0"', '"x0"'))
-    with pytest.raises(DataError, match="shard 00000 holds other ids"):
+    with pytest.raises(DataError, match="rows 0-63 of the corpus hold other ids than these shards"):
         encode_to_shards(model, load_corpus(other), tmp_path / "s", SHARD, show_progress=False)
     with pytest.raises(DataError, match="shard size 64"):
         encode_to_shards(model, load_corpus(corpus), tmp_path / "s", 32, show_progress=False)
@@ -140,7 +140,7 @@ def test_ray_resume_drops_the_written_rows_and_checks_their_ids(tmp_path: Path) 
     assert [d.id for part in rest for d in part[0]] == [f"d{i}" for i in range(3, 10)]
     np.testing.assert_array_equal(np.concatenate([part[1] for part in rest]), vectors[3:])
     renamed = [([Doc("x0", "", ""), *batches[0][0][1:]], *batches[0][1:]), *batches[1:]]
-    with pytest.raises(DataError, match="other ids than the corpus's first 3 rows"):
+    with pytest.raises(DataError, match="rows 0-1 of the corpus hold other ids"):
         list(unwritten(shards, renamed))
 
 
@@ -174,7 +174,8 @@ def test_index_command_merges_ivf_lists_on_disk_and_serves_the_in_ram_top_100(
     disk = Retriever.load(out)
     assert disk.index.lists_on_disk == str(out / "index" / "lists.ivfdata")  # memory-mapped where it was saved
     shards = ShardSet.open(tmp_path / "disk.shards")  # the same vectors, one index filled in RAM
-    ram = retriever_from_shards(model, tiny_bert, shards, kind, {"nlist": 4, "nprobe": 2, "pq_m": 8}, False, False)
+    in_ram = index_from_shards(shards, kind, {"nlist": 4, "nprobe": 2, "pq_m": 8}, False, False)
+    ram = Retriever(model, in_ram, store_from_shards(model, shards), tiny_bert)
     assert ram.index.lists_on_disk is None and len(disk) == len(ram) == DOCS
     queries = [doc.full_text for doc in list(load_corpus(corpus).iter_docs())[:20]]
     for got, want in zip(disk.search(queries, 100), ram.search(queries, 100), strict=True):

@@ -50,8 +50,13 @@ def index_params(pairs: Sequence[str]) -> dict[str, Any]:
 def add_index_arguments(parser: argparse.ArgumentParser, index_types: Sequence[str]) -> None:
     """``--index`` and ``--index-param``."""
     parser.add_argument("--index", default="flat", choices=index_types, help="index type (default: flat, exact)")
-    parser.add_argument("--index-param", action="append", default=[], metavar="KEY=INT",
-                        help="index parameter, repeatable: nprobe=32, ef_search=512, nlist=1024, ...")  # fmt: skip
+    parser.add_argument(
+        "--index-param",
+        action="append",
+        default=[],
+        metavar="KEY=INT",
+        help="index parameter, repeatable: nprobe=32, ef_search=512, nlist=1024, ...",
+    )
 
 
 def setup_logging(level: int = logging.INFO, format: str = "%(name)s: %(message)s") -> None:

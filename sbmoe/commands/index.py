@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,14 +17,11 @@ from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_
 from sbmoe.data.corpus import FORMATS
 from sbmoe.errors import DataError
 from sbmoe.files import recover_dir, writer_lock
-from sbmoe.model import load_any_model
-from sbmoe.retrieval.documents import as_dataset
-from sbmoe.retrieval.index import INDEX_TYPES, DenseIndex
-from sbmoe.retrieval.index_settings import choose_index, parse_bytes
-from sbmoe.retrieval.ivf import IVF_TYPES
+from sbmoe.retrieval.backends import BACKENDS
+from sbmoe.retrieval.faiss_types import INDEX_TYPES, check_index_params
+from sbmoe.retrieval.index_settings import parse_bytes
 from sbmoe.retrieval.retriever import CONFIG, Retriever, absolute_spec
-from sbmoe.retrieval.sharded import retriever_on_disk
-from sbmoe.retrieval.stream import encode_to_shards, retriever_from_shards
+from sbmoe.retrieval.shards import ShardSet
 
 EXAMPLES = (
     "sbmoe index --model minilm --corpus my_docs.jsonl --output indexes/my_docs",
@@ -33,14 +29,16 @@ EXAMPLES = (
     "sbmoe index --model minilm --corpus big.jsonl --output indexes/big --backend stream --ram-budget 8GB"
     "   # or --backend ray --ray-address auto --ray-workers 8 --gpus-per-worker 1 (docs/scale.md)",
 )
-BACKENDS = ("local", "stream", "ray")
 
 
 def build_parser(prog: str = "sbmoe index") -> argparse.ArgumentParser:
     """The flags of ``sbmoe index``."""
     parser = new_parser(prog, __doc__, EXAMPLES)
-    parser.add_argument("--model", required=True, help="backbone name (minilm), sbmoe or SentenceTransformer folder, "
-                        "or fine-tuned output folder")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="backbone name (minilm), sbmoe or SentenceTransformer folder, or fine-tuned output folder",
+    )
     parser.add_argument("--corpus", required=True, help=FORMATS)
     parser.add_argument("--output", required=True, metavar="DIR", help="the index folder (written atomically)")
     add_index_arguments(parser, INDEX_TYPES)
@@ -52,13 +50,22 @@ def build_parser(prog: str = "sbmoe index") -> argparse.ArgumentParser:
     parser.add_argument("--device", help="torch device (default: cuda when available)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     scale = parser.add_argument_group("large corpora (stream and ray backends)")
-    scale.add_argument("--backend", choices=BACKENDS, default="local", help="local: through the embedding cache "
-                       "(default); stream: chunks -> resumable shards -> index; ray: that on Ray Data")  # fmt: skip
-    scale.add_argument("--shards", metavar="DIR", help="embedding shard folder, kept to resume or re-index "
-                       "(default: OUTPUT.shards)")  # fmt: skip
+    scale.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="local",
+        help="local: through the embedding cache "
+        "(default); stream: chunks -> resumable shards -> index; ray: that on Ray Data",
+    )
+    scale.add_argument(
+        "--shards", metavar="DIR", help="embedding shard folder, kept to resume or re-index (default: OUTPUT.shards)"
+    )
     scale.add_argument("--shard-size", type=int, default=100_000, help="vectors per shard (default: 100000)")
-    scale.add_argument("--ram-budget", metavar="SIZE", help="without --index: pick the index type that fits "
-                       "SIZE (4GB, 512MiB) for the corpus size")  # fmt: skip
+    scale.add_argument(
+        "--ram-budget",
+        metavar="SIZE",
+        help="without --index: pick the index type that fits SIZE (4GB, 512MiB) for the corpus size",
+    )
     scale.add_argument("--ray-address", help="Ray cluster to join (auto, ray://head:10001; default: start Ray here)")
     scale.add_argument("--ray-workers", type=int, default=1, help="encoding actors (default: 1)")
     scale.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default: 0, CPU)")
@@ -71,7 +78,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe index") -> int:
     args = parser.parse_args(argv)
     try:
         params = index_params(args.index_param)
-        DenseIndex(8, args.index or "flat", use_gpu=False, **params)
+        check_index_params(args.index or "flat", params)
         budget = parse_bytes(args.ram_budget) if args.ram_budget else None
     except (argparse.ArgumentTypeError, ValueError) as err:
         parser.error(str(err))
@@ -95,22 +102,33 @@ def _write(output: Path, args: argparse.Namespace, params: dict, budget: int | N
     """Build, rebuild or update the index folder ``output`` (its writer lock held); the summary line."""
     recover_dir(output)  # what a killed earlier run left beside it
     _check_output(output)
-    if args.backend != "local":
-        return _build_sharded(output, args, params, budget)
     if (output / CONFIG).is_file() and not args.rebuild:
+        if args.backend != "local":
+            raise DataError(f"{output} holds an index: the {args.backend} backend builds from scratch; pass --rebuild")
         return _sync(output, args)
+    sharded = args.backend != "local"
+    shards = (Path(args.shards) if args.shards else output.with_name(f"{output.name}.shards")) if sharded else None
+    ray = {"workers": args.ray_workers, "gpus_per_worker": args.gpus_per_worker, "address": args.ray_address}
     retriever = Retriever.build(
         args.model,
         args.corpus,
-        args.index or "flat",
+        args.index,
         params,
         args.data_dir,
         args.cache_dir,
         args.batch_size,
         show_progress=not args.quiet,
+        device=args.device,
+        backend=args.backend,
+        ram_budget=budget,
+        shards=shards,
+        shard_size=args.shard_size,
+        ray=ray if args.backend == "ray" else None,
     )
     retriever.save(output)
-    return f"indexed {len(retriever)} documents ({retriever.index.index_type})"
+    choice = f"; {retriever.index_choice.reason}" if retriever.index_choice else ""
+    source = f" from {len(ShardSet.open(shards).shards)} shards in {shards}" if sharded else ""
+    return f"indexed {len(retriever)} documents ({retriever.index.index_type}{choice}){source}"
 
 
 def _check_output(output: Path) -> None:
@@ -143,34 +161,3 @@ def _sync(output: Path, args: argparse.Namespace) -> str:
         return f"up to date: all {before} documents indexed as they are in the corpus"
     retriever.save(output)
     return f"{changes} documents: {len(retriever)} indexed, {before} before ({retriever.index.index_type})"
-
-
-def _build_sharded(output: Path, args: argparse.Namespace, params: dict, budget: int | None) -> str:
-    """Encode into shards (stream or ray backend, resuming after the shards there), then index them into ``output``."""
-    if (output / CONFIG).is_file() and not args.rebuild:
-        raise DataError(f"{output} holds an index: the {args.backend} backend builds from scratch; pass --rebuild")
-    model = load_any_model(args.model, device=args.device)
-    folder = Path(args.shards) if args.shards else output.with_name(f"{output.name}.shards")
-    if args.backend == "ray":
-        from sbmoe.retrieval.ray_encode import ray_encode_to_shards
-
-        shards = ray_encode_to_shards(model, absolute_spec(args.model) or args.model, args.corpus, folder,
-                                      args.shard_size, args.batch_size, args.ray_workers, args.gpus_per_worker,
-                                      args.ray_address)  # fmt: skip
-    else:
-        dataset = as_dataset(args.corpus, args.data_dir)
-        shards = encode_to_shards(
-            model, dataset, folder, args.shard_size, args.batch_size, show_progress=not args.quiet
-        )
-    index_type, chosen = args.index or "flat", ""
-    if budget is not None and args.index is None:
-        settings = choose_index(len(shards), shards.dim, budget)
-        index_type, params, chosen = settings.index_type, {**settings.params, **params}, f"; {settings.reason}"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.lists-", dir=output.parent) as work_dir:
-        if index_type in IVF_TYPES:  # the lists are merged on disk, then hard-linked into the index folder
-            retriever = retriever_on_disk(model, args.model, shards, index_type, work_dir, params)
-        else:
-            retriever = retriever_from_shards(model, args.model, shards, index_type, params, "auto", not args.quiet)
-        retriever.save(output)
-    return f"indexed {len(retriever)} documents ({index_type}{chosen}) from {len(shards.shards)} shards in {folder}"

@@ -16,7 +16,15 @@ from tqdm.auto import tqdm
 from sbmoe.data.ids import check_id
 from sbmoe.errors import DataError, SetupError
 from sbmoe.files import atomic_dir
-from sbmoe.retrieval.faiss_types import FAISS_CLASSES, GPU_TYPES, INDEX_TYPES, SETTINGS, new_faiss
+from sbmoe.retrieval.faiss_types import (
+    FAISS_CLASSES,
+    GPU_TYPES,
+    INDEX_TYPES,
+    PARAM_DEFAULTS,
+    SETTINGS,
+    check_index_params,
+    new_faiss,
+)
 from sbmoe.retrieval.gpu import gpu_count, to_gpu
 from sbmoe.retrieval.ivf import IVF_TYPES, fallback_message, filled_params
 from sbmoe.retrieval.manifest import MANIFEST, REBUILD, IndexLoadError, check_files, read_manifest, write_manifest
@@ -55,17 +63,6 @@ class DenseIndex:
             the vectors cannot meet.
     """
 
-    DEFAULTS: dict[str, Any] = {
-        "hnsw_m": 32,
-        "ef_construction": 200,
-        "ef_search": 256,
-        "nlist": None,
-        "nprobe": None,
-        "pq_m": None,
-        "pq_bits": 8,
-        "rescore": 10,
-    }
-
     def __init__(
         self,
         dim: int,
@@ -75,16 +72,14 @@ class DenseIndex:
         model_hash: str = "",
         **params: Any,
     ):
-        if index_type not in INDEX_TYPES:
-            raise ValueError(f"unknown index type {index_type!r}: expected one of {', '.join(INDEX_TYPES)}")
-        self._check_params(params)
+        check_index_params(index_type, params)
         if index_type == "binary" and dim % 8:
             raise DataError(f"binary index needs a dimension divisible by 8, got {dim}: choose another --index")
         self.dim = dim
         self.index_type = index_type
         self.model_name = model_name
         self.model_hash = model_hash
-        self.requested = {k: v for k, v in {**self.DEFAULTS, **params}.items() if k in SETTINGS[index_type]}
+        self.requested = {k: v for k, v in {**PARAM_DEFAULTS, **params}.items() if k in SETTINGS[index_type]}
         self.params = dict(self.requested)  # what the built index uses: defaults filled in at training
         self.use_gpu = self._gpu_choice(use_gpu)
         self.doc_ids: list[str] = []
@@ -129,18 +124,6 @@ class DenseIndex:
             raise ValueError(f"index type {self.index_type!r} runs on CPU only; GPU types: {', '.join(GPU_TYPES)}")
         return bool(use_gpu)
 
-    @classmethod
-    def _check_params(cls, params: dict[str, Any]) -> None:
-        """ValueError for an unknown parameter name, DataError for a value that is no positive integer (None is a
-        default); faiss misbehaves or aborts on anything else."""
-        unknown = set(params) - set(cls.DEFAULTS)
-        if unknown:
-            expected = sorted(cls.DEFAULTS)
-            raise ValueError(f"unknown index parameters {sorted(unknown)}: expected some of {expected}")
-        for key, value in params.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise DataError(f"index parameter {key}={value!r}: expected a positive integer")
-
     def _new_faiss(self, n: int, train_size: int) -> Any:
         """An untrained faiss index for ``n`` vectors, trained on ``train_size`` of them; fills in :attr:`params`."""
         self.params = filled_params(self.index_type, self.dim, n, train_size, self.requested)
@@ -148,7 +131,7 @@ class DenseIndex:
             logger.warning(fallback_message(self.index_type, n))
         if self.index_type in PQ_TYPES and self.structure != "flat":
             self.params = pq_params(self.dim, train_size, self.params)
-        return new_faiss(self.index_type, self.structure, self.dim, self.params)
+        return new_faiss(self.structure, self.dim, self.params)
 
     def train(self, sample: np.ndarray, total: int | None = None) -> None:
         """Start a new, empty faiss index, trained on ``sample`` (ivf, ivfpq, sq8); ``total`` sizes the IVF lists."""

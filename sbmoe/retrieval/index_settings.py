@@ -15,8 +15,9 @@ from sbmoe.retrieval.ivf import EXACT_BELOW, ivf_defaults
 
 ID_BYTES = 8  # an IVF list stores an int64 id per vector
 PQ_BITS = 8
-UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-         "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+BINARY = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+UNITS = {"": 1, "b": 1, **DECIMAL, **{f"{prefix}b": size for prefix, size in DECIMAL.items()}, **BINARY}
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -125,15 +124,11 @@ def unwritten(shards: ShardSet, batches: Iterable[Batch]) -> Iterator[Batch]:
     Raises:
         DataError: the corpus differs from the one the shards were written from.
     """
-    written = (doc_id for shard in shards.shards for doc_id in shards.ids(shard))
     remaining = len(shards)
     for docs, vectors, experts in batches:
         drop = min(remaining, len(docs))
-        if drop and [doc.id for doc in docs[:drop]] != list(islice(written, drop)):
-            raise DataError(
-                f"{shards.folder}: the shards hold other ids than the corpus's first {len(shards)} rows: they were "
-                "written from another corpus; remove the shard folder or pass another one"
-            )
+        if drop:
+            shards.check_written([doc.id for doc in docs[:drop]], len(shards) - remaining)
         remaining -= drop
         if drop < len(docs):
             yield docs[drop:], vectors[drop:], None if experts is None else experts[drop:]
@@ -166,8 +161,8 @@ def ray_encode_to_shards(
         shards = open_shards(model, folder, shard_size)
         if shards.complete:
             return shards
-        for docs, vectors, experts in unwritten(shards, ray_batches(model_spec, corpus, batch_size, workers,
-                                                                     gpus_per_worker)):  # fmt: skip
+        batches = ray_batches(model_spec, corpus, batch_size, workers, gpus_per_worker)
+        for docs, vectors, experts in unwritten(shards, batches):
             shards.append(vectors, docs, experts)
         return shards.finish()
     finally:

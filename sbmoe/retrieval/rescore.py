@@ -25,13 +25,6 @@ def pq_params(dim: int, train_size: int, params: dict[str, Any]) -> dict[str, An
     return {**params, "pq_m": pq_subquantizers(dim, train_size, pq_m, params["pq_bits"])}
 
 
-def new_pq_index(index_type: str, dim: int, params: dict[str, Any]) -> Any:
-    """An untrained faiss PQ (``pq``) or OPQ-rotated PQ (``opq``) index for inner products."""
-    codes = f"PQ{params['pq_m']}x{params['pq_bits']}"
-    spec = f"OPQ{params['pq_m']},{codes}" if index_type == "opq" else codes
-    return faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
-
-
 def code_bytes(index_type: str, dim: int, params: dict[str, Any]) -> float:
     """Bytes of one vector's code in RAM (codebooks and rotations, shared by all vectors, are not counted)."""
     if index_type == "binary":

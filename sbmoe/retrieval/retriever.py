@@ -14,7 +14,6 @@ import os
 import sqlite3
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,15 @@ from sbmoe.data.dataset import Doc
 from sbmoe.errors import DataError, IndexLoadError
 from sbmoe.files import atomic_dir
 from sbmoe.model import find_head, load_any_model, load_model
+from sbmoe.retrieval.backends import build_sharded
 from sbmoe.retrieval.cache import model_fingerprint
 from sbmoe.retrieval.documents import Corpus, as_dataset, unique_docs
 from sbmoe.retrieval.encode import encode_cached, unit_rows
+from sbmoe.retrieval.faiss_types import check_index_params
 from sbmoe.retrieval.index import METRIC, DenseIndex
+from sbmoe.retrieval.index_settings import IndexSettings
 from sbmoe.retrieval.manifest import MANIFEST, REBUILD, check_files, read_manifest, write_manifest
+from sbmoe.retrieval.outcomes import Changes, Hit
 from sbmoe.retrieval.store import DocStore
 
 logger = logging.getLogger(__name__)
@@ -41,36 +44,6 @@ LOAD_ATTEMPTS = 5  # loads that saw the folder replaced meanwhile, before giving
 WRITTEN_BY = "`sbmoe index` (Retriever.save)"
 
 __all__ = ["CONFIG", "Changes", "Corpus", "Hit", "Retriever", "absolute_spec", "as_dataset"]
-
-
-@dataclass
-class Hit:
-    """One search result: the document's id, score, title and text, and its expert (None without a head)."""
-
-    id: str
-    score: float
-    title: str
-    text: str
-    expert: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The hit as a JSON-ready dict."""
-        return asdict(self)
-
-
-@dataclass
-class Changes:
-    """What an update did: documents added (new ids), updated (new text) and removed."""
-
-    added: int = 0
-    updated: int = 0
-    removed: int = 0
-
-    def __bool__(self) -> bool:
-        return bool(self.added or self.updated or self.removed)
-
-    def __str__(self) -> str:
-        return f"added {self.added}, updated {self.updated}, removed {self.removed}"
 
 
 class Retriever:
@@ -94,6 +67,7 @@ class Retriever:
         self.model, self.index, self.store, self.model_spec = model, index, store, model_spec
         self.head = find_head(model)
         self.cache_dir: str | os.PathLike | None = None
+        self.index_choice: IndexSettings | None = None  # how :meth:`build` chose the type from a RAM budget
 
     def __len__(self) -> int:
         return len(self.index)
@@ -106,40 +80,81 @@ class Retriever:
         cls,
         model: SentenceTransformer | str,
         corpus: Corpus,
-        index: str = "flat",
+        index: str | None = None,
         index_params: dict[str, Any] | None = None,
         data_dir: str | os.PathLike | None = None,
         cache_dir: str | os.PathLike | None = None,
         batch_size: int = 64,
         use_gpu: bool | str = "auto",
         show_progress: bool = True,
+        *,
+        device: str | None = None,
+        backend: str = "local",
+        ram_budget: int | str | None = None,
+        shards: str | os.PathLike | None = None,
+        shard_size: int = 100_000,
+        ray: dict[str, Any] | None = None,
     ) -> Retriever:
-        """Encode ``corpus`` (through the cache), index it and store its texts; a repeated id keeps its first text.
+        """Encode ``corpus``, index it and store its texts; a repeated id keeps its first text.
 
         Args:
             model: A SentenceTransformer, or a name/folder for :func:`sbmoe.model.load_any_model`.
             corpus: Anything :func:`sbmoe.data.load_corpus` reads (a path or name), a dataset, or documents
                 (:class:`~sbmoe.data.Doc` or dicts with ``_id``/``id``, ``title``, ``text``).
-            index: Index type (``flat``, ``hnsw``, ``ivf``, ``ivfpq``, ``sq8``, ``binary``).
+            index: Index type (see :class:`~sbmoe.retrieval.index.DenseIndex`); None: ``flat``, or with
+                ``ram_budget`` the most exact type that fits it.
             index_params: Index parameters (see :class:`~sbmoe.retrieval.index.DenseIndex`).
             data_dir: Where dataset names are looked up.
             cache_dir: Embedding cache root (default :func:`sbmoe.paths.cache_dir`).
             batch_size: Encoder batch size.
             use_gpu: Index on GPU (``"auto"``, True, False).
             show_progress: Progress bars.
+            device: Torch device for a model given by name (default: cuda when available).
+            backend: ``local`` (vectors through the embedding cache, in memory), ``stream`` (chunks -> resumable
+                embedding shards in ``shards`` -> an index filled shard by shard; ivf and ivfpq keep their lists on
+                disk) or ``ray`` (that, encoded in a Ray actor pool; ``model`` and ``corpus`` given as names).
+            ram_budget: Index memory in bytes (or ``"8GB"``) that picks the index type (stream and ray).
+            shards: The shard folder of the stream and ray backends, kept to resume a killed run or re-index.
+            shard_size: Vectors per shard.
+            ray: ``workers``, ``gpus_per_worker`` and ``address`` for the ray backend (see
+                :func:`~sbmoe.retrieval.ray_encode.ray_encode_to_shards`).
 
         Raises:
             DataError: an id no index can hold (whitespace, line break, control character), or no documents.
+            ValueError: an unknown index type, parameter or backend, or options the backend does not take.
         """
+        check_index_params(index or "flat", index_params or {})
+        if backend != "local":
+            spec, model = _model(model, device)
+            dense, store, choice = build_sharded(
+                model,
+                spec,
+                corpus,
+                index,
+                index_params or {},
+                backend=backend,
+                ram_budget=ram_budget,
+                shards=shards,
+                shard_size=shard_size,
+                ray=ray or {},
+                batch_size=batch_size,
+                data_dir=data_dir,
+                use_gpu=use_gpu,
+                show_progress=show_progress,
+            )
+            retriever = cls(model, dense, store, spec)
+            retriever.index_choice = choice
+            return retriever
+        if ram_budget is not None or shards is not None or ray:
+            raise ValueError("ram_budget, shards and ray need backend='stream' or 'ray'")
         dataset = as_dataset(corpus, data_dir)
         for warning in dataset.validate():
             logger.warning(warning)
         docs = unique_docs(dataset)
-        settings = DenseIndex(8, index, use_gpu=use_gpu, **(index_params or {}))  # its type and parameters, checked
-        spec = model if isinstance(model, str) else None
-        model = load_any_model(model) if isinstance(model, str) else model
-        retriever = cls(model, settings, DocStore.temporary())
-        retriever.model_spec, retriever.cache_dir = absolute_spec(spec), cache_dir
+        spec, model = _model(model, device)
+        dense = DenseIndex(model.get_embedding_dimension(), index or "flat", use_gpu, **(index_params or {}))
+        retriever = cls(model, dense, DocStore.temporary(), spec)
+        retriever.cache_dir = cache_dir
         retriever._replace(docs, batch_size, show_progress)
         return retriever
 
@@ -353,6 +368,13 @@ def _generation(folder: Path) -> str | None:
         return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("generation")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _model(model: SentenceTransformer | str, device: str | None) -> tuple[str | None, SentenceTransformer]:
+    """How the model was named (None for a model object), and the model (loaded on ``device`` from a name)."""
+    if isinstance(model, str):
+        return absolute_spec(model), load_any_model(model, device)
+    return None, model
 
 
 def absolute_spec(spec: str | None) -> str | None:

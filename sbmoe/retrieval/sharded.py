@@ -16,14 +16,12 @@ from typing import Any
 import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
-from sentence_transformers import SentenceTransformer
 
 from sbmoe.errors import DataError, SetupError
 from sbmoe.retrieval.index import INDEX_FILE, LISTS_FILE, TRAIN_SAMPLE, DenseIndex, gpu_count
 from sbmoe.retrieval.ivf import IVF_TYPES
-from sbmoe.retrieval.retriever import Retriever, absolute_spec
 from sbmoe.retrieval.shards import ShardSet
-from sbmoe.retrieval.stream import retriever_from_shards, store_from_shards
+from sbmoe.retrieval.stream import index_from_shards
 
 MERGED_INDEX, MERGED_LISTS = INDEX_FILE, LISTS_FILE
 SHARD_TYPES = ("flat", "ivf", "ivfpq")
@@ -147,23 +145,6 @@ def serve_shards(shard_files: Iterable[str], use_gpu: bool | str = "auto", nprob
     return served
 
 
-def sharded_index(
-    shards: ShardSet,
-    index_type: str,
-    out_dir: str | os.PathLike,
-    params: dict[str, Any] | None = None,
-    parallel: str = "threads",
-    on_disk: bool = False,
-) -> Any:
-    """Train once on a sample of ``shards``, build one index per shard, then merge on disk or serve together."""
-    template = train_template(shards.sample(TRAIN_SAMPLE), index_type, len(shards), params)
-    files = build_shards(shards, template, Path(out_dir) / "shards", parallel)
-    if on_disk and index_type in IVF_TYPES:
-        nprobe = faiss.deserialize_index(np.frombuffer(template, dtype=np.uint8)).nprobe
-        return read_merged(merge_on_disk(template, files, out_dir), nprobe)
-    return serve_shards(files, use_gpu=False)
-
-
 def fill_on_disk(dense: DenseIndex, shards: ShardSet, work_dir: str | os.PathLike, parallel: str = "threads") -> None:
     """Fill ``dense``, an IVF index trained on a sample of ``shards`` (on CPU), with every shard, its lists on disk:
     one index per shard (in ``work_dir/shards``, built in parallel) from ``dense``'s quantizer, merged on disk into
@@ -184,25 +165,16 @@ def fill_on_disk(dense: DenseIndex, shards: ShardSet, work_dir: str | os.PathLik
     dense.attach(merged, [doc_id for shard in shards.shards for doc_id in shards.ids(shard)])
 
 
-def retriever_on_disk(
-    model: SentenceTransformer,
-    model_spec: str | None,
-    shards: ShardSet,
-    index_type: str,
-    work_dir: str | os.PathLike,
-    params: dict[str, Any] | None = None,
-    parallel: str = "threads",
-) -> Retriever:
-    """A :class:`~sbmoe.retrieval.retriever.Retriever` over complete ``shards`` whose ivf or ivfpq index keeps its
-    lists on disk (:func:`fill_on_disk` in ``work_dir``; saving the retriever puts them in the index folder).
-
-    Other types, and IVF on so few vectors that it falls back to exact search, are filled in memory as
-    :func:`~sbmoe.retrieval.stream.retriever_from_shards` does.
-    """
+def index_on_disk(
+    shards: ShardSet, index_type: str, work_dir: str | os.PathLike, params: dict[str, Any] | None = None
+) -> DenseIndex:
+    """The ivf or ivfpq index of complete ``shards`` with its lists on disk (:func:`fill_on_disk` in ``work_dir``);
+    on so few vectors that IVF falls back to exact search, filled in memory as
+    :func:`~sbmoe.retrieval.stream.index_from_shards` does."""
     if not shards.complete or not len(shards):
         raise DataError(f"{shards.folder}: the shard set is incomplete or empty; encode the corpus first")
-    dense = trained(shards.sample(TRAIN_SAMPLE), index_type, len(shards), params) if index_type in IVF_TYPES else None
-    if dense is None or dense.structure not in IVF_TYPES:
-        return retriever_from_shards(model, model_spec, shards, index_type, params, show_progress=False)
-    fill_on_disk(dense, shards, work_dir, parallel)
-    return Retriever(model, dense, store_from_shards(model, shards), absolute_spec(model_spec))
+    dense = trained(shards.sample(TRAIN_SAMPLE), index_type, len(shards), params)
+    if dense.structure not in IVF_TYPES:
+        return index_from_shards(shards, index_type, params, show_progress=False)
+    fill_on_disk(dense, shards, work_dir)
+    return dense

@@ -63,6 +63,7 @@ class ShardSet:
         self.complete = False
         self._buffer: list[tuple[np.ndarray, list[Doc], np.ndarray | None]] = []
         self._buffered = 0
+        self._written_ids: list[str] | None = None  # read once by check_written
         if (self.folder / MANIFEST).is_file():
             self._resume()
         else:
@@ -144,6 +145,7 @@ class ShardSet:
         with atomic_file(self.folder / f"{shard.name}.parquet") as tmp:
             pq.write_table(table, tmp)
         self.shards.append(shard)
+        self._written_ids = None
         self._write_manifest()
         rest = (vectors[rows:], docs[rows:], None if experts is None else experts[rows:])
         self._buffer = [rest] if len(rest[1]) else []
@@ -160,6 +162,20 @@ class ShardSet:
     def ids(self, shard: Shard) -> list[str]:
         """A shard's document ids."""
         return pq.read_table(self.folder / f"{shard.name}.parquet", columns=["id"]).column("id").to_pylist()
+
+    def check_written(self, ids: Sequence[str], start: int) -> None:
+        """Check that a resumed run's corpus rows ``start, start+1, ...`` have the ids the shards hold there.
+
+        Raises:
+            DataError: they differ: the shards were written from another corpus.
+        """
+        if self._written_ids is None:
+            self._written_ids = [doc_id for shard in self.shards for doc_id in self.ids(shard)]
+        if list(ids) != self._written_ids[start : start + len(ids)]:
+            raise DataError(
+                f"{self.folder}: rows {start}-{start + len(ids) - 1} of the corpus hold other ids than these shards: "
+                "they were written from another corpus; remove the shard folder or pass another one"
+            )
 
     def iter_vectors(self) -> Iterator[tuple[Shard, np.ndarray]]:
         """Each written shard with its memory-mapped vectors, in order."""

@@ -21,7 +21,6 @@ from sbmoe.retrieval.cache import model_fingerprint
 from sbmoe.retrieval.documents import iter_unique_docs
 from sbmoe.retrieval.encode import apply_tail, pooled_model, unit_rows
 from sbmoe.retrieval.index import TRAIN_SAMPLE, DenseIndex
-from sbmoe.retrieval.retriever import Retriever, absolute_spec
 from sbmoe.retrieval.shards import ShardSet
 from sbmoe.retrieval.store import DocStore
 
@@ -65,13 +64,7 @@ def skip_written(shards: ShardSet, docs: Iterator[Doc]) -> None:
         DataError: the corpus differs from the one the shards were written from.
     """
     for shard in shards.shards:
-        found = [doc.id for doc in islice(docs, shard.count)]
-        if found != shards.ids(shard):
-            raise DataError(
-                f"{shards.folder}: shard {shard.name} holds other ids than rows {shard.start}-"
-                f"{shard.start + shard.count - 1} of this corpus: it was written from another corpus; "
-                "remove the shard folder or pass another one"
-            )
+        shards.check_written([doc.id for doc in islice(docs, shard.count)], shard.start)
 
 
 def encode_to_shards(
@@ -106,19 +99,14 @@ def encode_to_shards(
     return shards.finish()
 
 
-def retriever_from_shards(
-    model: SentenceTransformer,
-    model_spec: str | None,
+def index_from_shards(
     shards: ShardSet,
     index_type: str = "flat",
     index_params: dict | None = None,
     use_gpu: bool | str = "auto",
     show_progress: bool = True,
-) -> Retriever:
-    """A :class:`Retriever` over complete ``shards``: the index trained on a sample, then filled shard by shard.
-
-    The document store is filled from the shards too, so the corpus is not read again.
-    """
+) -> DenseIndex:
+    """The index of complete ``shards``: trained on a sample, then filled shard by shard (in memory)."""
     if not shards.complete or not len(shards):
         raise DataError(f"{shards.folder}: the shard set is incomplete or empty; encode the corpus first")
     dense = DenseIndex(shards.dim, index_type, use_gpu=use_gpu, **(index_params or {}))
@@ -129,11 +117,12 @@ def retriever_from_shards(
             for start in range(0, shard.count, ADD_BATCH):
                 dense.add(np.asarray(vectors[start : start + ADD_BATCH]), ids[start : start + ADD_BATCH])
             bar.update(shard.count)
-    return Retriever(model, dense, store_from_shards(model, shards), absolute_spec(model_spec))
+    return dense
 
 
 def store_from_shards(model: SentenceTransformer, shards: ShardSet) -> DocStore:
-    """A temporary document store of the shards' rows (ids, titles, texts, and experts when ``model`` has a head)."""
+    """A temporary document store of the shards' rows (ids, titles, texts, and experts when ``model`` has a head),
+    so the corpus is not read again."""
     store = DocStore.temporary()
     has_head = find_head(model) is not None
     for shard in shards.shards:
