@@ -206,6 +206,7 @@ def test_a_folder_refused_by_the_trust_check_or_holding_a_pickle_is_one_line(
     (tmp_path / "docs.jsonl").write_text('{"_id": "d1", "text": "cells"}\n')
     argv = ["index", "--model", str(refused_folders[kind]), "--corpus", "docs.jsonl", "--output", "idx"]
     assert cli_main(argv) == 1
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert message in line and "bug" not in line
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("sbmoe ")]  # beside torch's own warning
+    assert message in line and "bug" not in line and "Traceback" not in err
     assert not (tmp_path / "pwned").exists()  # no code ran

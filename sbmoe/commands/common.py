@@ -26,16 +26,6 @@ def epilog(examples: Sequence[str]) -> str:
     return "examples:\n" + "\n".join(f"  {example}" for example in examples)
 
 
-def new_parser(prog: str, doc: str, examples: Sequence[str]) -> argparse.ArgumentParser:
-    """An argument parser described by the command's module docstring ``doc``, whose ``--help`` ends with examples."""
-    return argparse.ArgumentParser(
-        prog=prog,
-        description=description(doc),
-        epilog=epilog(examples),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-
 def index_params(pairs: Sequence[str]) -> dict[str, Any]:
     """``["nprobe=32", ...]`` -> ``{"nprobe": 32}``; raises ArgumentTypeError naming the bad pair."""
     params: dict[str, Any] = {}

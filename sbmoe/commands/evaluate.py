@@ -21,7 +21,8 @@ from sbmoe.evaluation.runs import read_trec_run
 from sbmoe.files import write_atomic
 from sbmoe.model import load_any_model
 from sbmoe.retrieval.cache import model_fingerprint
-from sbmoe.retrieval.index import INDEX_TYPES, DenseIndex
+from sbmoe.retrieval.faiss_types import check_index_params
+from sbmoe.retrieval.index import INDEX_TYPES
 
 logger = logging.getLogger("sbmoe.evaluate")
 
@@ -76,7 +77,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sbmoe evaluate") 
         parser.error("--top-k and --batch-size must be >= 1")
     try:
         args.index_params = index_params(args.index_param)
-        DenseIndex(8, args.index, use_gpu=False, **args.index_params)
+        check_index_params(args.index, args.index_params)
         args.metric_names = [m.strip() for m in args.metrics.split(",") if m.strip()]
         for name in args.metric_names:
             parse_metric(name)

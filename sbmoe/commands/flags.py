@@ -33,7 +33,7 @@ def _flags(args: Sequence[str] | None) -> list[str]:
 
 def new_parser(prog: str, doc: str, examples: Sequence[str]) -> FlagParser:
     """A :class:`FlagParser` described by the command's module docstring ``doc``, whose ``--help`` ends with
-    examples (as :func:`sbmoe.commands.common.new_parser`)."""
+    examples."""
     return FlagParser(
         prog=prog,
         description=description(doc),

@@ -13,7 +13,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, new_parser
+from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params
+from sbmoe.commands.flags import new_parser
 from sbmoe.data.corpus import FORMATS
 from sbmoe.errors import DataError
 from sbmoe.files import recover_dir, writer_lock

@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from sbmoe.commands.common import USER_ERRORS, fail, new_parser, setup_logging
+from sbmoe.commands.common import USER_ERRORS, fail, setup_logging
+from sbmoe.commands.flags import new_parser
 from sbmoe.data.corpus import read_queries
 from sbmoe.errors import DataError
 from sbmoe.evaluation.runs import write_trec_run
