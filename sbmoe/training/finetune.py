@@ -197,7 +197,10 @@ def train_and_evaluate(
     record["expert_warnings"] = dead_expert_warnings(record["eval"], record["moe_utilization"])
     for line in record["expert_warnings"]:
         logger.warning(line)
-    record["zero_shot"] = {spec: {"metrics": result["metrics"]} for spec, result in zero_shot.items()}
+    record["zero_shot"] = {
+        spec: {"metrics": result["metrics"], "per_query": {"nDCG@10": result["per_query"]["nDCG@10"]}}
+        for spec, result in zero_shot.items()
+    }
     if bottom is not None:
         record["frozen_bottom"] = bottom.stats()
     record["seconds"] = time.time() - start
