@@ -9,8 +9,9 @@ nDCG@10 of the run and of the zero-shot backbone), and a run whose file exists i
     python experiments/training_fixes/study.py --part head [--shard I/N]     # head rows on frozen MiniLM-L6
     python experiments/training_fixes/study.py --part report                 # results/training_fixes.{json,md,png}
 
-With ``--shard I/N`` a process runs every N-th job from the I-th (start N side by side); the seeds of a row wait
-until its learning-rate grid (seed 0, chosen on dev) is done, whichever shard ran it.
+Jobs go row by row (the learning-rate grid at seed 0, then seeds 1 and 2 at the rate chosen on dev). With
+``--shard I/N`` a process runs every N-th job from the I-th (start N side by side); a seed job waits until its row's
+grid is done, whichever shard ran it.
 """
 
 from __future__ import annotations
@@ -144,15 +145,12 @@ def chosen_rate(name: str, grid: list[float], wait: bool) -> float | None:
 
 
 def run_part(rows: dict[str, dict[str, Any]], grid: list[float], shard: tuple[int, int]) -> None:
-    """The grid (seed 0) of every row, then its other seeds at the chosen rate; this shard's share of each."""
+    """Row by row: the grid (seed 0), then the other seeds at the rate chosen on dev; this shard's share of the
+    jobs (a seed job waits until its row's grid is done, whichever shard ran it)."""
     index, count = shard
-    grid_jobs = [(name, rate) for name in rows for rate in grid]
-    for name, rate in grid_jobs[index::count]:
-        run_job(name, rows[name], rate, 0)
-    seed_jobs = [(name, seed) for name in rows for seed in SEEDS[1:]]
-    for name, seed in seed_jobs[index::count]:
-        rate = chosen_rate(name, grid, wait=True)
-        run_job(name, rows[name], rate, seed)
+    jobs = [job for name in rows for job in [*((name, r, 0) for r in grid), *((name, None, s) for s in SEEDS[1:])]]
+    for name, rate, seed in jobs[index::count]:
+        run_job(name, rows[name], rate if rate is not None else chosen_rate(name, grid, wait=True), seed)
 
 
 def main() -> None:

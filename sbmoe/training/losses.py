@@ -89,7 +89,7 @@ class QrelAwareInfoNCE:
         self.similarity = SIMILARITIES[similarity]
         self.scale = 1.0 / temperature
         self.num_docs = num_docs
-        self.keys = torch.unique(relevant[:, 0] * num_docs + relevant[:, 1]) if len(relevant) else torch.zeros(0)
+        self.keys = torch.unique(relevant[:, 0].long() * num_docs + relevant[:, 1].long())
         self.symmetric = symmetric
 
     def mask(self, anchor_rows: Tensor, doc_rows: Tensor) -> Tensor:
