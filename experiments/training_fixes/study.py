@@ -6,6 +6,7 @@ Resumable row by row: every finished run leaves ``rows/<row>/lr<rate>-seed<s>.js
 nDCG@10 of the run and of the zero-shot backbone), and a run whose file exists is never run again.
 
     python experiments/training_fixes/study.py --part sanity [--shard I/N]   # MiniLM-L6 full, SciFact, 3 seeds
+    python experiments/training_fixes/study.py --part full [--shard I/N]     # MiniLM-L6 full: both domains, + head
     python experiments/training_fixes/study.py --part head [--shard I/N]     # head rows on frozen MiniLM-L6
     python experiments/training_fixes/study.py --part report                 # results/training_fixes.{json,md,png}
 
@@ -71,6 +72,17 @@ SANITY_ROWS = {
     "L6 full fine-tuning (layers 4-5) [scifact]": {**FULL_L6, "head": "none", "train_data": "scifact:train"},
 }
 SANITY_GRID = [2e-5, 5e-5]  # backbone learning rates; the steps are chosen on dev by the run itself
+FULL_ROWS = {  # at the rate the sanity row chose on dev (2e-5), 52 steps as it ran, dev every 26 steps
+    "L6 full fine-tuning (layers 4-5) [both]": {
+        **FULL_L6,
+        "head": "none",
+        "train_data": REGIMES["both"],
+        "max_steps": 52,
+        "eval_steps": 26,
+    },
+    "L6 full fine-tuning + SB-MoE head [scifact]": {**FULL_L6, "head": "sbmoe", "train_data": REGIMES["scifact"]},
+}
+FULL_GRID = [2e-5]
 HEAD_KINDS = {
     "dense, equal parameters": {"head": "dense", "dense_size": "total"},
     "SB-MoE learned": {"head": "sbmoe"},
@@ -83,7 +95,7 @@ HEAD_ROWS = {
     for kind, options in HEAD_KINDS.items()
     if regime == "both" or "domain_loss_weight" not in options
 }
-HEAD_GRID = [3e-4, 1e-3]
+HEAD_GRID = [3e-4, 1e-3, 3e-3]  # the ReZero scale starts at 0: the top rate lets it grow within the patience
 RATE_KEY = {"full": "backbone_learning_rate", "head": "learning_rate"}
 
 
@@ -150,25 +162,30 @@ def run_part(rows: dict[str, dict[str, Any]], grid: list[float], shard: tuple[in
     index, count = shard
     jobs = [job for name in rows for job in [*((name, r, 0) for r in grid), *((name, None, s) for s in SEEDS[1:])]]
     for name, rate, seed in jobs[index::count]:
-        run_job(name, rows[name], rate if rate is not None else chosen_rate(name, grid, wait=True), seed)
+        if rate is None:  # a grid of one rate needs no choice, so its seeds need not wait
+            rate = grid[0] if len(grid) == 1 else chosen_rate(name, grid, wait=True)
+        run_job(name, rows[name], rate, seed)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["sanity", "head", "report"], required=True)
+    parser.add_argument("--part", choices=["sanity", "full", "head", "report"], required=True)
     parser.add_argument("--shard", default="0/1", help="I/N: run every N-th job from the I-th")
     options = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     index, count = (int(x) for x in options.shard.split("/"))
     if options.part == "sanity":
         run_part(SANITY_ROWS, SANITY_GRID, (index, count))
+    elif options.part == "full":
+        run_part(FULL_ROWS, FULL_GRID, (index, count))
     elif options.part == "head":
         run_part(HEAD_ROWS, HEAD_GRID, (index, count))
     else:
         from report import write_report  # experiments/training_fixes/report.py
 
-        grids = {**dict.fromkeys(SANITY_ROWS, SANITY_GRID), **dict.fromkeys(HEAD_ROWS, HEAD_GRID)}
-        write_report({**SANITY_ROWS, **HEAD_ROWS}, grids)
+        grids = {**dict.fromkeys(SANITY_ROWS, SANITY_GRID), **dict.fromkeys(FULL_ROWS, FULL_GRID)}
+        grids.update(dict.fromkeys(HEAD_ROWS, HEAD_GRID))
+        write_report({**SANITY_ROWS, **FULL_ROWS, **HEAD_ROWS}, grids)
 
 
 if __name__ == "__main__":
