@@ -18,7 +18,9 @@ RESULTS = HERE.parent / "results"
 LEAKY = {"nfcorpus:test": ("nfcorpus", "both")}
 BEFORE = {  # row -> (earlier results file, its row, its zero-shot row): the same training data, old recipe
     "L6 full fine-tuning (layers 4-5) [scifact]": (
-        "scifact_study.json", "full fine-tuning, no head (1 epoch)", "zero-shot"
+        "scifact_study.json",
+        "full fine-tuning, no head (1 epoch)",
+        "zero-shot",
     ),
 }
 
