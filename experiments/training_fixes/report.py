@@ -49,7 +49,12 @@ def before_delta(name: str, spec: str) -> float | None:
     zero = rows.get(zero_name, {}).get("eval", {}).get(spec)
     if not entry or not zero:
         return None
-    return float(entry.get("mean", entry.get("nDCG@10"))) - float(zero.get("mean", zero.get("nDCG@10")))
+    return _mean(entry) - _mean(zero)
+
+
+def _mean(entry: dict[str, Any]) -> float:
+    """nDCG@10 mean of an earlier study's cell (``{"mean"}`` or ``{"nDCG@10": {"mean"}}``)."""
+    return float(entry["mean"] if "mean" in entry else entry["nDCG@10"]["mean"])
 
 
 def row_table(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
