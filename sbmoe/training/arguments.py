@@ -100,7 +100,7 @@ class FinetuneArguments:
     negatives_skip: int = field(
         default=10, metadata={"help": "mining: top-ranked non-positives skipped (likely unjudged positives)"}
     )
-    negatives_depth: int = field(default=100, metadata={"help": "mining: negatives come from ranks below this"})
+    negatives_depth: int = field(default=100, metadata={"help": "mining: negatives come from the top DEPTH ranks"})
     negatives_margin: float = field(
         default=0.0, metadata={"help": "mining: a negative scores at most the weakest positive minus this"}
     )
