@@ -122,7 +122,8 @@ def test_the_end_of_training_says_which_epoch_was_kept_and_why(data, caplog: pyt
     )
     best, candidates = recall["best_epoch"], [recall["initial_dev_score"], *recall["dev_scores"]]
     assert candidates[best] == max(candidates)
-    assert recall["kept"].startswith(f"kept epoch {best} of 6") and f"best dev score {max(candidates):.4f}" in recall["kept"]
+    assert recall["kept"].startswith(f"kept epoch {best} of 6")
+    assert f"best dev score {max(candidates):.4f}" in recall["kept"]
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("kept")] == [
         none["kept"], flat["kept"], recall["kept"]
     ]  # fmt: skip
