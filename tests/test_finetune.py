@@ -115,6 +115,21 @@ def test_full_mode_loss_falls_and_aux_loss_is_logged(tiny_bert: str, toy_beir: P
     assert sum(e["contrastive"] for e in logs[-4:]) < 0.8 * sum(e["contrastive"] for e in logs[:4])
 
 
+def test_full_mode_selects_on_dev_with_the_untrained_model_as_a_candidate(
+    tiny_bert: str, toy_beir: Path, tmp_path: Path
+) -> None:
+    args = make_args(tiny_bert, toy_beir, tmp_path, train="full", max_steps=4, eval_steps=2, dev_queries=6)
+    args.backbone_learning_rate = 1e-3
+    record = run(args)
+    history = record["history"]
+    assert list(history["dev_scores"]) == ["0", "2", "4"] and history["batch_shares"] == [1.0]
+    best = max(history["dev_scores"], key=lambda step: (history["dev_scores"][step], -int(step)))
+    assert history["best_step"] == int(best) and record["kept_zero_shot"] == (best == "0")
+    assert record["dev_nDCG@10"] == pytest.approx(history["dev_scores"][best], abs=1e-6)  # the kept weights
+    assert history["kept"].startswith(f"kept step {best}")
+    assert record["sources"][0]["dev_split"]["method"] in ("unseen-positives", "random")
+
+
 class StopAt(TrainerCallback):
     """Stop training after ``step`` steps, like a kill right after that step's checkpoint."""
 
@@ -189,7 +204,7 @@ def test_dense_head_of_equal_total_parameters() -> None:
 
 
 def test_query_only_head_passes_documents_through(tiny_bert: str, toy_beir: Path, tmp_path: Path) -> None:
-    model = make_model(make_args(tiny_bert, toy_beir, tmp_path, query_only=True))
+    model = make_model(make_args(tiny_bert, toy_beir, tmp_path, query_only=True, identity_init=False))
     texts = ["cancer cell protein", "brain blood risk"]
     pooled = torch.nn.functional.normalize(torch.tensor(pooled_model(model).encode(texts)), dim=-1)
     torch.testing.assert_close(torch.tensor(model.encode_document(texts)), pooled)

@@ -18,11 +18,15 @@ from sbmoe.training.sampling import (
 
 
 def test_weights_parse_and_bad_ones_are_refused() -> None:
-    assert parse_weights("1,3", 2) == [1.0, 3.0] and parse_weights("proportional", 2) is None
+    assert parse_weights("1,3", [5, 5]) == [1.0, 3.0] and parse_weights("proportional", [5, 5]) is None
+    assert parse_weights("equal", [900, 100]) == [1.0, 1.0]
+    assert parse_weights("temperature:2", [900, 100]) == pytest.approx([30.0, 10.0])
     with pytest.raises(ValueError, match=r"--train-weights '1': expected 2 positive numbers, one per source"):
-        parse_weights("1", 2)
-    with pytest.raises(ValueError, match=r"expected numbers separated by commas, or 'proportional'"):
-        parse_weights("1,x", 2)
+        parse_weights("1", [5, 5])
+    with pytest.raises(ValueError, match=r"expected equal, proportional, temperature:T or one number per source"):
+        parse_weights("1,x", [5, 5])
+    with pytest.raises(ValueError, match=r"expected temperature:T with T > 0"):
+        parse_weights("temperature:0", [5, 5])
 
 
 @pytest.mark.parametrize("weights", [None, [1.0, 1.0], [1.0, 3.0]])

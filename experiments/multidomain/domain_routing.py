@@ -29,7 +29,7 @@ from sbmoe.data.trainset import load_train_sets  # noqa: E402
 from sbmoe.files import write_atomic  # noqa: E402
 from sbmoe.model import find_head, load_model  # noqa: E402
 from sbmoe.retrieval.encode import pooled_features  # noqa: E402
-from sbmoe.training.finetune import expert_choice, utilization  # noqa: E402
+from sbmoe.training.evaluation_pass import expert_choice, utilization  # noqa: E402
 
 WEIGHTS = [0.1, 1.0, 3.0]  # domain-loss weights tried on dev (seed 0)
 LEARNING_RATE = 3e-4

@@ -25,8 +25,13 @@ class FinetuneArguments:
         metadata={"help": "NAME:SPLIT, irds:<id> or a .jsonl file; several, comma-separated, train together"},
     )
     train_weights: str = field(
-        default="proportional",
-        metadata={"help": "batches per source: 'proportional' to size, or one weight per source (1,1)"},
+        default="equal",
+        metadata={
+            "help": "batches per source: equal, temperature:T (size ** 1/T), proportional to size, or one weight each"
+        },
+    )
+    one_positive_per_epoch: bool = field(
+        default=False, metadata={"help": "head mode: one random positive per query per epoch (the SB-MoE repository)"}
     )
     max_positives_per_query: int = field(
         default=0, metadata={"help": "keep at most N relevant documents per training query (0: all)"}
@@ -64,7 +69,10 @@ class FinetuneArguments:
     dense_size: Literal["expert", "total"] = field(
         default="expert", metadata={"help": "dense head: one expert's width, or the parameters of --num-experts"}
     )
-    identity_init: bool = field(default=False, metadata={"help": "head starts as the identity (ReZero scale 0)"})
+    identity_init: bool = field(
+        default=True,
+        metadata={"help": "learned / query-only heads start as the backbone (ReZero scale 0); faithful: the paper's"},
+    )
     router_init: Literal["random", "kmeans"] = field(
         default="random", metadata={"help": "kmeans: router fitted to k-means clusters of the training corpus"}
     )
@@ -88,8 +96,21 @@ class FinetuneArguments:
     )
     z_loss_weight: float = field(default=0.0, metadata={"help": "weight of the router z-loss"})
     anchor_weight: float = field(default=0.0, metadata={"help": "pull toward the input embedding (head mode)"})
-    hard_negatives: int = field(default=7, metadata={"help": "negatives per query mined with the initial model"})
-    negatives_skip: int = field(default=0, metadata={"help": "top-ranked non-positives skipped when mining"})
+    hard_negatives: int = field(default=7, metadata={"help": "negatives per query, mined with the backbone alone"})
+    negatives_skip: int = field(
+        default=10, metadata={"help": "mining: top-ranked non-positives skipped (likely unjudged positives)"}
+    )
+    negatives_depth: int = field(default=100, metadata={"help": "mining: negatives come from the top DEPTH ranks"})
+    negatives_margin: float = field(
+        default=0.0, metadata={"help": "mining: a negative scores at most the weakest positive minus this"}
+    )
+    negatives_relative_margin: float = field(
+        default=0.05, metadata={"help": "mining: a negative scores at most (1 - this) x the weakest positive"}
+    )
+    negatives_sampling: Literal["top", "random"] = field(
+        default="top", metadata={"help": "mining: the best eligible negatives, or a random draw of them"}
+    )
+    symmetric_loss: bool = field(default=False, metadata={"help": "add the document -> query InfoNCE term"})
     self_supervised: Literal["none", "title", "crop"] = field(
         default="none",
         metadata={"help": "add title -> document or cropped span -> document pairs from the training corpus"},
@@ -102,6 +123,12 @@ class FinetuneArguments:
     dev_queries: int = field(
         default=0,
         metadata={"help": "train queries held out as a dev split, positives unseen in train (the study: 100)"},
+    )
+    dev_weighting: Literal["equal", "queries"] = field(
+        default="equal", metadata={"help": "several sources: dev score as the mean over sources, or over dev queries"}
+    )
+    eval_steps: int = field(
+        default=0, metadata={"help": "full mode: score dev every N steps (0: each epoch's end), keep the best"}
     )
     patience: int = field(
         default=0, metadata={"help": "head mode: epochs without dev gain before stopping (0: never; the study: 4)"}
@@ -133,6 +160,8 @@ class FinetuneArguments:
             raise ValueError("--domain-loss-weight needs --train head and several --train-data sources")
         if self.tune_strength and (self.head == "none" or not self.dev_queries):
             raise ValueError("--tune-strength needs a head and a dev split (--dev-queries > 0)")
+        if self.one_positive_per_epoch and self.train != "head":
+            raise ValueError("--one-positive-per-epoch samples the head trainer's rows: it needs --train head")
         if self.frozen_layers and self.train != "full":
             raise ValueError("--frozen-layers freezes the bottom of the backbone that --train full trains")
         self._check_moe()
@@ -164,7 +193,8 @@ def make_model(args: FinetuneArguments) -> SBMoEModel:
     if args.head == "none":
         return base
     dim = base.get_embedding_dimension()
-    options: dict[str, Any] = {"identity_init": args.identity_init, "noise": args.noise, "normalize_output": cos}
+    identity = args.identity_init and (args.routing == "learned" or args.query_only or args.head == "dense")
+    options: dict[str, Any] = {"identity_init": identity, "noise": args.noise, "normalize_output": cos}
     options["query_only"] = args.query_only
     if args.head == "sbmoe":
         options.update(num_experts=args.num_experts, top_k=args.top_k, routing=args.routing, inference=args.inference)

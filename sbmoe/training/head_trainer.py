@@ -1,32 +1,27 @@
-"""Head-only training on cached pooled backbone vectors: hard-negative mining, the loop, early stopping."""
+"""Head-only training on cached pooled backbone vectors: the loop, model selection on dev (epoch 0 included)."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from sbmoe.files import atomic_file
-from sbmoe.heads.moe_block import set_psr
+from sbmoe.heads.moe_block import moe_blocks, set_psr
 from sbmoe.heads.sbmoe_head import SBMoEHead
-from sbmoe.training.losses import check_finite, domain_routing_loss, info_nce
+from sbmoe.training.head_checkpoint import CHECKPOINT_FILE, HeadTrainResult, Loop, Progress, run_key, save
+from sbmoe.training.head_checkpoint import resume as resume_checkpoint
+from sbmoe.training.losses import QrelAwareInfoNCE, check_finite, domain_routing_loss
 from sbmoe.training.sampling import homogeneous_batches
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FILE = "state.pt"
-CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -46,38 +41,8 @@ class HeadTrainConfig:
     seed: int = 0
     source_weights: list[float] | None = None
     domain_loss_weight: float = 0.0
-
-
-@dataclass
-class HeadTrainResult:
-    """What :func:`train_head` measured: mean loss and dev score per epoch, the epoch kept and why.
-
-    ``resumed_from`` is the epoch of the checkpoint training resumed from (0: from the start); ``kept`` says in
-    words which epoch the head holds and why.
-    """
-
-    losses: list[float] = field(default_factory=list)
-    aux_losses: list[float] = field(default_factory=list)
-    domain_losses: list[float] = field(default_factory=list)
-    dev_scores: list[float] = field(default_factory=list)
-    best_epoch: int = 0
-    stopped_early: bool = False
-    resumed_from: int = 0
-    kept: str = ""
-
-
-@dataclass
-class _Progress:
-    """Everything the loop carries from epoch to epoch besides the head and optimizer (checkpointed with them)."""
-
-    result: HeadTrainResult
-    best_state: dict[str, Tensor]
-    best_score: float = -math.inf
-    stale: int = 0
-
-    @property
-    def epoch(self) -> int:
-        return len(self.result.losses)
+    symmetric_loss: bool = False
+    one_positive_per_epoch: bool = False
 
 
 def embed(head: SBMoEHead | None, x: Tensor, task: str, normalize: bool = True, batch_size: int = 4096) -> Tensor:
@@ -97,34 +62,6 @@ def embed(head: SBMoEHead | None, x: Tensor, task: str, normalize: bool = True, 
     return out
 
 
-def mine_hard_negatives(
-    query_emb: Tensor, doc_emb: Tensor, positives: Sequence[set[int]], count: int, exclude_top: int = 0
-) -> np.ndarray:
-    """The ``count`` highest-scoring documents per query that are not its positives, via :mod:`sbmoe.index`.
-
-    Args:
-        query_emb: Q x H query embeddings of the current model.
-        doc_emb: D x H document embeddings of the current model.
-        positives: Per query, the document rows to exclude.
-        count: Negatives per query.
-        exclude_top: Further top-ranked non-positives to skip (likely unlabelled positives).
-
-    Returns:
-        Q x count int64 array of document rows.
-    """
-    from sbmoe.retrieval.index import DenseIndex
-
-    depth = min(doc_emb.shape[0], count + exclude_top + max((len(p) for p in positives), default=0))
-    index = DenseIndex(doc_emb.shape[1], "flat")
-    index.add(doc_emb.numpy().astype(np.float32))
-    _, rows = index.search(query_emb.numpy().astype(np.float32), depth)
-    mined = np.zeros((len(positives), count), dtype=np.int64)
-    for i, (ranked, pos) in enumerate(zip(rows, positives, strict=True)):
-        kept = [int(r) for r in ranked if r >= 0 and int(r) not in pos][exclude_top : exclude_top + count]
-        mined[i] = (kept + kept[:1] * count)[:count] if kept else 0
-    return mined
-
-
 def train_head(
     head: SBMoEHead,
     anchors: Tensor,
@@ -136,44 +73,54 @@ def train_head(
     resume: bool = False,
     dev_name: str = "dev score",
     sources: Tensor | None = None,
+    relevant: Tensor | None = None,
 ) -> HeadTrainResult:
-    """Train ``head`` alone with in-batch + hard-negative InfoNCE on cached vectors.
+    """Train ``head`` alone with qrel-aware in-batch + hard-negative InfoNCE on cached vectors.
 
     The result depends only on the inputs, ``config`` and the torch thread count: the same seed gives the same
     weights bit for bit, and so does a run killed and resumed from its checkpoint.
 
     Args:
         head: The head to train in place; on return it holds the weights of the best dev epoch (or the last).
+            Epoch 0, the head before training, is a candidate too.
         anchors: A x H pooled vectors of the anchors (queries, and titles for self-supervision).
         docs: D x H pooled vectors of the documents.
         examples: N x (2 + negatives) int64 rows ``[anchor row, positive doc row, negative doc rows...]``.
         config: Optimisation settings.
-        dev_score: Called after each epoch; higher is better. Enables early stopping with ``config.patience``.
+        dev_score: Called before training and after each epoch; higher is better. Enables early stopping with
+            ``config.patience``. With PSR, no epoch before the candidate pool is fully open is kept.
         checkpoint_dir: Where the state after each epoch is written (atomically), or None for no checkpoints.
-        resume: Continue from the checkpoint in ``checkpoint_dir`` when it holds one of this run (same settings,
-            data and head); otherwise start from the beginning and replace it.
-        dev_name: What ``dev_score`` measures, for the closing message.
+        resume: Continue from the checkpoint in ``checkpoint_dir`` when it holds one of this run (same
+            settings, data and head); otherwise start from the beginning and replace it.
+        dev_name: What ``dev_score`` measures, for the messages.
         sources: Each example row's training source; with several, every batch comes from one source, sources get
             batches by ``config.source_weights`` (None: by size), and ``config.domain_loss_weight`` can supervise
             the router to send each source to its own experts (:func:`~sbmoe.training.losses.domain_routing_loss`).
+        relevant: K x 2 ``(anchor row, doc row)`` pairs judged relevant, masked out of each anchor's negatives
+            (None: each example's own positive only).
 
     Raises:
         TrainingDivergedError: when the loss becomes NaN or infinite.
     """
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    loss_fn = info_nce(config.similarity, config.temperature)
+    relevant = examples[:, :2] if relevant is None else relevant
+    loss_fn = QrelAwareInfoNCE(config.similarity, config.temperature, relevant, len(docs), config.symmetric_loss)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    progress = _Progress(HeadTrainResult(), copy.deepcopy(head.state_dict()))
+    progress = Progress(HeadTrainResult(), copy.deepcopy(head.state_dict()))
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    key = _run_key(head, config, anchors, docs, examples, sources)
+    key = run_key(head, config, anchors, docs, examples, sources, relevant)
     if checkpoint is not None and resume:
-        _resume(checkpoint, key, _Loop(head, optimizer, generator, progress))
+        resume_checkpoint(checkpoint, key, Loop(head, optimizer, generator, progress))
     elif checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # another run's: --resume must not pick it up
     num_sources = 1 if sources is None else int(sources.max()) + 1
-    epochs = tqdm(range(progress.epoch + 1, config.epochs + 1), desc="head epochs", leave=False,
-                  initial=progress.epoch, total=config.epochs)  # fmt: skip
+    progress.result.selectable_from = selectable_epoch(head, config.epochs)
+    if dev_score is not None and progress.epoch == 0:
+        _consider(head, dev_score(head), 0, config, progress)
+        logger.info("epoch 0 (before training): %s %.4f", dev_name, progress.result.initial_dev_score)
+    remaining = range(progress.epoch + 1, config.epochs + 1)
+    epochs = tqdm(remaining, desc="head epochs", leave=False, initial=progress.epoch, total=config.epochs)
     for epoch in epochs:
         if progress.result.stopped_early:
             break
@@ -190,14 +137,18 @@ def train_head(
             total += loss.item()
             total_aux += aux
             total_domain += domain_loss
+        _count_batches(progress, batches, num_sources)
         progress.result.losses.append(total / len(batches))
         progress.result.aux_losses.append(total_aux / len(batches))
         if config.domain_loss_weight:
             progress.result.domain_losses.append(total_domain / len(batches))
+        line = f"epoch {epoch}/{config.epochs}: loss {progress.result.losses[-1]:.4f}"
         if dev_score is not None:
-            _score_epoch(head, dev_score(head), config, progress)
+            _consider(head, dev_score(head), epoch, config, progress)
+            line += f", {dev_name} {progress.result.dev_scores[-1]:.4f}"
+        logger.info(line)
         if checkpoint is not None:
-            _save(checkpoint, key, _Loop(head, optimizer, generator, progress))
+            save(checkpoint, key, Loop(head, optimizer, generator, progress))
     if dev_score is None:
         progress.result.best_epoch = progress.epoch
     else:
@@ -208,16 +159,37 @@ def train_head(
     return progress.result
 
 
-def _score_epoch(head: SBMoEHead, score: float, config: HeadTrainConfig, progress: _Progress) -> None:
-    """Record the epoch's dev score; keep the head's weights if it is the best so far; decide early stopping."""
+def selectable_epoch(head: SBMoEHead, epochs: int) -> int:
+    """The first epoch that may be kept: with PSR, the first that ends with every MoE block's pool fully open."""
+    opens = [block.psr_until for block in moe_blocks(head) if block.psr != "none"]
+    return max(1, math.ceil(max(opens, default=0.0) * epochs - 1e-9))
+
+
+def _consider(head: SBMoEHead, score: float, epoch: int, config: HeadTrainConfig, progress: Progress) -> None:
+    """Record epoch ``epoch``'s dev score (0: before training); keep the head's weights if it is the best candidate
+    so far; decide early stopping (epochs before :func:`selectable_epoch` are neither candidates nor stale)."""
     result = progress.result
-    result.dev_scores.append(score)
+    if epoch == 0:
+        result.initial_dev_score = score
+    else:
+        result.dev_scores.append(score)
+        if epoch < result.selectable_from:
+            return
     if score > progress.best_score:
         progress.best_score, progress.best_state, progress.stale = score, copy.deepcopy(head.state_dict()), 0
-        result.best_epoch = progress.epoch
-    else:
+        result.best_epoch = epoch
+    elif epoch:
         progress.stale += 1
         result.stopped_early = bool(config.patience) and progress.stale >= config.patience
+
+
+def _count_batches(progress: Progress, batches: list[tuple[Tensor, int | None]], num_sources: int) -> None:
+    """Add an epoch's batches per source to the run's counts and update the realised shares."""
+    counts = progress.batch_counts or [0] * num_sources
+    for _, source in batches:
+        counts[source or 0] += 1
+    progress.batch_counts = counts
+    progress.result.batch_shares = [c / sum(counts) for c in counts]
 
 
 def kept_message(result: HeadTrainResult, config: HeadTrainConfig, dev_name: str | None) -> str:
@@ -226,90 +198,32 @@ def kept_message(result: HeadTrainResult, config: HeadTrainConfig, dev_name: str
     resumed = f"; resumed after epoch {result.resumed_from}" if result.resumed_from else ""
     if dev_name is None:
         return f"kept the last epoch, {ran} of {config.epochs} (no dev split){resumed}"
-    best = result.dev_scores[result.best_epoch - 1]
-    message = f"kept epoch {result.best_epoch} of {ran}: best {dev_name} {best:.4f}"
+    if result.best_epoch == 0:
+        best = result.initial_dev_score
+        message = f"kept epoch 0 of {ran} (the model before training): best {dev_name} {best:.4f}"
+    else:
+        best = result.dev_scores[result.best_epoch - 1]
+        message = f"kept epoch {result.best_epoch} of {ran}: best {dev_name} {best:.4f}"
     if result.stopped_early:
         message += f"; stopped after {config.patience} epochs without gain ({config.epochs} planned)"
     elif result.best_epoch < ran:
         message += f"; the last epoch scored {result.dev_scores[-1]:.4f}"
     else:
         message += " (the last epoch)"
+    if result.selectable_from > 1:
+        message += f"; epochs before {result.selectable_from} (PSR pool not fully open) were not candidates"
     return message + resumed
-
-
-def _run_key(head: SBMoEHead, config: HeadTrainConfig, *data: Tensor | None) -> str:
-    """A fingerprint of what decides a run's weights (settings, data tensors, the head's configuration and initial
-    weights), bar the number of epochs: a checkpoint resumes only its own run."""
-    digest = hashlib.blake2b(digest_size=16)
-    settings = {k: v for k, v in asdict(config).items() if k != "epochs"}
-    head_config = head.get_config_dict() if hasattr(head, "get_config_dict") else {}
-    digest.update(json.dumps([settings, head_config], sort_keys=True, default=str).encode())
-    for tensor in (*(t for t in data if t is not None), *head.state_dict().values()):
-        digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-class _Loop(NamedTuple):
-    """What a checkpoint saves and restores: the head, its optimizer, the batch-order generator, the progress."""
-
-    head: SBMoEHead
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator
-    progress: _Progress
-
-
-def _save(file: Path, key: str, loop: _Loop) -> None:
-    """Write the state after an epoch to ``file`` atomically (a kill leaves the previous epoch's state)."""
-    head, optimizer, generator, progress = loop
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "key": key,
-        "head": head.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "result": asdict(progress.result),
-        "best_state": progress.best_state,
-        "best_score": progress.best_score,
-        "stale": progress.stale,
-    }
-    with atomic_file(file) as tmp:
-        torch.save(state, tmp)
-
-
-def _resume(file: Path, key: str, loop: _Loop) -> None:
-    """Load the checkpoint ``file`` into head, optimizer, random generators and progress, if it is this run's."""
-    head, optimizer, generator, progress = loop
-    if not file.is_file():
-        logger.warning("--resume: no head checkpoint at %s, starting from the first epoch", file)
-        return
-    try:
-        state: dict[str, Any] = torch.load(file, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError) as err:
-        logger.warning("--resume: %s cannot be read (%s); starting from the first epoch", file, err)
-        return
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("key") != key:
-        logger.warning("--resume: %s is another run's (other settings or data); starting from the first epoch", file)
-        return
-    head.load_state_dict(state["head"])
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    progress.result = HeadTrainResult(**state["result"])
-    progress.best_state, progress.best_score, progress.stale = state["best_state"], state["best_score"], state["stale"]
-    progress.result.resumed_from = progress.epoch
-    logger.info("--resume: continuing after epoch %d from %s", progress.epoch, file)
 
 
 def epoch_batches(
     examples: Tensor, sources: Tensor | None, config: HeadTrainConfig, generator: torch.Generator
 ) -> list[tuple[Tensor, int | None]]:
     """One epoch of ``(example rows, source)`` batches: a shuffled split for one source (source None), homogeneous
-    batches by :func:`~sbmoe.training.sampling.homogeneous_batches` for several."""
+    batches by :func:`~sbmoe.training.sampling.homogeneous_batches` for several. With
+    ``config.one_positive_per_epoch``, each anchor contributes one random example (positive) per epoch."""
+    if config.one_positive_per_epoch:
+        chosen = one_row_per_anchor(examples[:, 0], generator)
+        examples, sources = examples[chosen], None if sources is None else sources[chosen]
     if sources is None or int(sources.max()) == 0:
         order = torch.randperm(len(examples), generator=generator)
         return [(rows, None) for rows in examples[order].split(config.batch_size)]
@@ -319,12 +233,21 @@ def epoch_batches(
     return [(examples[members[source][local]], source) for source, local in batches]
 
 
+def one_row_per_anchor(anchor_rows: Tensor, generator: torch.Generator) -> Tensor:
+    """Indices of one random row per distinct anchor (ascending), as the SB-MoE repository samples positives."""
+    order = torch.randperm(len(anchor_rows), generator=generator)
+    _, inverse = torch.unique(anchor_rows[order], return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), len(order), dtype=torch.long)
+    first = first.scatter_reduce(0, inverse, torch.arange(len(order)), reduce="amin")
+    return order[first].sort().values
+
+
 def _step_loss(
     head: SBMoEHead,
     anchors: Tensor,
     docs: Tensor,
     rows: Tensor,
-    loss_fn,
+    loss_fn: QrelAwareInfoNCE,
     config: HeadTrainConfig,
     domain: int | None = None,
     num_sources: int = 1,
@@ -339,7 +262,7 @@ def _step_loss(
     doc = doc_out["sentence_embedding"]
     aux, z = (aux + head.aux_loss) / 2, (z + head.z_loss) / 2
     columns = [query, *doc.view(rows.shape[1] - 1, len(rows), -1).unbind(0)]
-    loss = loss_fn.compute_loss_from_embeddings(columns, None)
+    loss = loss_fn(columns, rows[:, 0], rows[:, 1:])
     loss = loss + config.aux_loss_weight * aux + config.z_loss_weight * z
     if config.anchor_weight:
         pull = 1 - torch.nn.functional.cosine_similarity(torch.cat([query, doc]), torch.cat([x_query, x_docs]))

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from sentence_transformers.base.losses.merged_forward import embed_columns
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from sentence_transformers.util import cos_sim, dot_score
 from torch import Tensor, nn
 
@@ -64,42 +63,92 @@ def domain_routing_loss(probs: Tensor, domains: Tensor, num_domains: int) -> Ten
     return -(probs * mask[domains]).sum(dim=-1).clamp_min(1e-9).log().mean()
 
 
-def info_nce(similarity: str, temperature: float) -> MultipleNegativesRankingLoss:
-    """sentence-transformers' in-batch + hard-negative InfoNCE with ``similarity`` and ``1 / temperature`` scale.
+class QrelAwareInfoNCE:
+    """In-batch + hard-negative InfoNCE that never pushes an anchor away from a document judged relevant to it.
 
-    Use its ``compute_loss_from_embeddings([queries, positives, negatives_1, ...], None)`` on ready embeddings.
+    The softmax of anchor ``i`` runs over every document of the batch (all positives, then each negative column, as
+    sentence-transformers' ``MultipleNegativesRankingLoss`` lays them out); a candidate that is a qrel of the anchor
+    (``relevant`` pairs) or the same document as its positive is masked out, bar the anchor's own positive. With
+    ``symmetric``, a document -> query term (each positive against the batch's anchors, masked alike) is averaged in.
+
+    Args:
+        similarity: ``cos`` or ``dot``.
+        temperature: Softmax temperature (the scale is its inverse).
+        relevant: K x 2 int64 ``(anchor row, document row)`` pairs of every judged-relevant document per anchor.
+        num_docs: Number of document rows (to key the pairs).
+        symmetric: Add the document -> query term.
     """
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"unknown similarity {similarity!r}; expected one of {sorted(SIMILARITIES)}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return MultipleNegativesRankingLoss(None, scale=1.0 / temperature, similarity_fct=SIMILARITIES[similarity])
+
+    def __init__(
+        self, similarity: str, temperature: float, relevant: Tensor, num_docs: int, symmetric: bool = False
+    ) -> None:
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {similarity!r}; expected one of {sorted(SIMILARITIES)}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.similarity = SIMILARITIES[similarity]
+        self.scale = 1.0 / temperature
+        self.num_docs = num_docs
+        self.keys = torch.unique(relevant[:, 0].long() * num_docs + relevant[:, 1].long())
+        self.symmetric = symmetric
+
+    def mask(self, anchor_rows: Tensor, doc_rows: Tensor) -> Tensor:
+        """B x (B * C) True where the candidate must leave anchor ``i``'s softmax (``doc_rows`` is B x C: the
+        positive, then the negatives of each batch row)."""
+        candidates = doc_rows.T.reshape(-1)
+        keys = anchor_rows.unsqueeze(1) * self.num_docs + candidates.unsqueeze(0)
+        masked = torch.isin(keys, self.keys.to(keys.device)) | (candidates.unsqueeze(0) == doc_rows[:, :1])
+        own = torch.arange(len(anchor_rows), device=masked.device)
+        masked[own, own] = False
+        return masked
+
+    def per_anchor(self, columns: list[Tensor], anchor_rows: Tensor, doc_rows: Tensor) -> Tensor:
+        """The loss of each batch row (B values): ``columns`` are the anchor embeddings, then one per document
+        column (positive, negative_1, ...)."""
+        anchors, docs = columns[0], torch.cat(columns[1:])
+        masked = self.mask(anchor_rows, doc_rows)
+        logits = (self.scale * self.similarity(anchors, docs)).masked_fill(masked, float("-inf"))
+        own = torch.arange(len(anchors), device=logits.device)
+        loss = torch.logsumexp(logits, dim=1) - logits[own, own]
+        if self.symmetric:
+            backward = (self.scale * self.similarity(columns[1], anchors)).masked_fill(
+                masked[:, : len(anchors)].T, float("-inf")
+            )
+            loss = (loss + torch.logsumexp(backward, dim=1) - backward[own, own]) / 2
+        return loss
+
+    def __call__(self, columns: list[Tensor], anchor_rows: Tensor, doc_rows: Tensor) -> Tensor:
+        """The mean loss over the batch (see :meth:`per_anchor`)."""
+        return self.per_anchor(columns, anchor_rows, doc_rows).mean()
 
 
 class MoEContrastiveLoss(nn.Module):
-    """InfoNCE over (query, positive, negatives...) columns plus the routers' weighted aux and z losses.
+    """:class:`QrelAwareInfoNCE` over (query, positive, negatives...) columns plus the routers' weighted aux and z
+    losses, for the SentenceTransformerTrainer.
 
-    Returns a dict of components, which the SentenceTransformerTrainer sums and logs separately. The aux
-    loss is averaged over the routed modules (head, MoE layers) and the forward passes of one step (the query
-    column and the merged document columns).
+    Each training row carries its example index as ``label``; ``rows`` (the prepared ``[anchor, positive,
+    negatives...]`` rows) turn it into the anchor and document rows the loss masks by. Returns a dict of
+    components, which the trainer sums and logs separately. The aux loss is averaged over the routed modules (head,
+    MoE layers) and the forward passes of one step (the query column and the merged document columns).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        similarity: str = "cos",
-        temperature: float = 0.05,
+        contrastive: QrelAwareInfoNCE,
+        rows: Tensor,
         aux_loss_weight: float = 0.01,
         z_loss_weight: float = 0.0,
     ):
         super().__init__()
         self.model = model
-        self.contrastive = info_nce(similarity, temperature)
+        self.contrastive = contrastive
+        self.rows = rows
         self.aux_loss_weight = aux_loss_weight
         self.z_loss_weight = z_loss_weight
         self.steps = 0
 
-    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> dict[str, Tensor]:
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor) -> dict[str, Tensor]:
         aux: list[Tensor] = []
         z: list[Tensor] = []
 
@@ -113,7 +162,8 @@ class MoEContrastiveLoss(nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
-        losses = {"contrastive": self.contrastive.compute_loss_from_embeddings(embeddings, labels)}
+        rows = self.rows[labels.cpu()].to(embeddings[0].device)
+        losses = {"contrastive": self.contrastive(embeddings, rows[:, 0], rows[:, 1:])}
         if aux and self.aux_loss_weight:
             losses["aux"] = self.aux_loss_weight * torch.stack(aux).mean()
         if z and self.z_loss_weight:

@@ -6,20 +6,25 @@ so adding a source never re-encodes the others.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from sbmoe.data.splits import unseen_dev_split
+from sbmoe.data.splits import dev_split
 from sbmoe.data.trainset import Example, TrainSet, cropped_span
 from sbmoe.evaluation.evaluate import evaluate_embeddings
 from sbmoe.heads import SBMoEHead
-from sbmoe.model import SBMoEModel, find_head
+from sbmoe.model import SBMoEModel
 from sbmoe.retrieval.encode import pooled_features
 from sbmoe.training.arguments import FinetuneArguments
-from sbmoe.training.head_trainer import embed, mine_hard_negatives
+from sbmoe.training.head_trainer import embed
+from sbmoe.training.mining import MiningSettings, cached_negatives
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,11 +39,12 @@ class Source:
     dev_texts: list[str] = field(default_factory=list)
     dev_vectors: torch.Tensor | None = None
     dev_qrels: dict[str, dict[str, int]] = field(default_factory=dict)
+    dev_split: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """What run.json records of the source."""
         sizes = {"anchors": len(self.anchors), "docs": len(self.docs), "dev_queries": len(self.dev_ids)}
-        return {"name": self.name, "examples": self.examples, **sizes}
+        return {"name": self.name, "examples": self.examples, **sizes, "dev_split": self.dev_split}
 
 
 @dataclass
@@ -46,7 +52,8 @@ class PreparedData:
     """Training rows over cached vectors: anchors (queries, then titles), documents, example rows, sources.
 
     ``rows`` are ``[anchor row, positive doc row, negative doc rows...]`` into ``anchors`` and ``docs``, which
-    concatenate the sources in order; ``row_source`` is each row's source index.
+    concatenate the sources in order; ``row_source`` is each row's source index; ``relevant`` holds the
+    ``(anchor row, doc row)`` pairs judged relevant, which the loss never uses as negatives.
     """
 
     anchors: torch.Tensor
@@ -57,6 +64,7 @@ class PreparedData:
     anchor_texts: list[str]
     doc_texts: list[str]
     sources: list[Source]
+    relevant: torch.Tensor
 
     @property
     def dev_queries(self) -> int:
@@ -69,10 +77,11 @@ def prepare(model: SBMoEModel, args: FinetuneArguments, sets: list[tuple[str, Tr
     parts = [prepare_source(model, args, name, data) for name, data in sets]
     width = min(part.rows.shape[1] for part in parts)
     anchor_offset = doc_offset = 0
-    rows, sources = [], []
+    rows, sources, relevant = [], [], []
     for part in parts:
         shift = torch.tensor([anchor_offset] + [doc_offset] * (width - 1))
         rows.append(part.rows[:, :width] + shift)
+        relevant.append(part.relevant + torch.tensor([anchor_offset, doc_offset]))
         source = part.sources[0]
         source.anchors = range(anchor_offset, anchor_offset + len(part.anchor_texts))
         source.docs = range(doc_offset, doc_offset + len(part.doc_ids))
@@ -87,15 +96,18 @@ def prepare(model: SBMoEModel, args: FinetuneArguments, sets: list[tuple[str, Tr
         anchor_texts=[t for p in parts for t in p.anchor_texts],
         doc_texts=[t for p in parts for t in p.doc_texts],
         sources=sources,
+        relevant=torch.cat(relevant),
     )
 
 
 def prepare_source(model: SBMoEModel, args: FinetuneArguments, name: str, data: TrainSet) -> PreparedData:
-    """Split off the dev queries, compute (cached) pooled vectors, and mine hard negatives with the initial model."""
+    """Split off the dev queries, compute (cached) pooled backbone vectors, and mine hard negatives with them."""
     dev_qrels: dict[str, dict[str, int]] = {}
+    split_summary: dict[str, Any] = {}
     if args.dev_queries:
-        train_qrels, dev_qrels = unseen_dev_split(data.qrels, args.dev_queries)
-        data = data.restrict(set(train_qrels))
+        split = dev_split(data.qrels, args.dev_queries, name=name)
+        dev_qrels, split_summary = split.dev, split.summary()
+        data = data.restrict(set(split.train))
     doc_ids = list(data.docs)
     doc_row = {d: i for i, d in enumerate(doc_ids)}
     by_query: dict[str, list[Example]] = {}
@@ -113,31 +125,31 @@ def prepare_source(model: SBMoEModel, args: FinetuneArguments, name: str, data: 
         examples += [(len(anchor_texts) + i, Example(f"crop:{d}", d)) for i, d in enumerate(cropped)]
         anchor_texts += [cropped_span(d, data.docs[d]) for d in cropped]
     doc_texts = [data.docs[d] for d in doc_ids]
+    counts = f"{len(doc_texts):,} documents and {len(anchor_texts):,} queries"
+    logger.info("%s: backbone vectors of %s (encoded once, then reused from the cache)", name, counts)
     anchors = pooled_features(model, anchor_texts, "queries", args.cache_dir)
     docs = pooled_features(model, doc_texts, "corpus", args.cache_dir)
-    rows = _rows(find_head(model), args, examples, doc_row, anchors, docs, data.qrels)
-    source = Source(name, range(len(anchor_texts)), range(len(doc_ids)), len(rows))
+    rows, relevant = _rows(args, examples, doc_row, anchors, docs, data.qrels)
+    source = Source(name, range(len(anchor_texts)), range(len(doc_ids)), len(rows), dev_split=split_summary)
     if dev_qrels:
         source.dev_ids = sorted(dev_qrels)
         source.dev_texts = [data.queries[q] for q in source.dev_ids]
         source.dev_vectors = pooled_features(model, source.dev_texts, "queries", args.cache_dir)
         source.dev_qrels = dev_qrels
-    return PreparedData(
-        anchors, docs, doc_ids, rows, torch.zeros(len(rows), dtype=torch.long), anchor_texts, doc_texts, [source]
-    )
+    sources = torch.zeros(len(rows), dtype=torch.long)
+    return PreparedData(anchors, docs, doc_ids, rows, sources, anchor_texts, doc_texts, [source], relevant)
 
 
 def _rows(
-    head: SBMoEHead | None,
     args: FinetuneArguments,
     examples: list[tuple[int, Example]],
     doc_row: dict[str, int],
     anchors: torch.Tensor,
     docs: torch.Tensor,
     qrels: dict[str, dict[str, int]],
-) -> torch.Tensor:
-    """``[anchor, positive, negatives...]`` rows: given negatives first, then ones mined with the initial model
-    (never a document judged relevant to the anchor's query)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[anchor, positive, negatives...]`` rows (given negatives first, then ones mined with the backbone alone,
+    never a document judged relevant to the anchor) and the ``(anchor, doc)`` pairs judged relevant."""
     cos = args.similarity == "cos"
     positives: dict[int, set[int]] = {}
     for row, example in examples:
@@ -145,34 +157,65 @@ def _rows(
         positives.setdefault(row, set()).update([doc_row[example.positive], *judged])
     mined = np.zeros((len(anchors), 0), dtype=np.int64)
     if args.hard_negatives:
+        settings = MiningSettings(
+            count=args.hard_negatives,
+            range_min=args.negatives_skip,
+            range_max=args.negatives_depth,
+            absolute_margin=args.negatives_margin,
+            relative_margin=args.negatives_relative_margin,
+            sampling=args.negatives_sampling,
+        )
         wanted = [positives.get(i, set()) for i in range(len(anchors))]
-        mined = mine_hard_negatives(
-            embed(head, anchors, "query", cos), embed(head, docs, "document", cos), wanted, args.hard_negatives,
-            args.negatives_skip,
-        )  # fmt: skip
+        query_emb, doc_emb = embed(None, anchors, "query", cos), embed(None, docs, "document", cos)
+        mined = cached_negatives(query_emb, doc_emb, wanted, settings)
     rows = []
     for row, example in examples:
         given = [doc_row[n] for n in example.negatives if n in doc_row]
         negatives = (given + [int(m) for m in mined[row] if m not in given])[: max(args.hard_negatives, len(given))]
         rows.append([row, doc_row[example.positive], *negatives])
     width = min(len(r) for r in rows)
-    return torch.tensor([r[:width] for r in rows])
+    relevant = torch.tensor([(a, d) for a, docs_of in sorted(positives.items()) for d in sorted(docs_of)])
+    return torch.tensor([r[:width] for r in rows]), relevant.reshape(-1, 2)
 
 
-def dev_ndcg(head: SBMoEHead | None, prepared: PreparedData, cos: bool = True) -> float:
-    """Mean over sources of the nDCG@10 of their dev queries against their own corpus, on cached vectors."""
-    scores = []
+Encoder = Callable[["Source"], tuple[np.ndarray, np.ndarray]]
+
+
+def dev_score(prepared: PreparedData, encode: Encoder, weighting: str = "equal") -> float:
+    """nDCG@10 of each source's dev queries against its own corpus, as the mean over sources (``equal``) or over
+    all dev queries (``queries``); ``encode(source)`` gives the source's dev query and document embeddings."""
+    scores, sizes = [], []
     for source in prepared.sources:
         if not source.dev_ids:
             continue
-        queries = embed(head, source.dev_vectors, "query", cos).numpy()
-        docs = embed(head, prepared.docs[source.docs.start : source.docs.stop], "document", cos).numpy()
-        result = evaluate_embeddings(
-            queries, docs, source.dev_ids, prepared.doc_ids[source.docs.start : source.docs.stop], source.dev_qrels,
-            top_k=100, metrics=("nDCG@10",),
-        )  # fmt: skip
+        queries, docs = encode(source)
+        doc_ids = prepared.doc_ids[source.docs.start : source.docs.stop]
+        qrels = source.dev_qrels
+        result = evaluate_embeddings(queries, docs, source.dev_ids, doc_ids, qrels, top_k=100, metrics=("nDCG@10",))
         scores.append(result["metrics"]["nDCG@10"])
-    return float(np.mean(scores))
+        sizes.append(len(source.dev_ids))
+    return float(np.average(scores, weights=sizes if weighting == "queries" else None))
+
+
+def dev_ndcg(head: SBMoEHead | None, prepared: PreparedData, cos: bool = True, weighting: str = "equal") -> float:
+    """:func:`dev_score` of ``head`` on the cached backbone vectors (no head: the backbone itself)."""
+
+    def encode(source: Source) -> tuple[np.ndarray, np.ndarray]:
+        docs = prepared.docs[source.docs.start : source.docs.stop]
+        return embed(head, source.dev_vectors, "query", cos).numpy(), embed(head, docs, "document", cos).numpy()
+
+    return dev_score(prepared, encode, weighting)
+
+
+def dev_ndcg_full(model: SBMoEModel, prepared: PreparedData, weighting: str = "equal") -> float:
+    """:func:`dev_score` of the whole model as it is now (full fine-tuning: every text is encoded anew)."""
+
+    def encode(source: Source) -> tuple[np.ndarray, np.ndarray]:
+        texts = prepared.doc_texts[source.docs.start : source.docs.stop]
+        queries = model.encode_query(source.dev_texts, batch_size=64, convert_to_numpy=True)
+        return queries, model.encode_document(texts, batch_size=64, convert_to_numpy=True)
+
+    return dev_score(prepared, encode, weighting)
 
 
 def reencode(model: SBMoEModel, prepared: PreparedData, cache_dir: str | None) -> None:

@@ -2,8 +2,9 @@
 
 In-batch negatives from another domain are trivially easy, so a batch never mixes sources. One epoch has as many
 batches as the sources need to show each example once (``ceil(size / batch_size)`` summed); the weights split
-those batches between sources (``proportional``: by size, so each example is seen once), and a source that gets
-more batches than its size fills cycles through a fresh permutation of its examples.
+those batches between sources (``equal``, the default; ``temperature:T``; ``proportional``: by size, so each
+example is seen once), and a source that gets more batches than its size fills cycles through a fresh permutation
+of its examples.
 """
 
 from __future__ import annotations
@@ -15,22 +16,43 @@ import torch
 from sentence_transformers.base.sampler import MultiDatasetDefaultBatchSampler
 
 PROPORTIONAL = "proportional"
+EQUAL = "equal"
+TEMPERATURE = "temperature:"
 
 
-def parse_weights(text: str, sources: int) -> list[float] | None:
-    """``"1,2"`` -> ``[1.0, 2.0]``; ``"proportional"`` (or empty) -> None.
+def parse_weights(text: str, sizes: Sequence[int]) -> list[float] | None:
+    """Per-source batch weights from ``--train-weights``: ``"1,2"`` -> ``[1.0, 2.0]``; ``"equal"`` -> one each;
+    ``"temperature:T"`` -> ``size ** (1 / T)`` (T = 1 is proportional, larger T moves toward equal);
+    ``"proportional"`` (or empty) -> None (by size: each example once per epoch).
+
+    Args:
+        text: The flag's value.
+        sizes: Training examples per source.
 
     Raises:
-        ValueError: not one positive number per source.
+        ValueError: not one of those forms, or not one positive number per source.
     """
-    if text.strip() in ("", PROPORTIONAL):
+    text = text.strip()
+    if text in ("", PROPORTIONAL):
         return None
+    if text == EQUAL:
+        return [1.0] * len(sizes)
+    if text.startswith(TEMPERATURE):
+        try:
+            temperature = float(text.removeprefix(TEMPERATURE))
+        except ValueError:
+            temperature = 0.0
+        if not temperature > 0:
+            raise ValueError(f"--train-weights {text!r}: expected temperature:T with T > 0 (e.g. temperature:2)")
+        return [size ** (1 / temperature) for size in sizes]
     try:
         weights = [float(w) for w in text.split(",")]
     except ValueError as err:
-        raise ValueError(f"--train-weights {text!r}: expected numbers separated by commas, or 'proportional'") from err
-    if len(weights) != sources or any(not w > 0 for w in weights):
-        raise ValueError(f"--train-weights {text!r}: expected {sources} positive numbers, one per source")
+        raise ValueError(
+            f"--train-weights {text!r}: expected equal, proportional, temperature:T or one number per source (1,2)"
+        ) from err
+    if len(weights) != len(sizes) or any(not w > 0 for w in weights):
+        raise ValueError(f"--train-weights {text!r}: expected {len(sizes)} positive numbers, one per source")
     return weights
 
 
