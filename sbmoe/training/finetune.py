@@ -191,6 +191,7 @@ def train_and_evaluate(
         record["kept_zero_shot"] = history.get("best_epoch", history.get("best_step")) == 0
     output.mkdir(parents=True, exist_ok=True)
     if args.save_model:
+        model.training_data = args.train_data  # the model card names it
         model.save(str(output))
     record["eval"] = evaluate(model, args, routing_before)
     record["moe_utilization"] = moe_utilization(model, args)
