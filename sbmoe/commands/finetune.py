@@ -21,14 +21,16 @@ EXAMPLES = (
 )
 # --help lists the flags under these titles (fields of FinetuneArguments; any other field comes last, as "other").
 FLAG_GROUPS = {
-    "data": "train_data train_weights max_positives_per_query eval_data data_dir dev_queries hard_negatives "
-    "negatives_skip self_supervised keep_identical_ids cache_dir",
+    "data": "train_data train_weights one_positive_per_epoch max_positives_per_query eval_data data_dir dev_queries "
+    "dev_weighting self_supervised keep_identical_ids cache_dir",
+    "hard negatives (mined once with the backbone, cached)": "hard_negatives negatives_skip negatives_depth "
+    "negatives_margin negatives_relative_margin negatives_sampling",
     "model and head": "backbone max_seq_length head num_experts top_k routing inference expert_hidden dense_size "
     "identity_init router_init query_only expert_dropout tune_strength noise similarity",
     "MoE layers inside the encoder, stacked heads": "moe_layers upcycle_init head_layers reuse_group psr pregate "
     "frozen_layers token_cache_dir",
     "training": "train epochs max_steps batch_size learning_rate backbone_learning_rate weight_decay temperature "
-    "aux_loss_weight domain_loss_weight z_loss_weight anchor_weight patience seed threads",
+    "symmetric_loss aux_loss_weight domain_loss_weight z_loss_weight anchor_weight patience eval_steps seed threads",
     "output and checkpoints": "output_dir save_model overwrite resume save_steps logging_steps",
 }
 
