@@ -17,7 +17,8 @@ import torch
 from sbmoe.backbones import BackboneUnavailableError, resolve_backbone
 from sbmoe.cli import main as cli_main
 from sbmoe.errors import ModelLoadError
-from sbmoe.model import ST_LOGGER, SBMoEModel, build_model, load_any_model, load_model, quiet_loading
+from sbmoe.model import SBMoEModel, build_model, load_any_model, load_model
+from sbmoe.quiet import ST_LOGGER, quiet_loading
 from sbmoe.retrieval.encode import encode_cached, pooled_model
 
 TEXTS = ["cells and genes", "the protein increase in blood", "a drug study of mice"]

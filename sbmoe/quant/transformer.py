@@ -7,10 +7,10 @@ from typing import Any
 
 from safetensors.torch import load_file
 from sentence_transformers.sentence_transformer.modules import Transformer
-from transformers.utils import logging as hf_logging
 
 from sbmoe.heads.upcycle import MoETransformer, upcycle_encoder
 from sbmoe.quant.linear import PackedLinear, quantize_experts, replace_module
+from sbmoe.quiet import quiet_loading
 
 
 class QuantizedMoETransformer(MoETransformer):
@@ -26,12 +26,8 @@ class QuantizedMoETransformer(MoETransformer):
     config_keys: list[str] = [*MoETransformer.config_keys, "quant_plan"]
 
     def __init__(self, model_name_or_path: str, *, moe: dict[str, Any], quant_plan: dict[str, Any], **kwargs: Any):
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the dense architecture's load report would list every expert weight
-        try:
+        with quiet_loading(load_report=False):  # the dense architecture's report would list every expert weight
             Transformer.__init__(self, model_name_or_path, **kwargs)  # not MoETransformer's: its load expects floats
-        finally:
-            hf_logging.set_verbosity(verbosity)
         self.moe, self.quant_plan = dict(moe), quant_plan
         upcycle_encoder(self.auto_model, **self.moe)
         for name, spec in quant_plan["linears"].items():
