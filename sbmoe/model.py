@@ -18,6 +18,7 @@ from sbmoe.backbones import KNOWN_NAMES, OFFLINE_DEFAULT, backbone_layers, locat
 from sbmoe.data.dataset import beir_text
 from sbmoe.errors import ModelLoadError
 from sbmoe.heads import SBMoEHead
+from sbmoe.heads.base import PooledHead
 from sbmoe.heads.stacked import StackedMoEHead
 from sbmoe.heads.upcycle import MoELayers, MoETransformer, expert_plan
 from sbmoe.model_folder import DEFAULT_ROUTE, TaskRouter, routed_module, with_sbmoe_section
@@ -77,8 +78,8 @@ class SBMoEModel(SentenceTransformer):
         return expert_plan(self, texts, batch_size)
 
     @property
-    def head(self) -> SBMoEHead | None:
-        """The SB-MoE head module, or None for a plain (headless) model."""
+    def head(self) -> PooledHead | None:
+        """The head module (SB-MoE or stacked), or None for a plain (headless) model."""
         return find_head(self)
 
     def save(self, path: str, *args: Any, **kwargs: Any) -> None:
@@ -138,9 +139,9 @@ def document_texts(corpus: Sequence[Document] | Mapping[str, Sequence[str]]) -> 
     return [beir_text(doc.get("title"), doc.get("text")) for doc in corpus]
 
 
-def find_head(model: torch.nn.Module) -> SBMoEHead | None:
-    """The first SB-MoE head inside ``model`` (any SentenceTransformer), or None."""
-    return next((m for m in model.modules() if isinstance(m, SBMoEHead)), None)
+def find_head(model: torch.nn.Module) -> PooledHead | None:
+    """The first head (SB-MoE or stacked) inside ``model`` (any SentenceTransformer), or None."""
+    return next((m for m in model.modules() if isinstance(m, PooledHead)), None)
 
 
 def build_model(
