@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,8 @@ class QuantizedMoETransformer(MoETransformer):
         for name, spec in quant_plan["linears"].items():
             linear = self.get_submodule(name)
             bias = linear.bias is not None
-            replace_module(self, name, PackedLinear(linear.in_features, linear.out_features, spec["bits"],
-                                                    spec["group_size"], bias))  # fmt: skip
+            packed = PackedLinear(linear.in_features, linear.out_features, spec["bits"], spec["group_size"], bias)
+            replace_module(self, name, packed)
         weights = Path(model_name_or_path) / "model.safetensors"
         state = load_file(str(weights), device=str(next(self.auto_model.parameters()).device))
         missing, unexpected = self.auto_model.load_state_dict(state, strict=False)
@@ -43,14 +44,17 @@ class QuantizedMoETransformer(MoETransformer):
 
     @classmethod
     def from_transformer(cls, transformer: MoETransformer, plan: dict[str, Any]) -> QuantizedMoETransformer:
-        """``transformer`` itself, its expert linears quantized (round to nearest) as ``plan`` says, in place."""
+        """A new module with ``transformer``'s weights, its expert linears quantized (round to nearest) as ``plan``
+        says: ``transformer`` is quantized in place, saved packed and reloaded as this class (on its device)."""
         linears = plan["linears"]
         bits = {name: spec["bits"] for name, spec in linears.items()}
         groups = {name: spec["group_size"] for name, spec in linears.items()}
         quantize_experts(transformer, bits, groups)
-        transformer.__class__ = cls  # same state, plus the plan it saves
-        transformer.quant_plan = plan
-        return transformer
+        device = next(transformer.auto_model.parameters()).device
+        with tempfile.TemporaryDirectory() as folder:
+            transformer.save(folder)
+            quantized = cls.load(folder, init_defaults={"quant_plan": plan})
+        return quantized.to(device).train(transformer.training)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {**super().get_config_dict(), "quant_plan": self.quant_plan}
