@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sbmoe.files import write_atomic
 from sbmoe.paths import cache_dir
-from sbmoe.retrieval.cache import _read
+from sbmoe.retrieval.cache import read_entry
 
 OUTPUT = Path(__file__).resolve().parent / "results" / "bench_cache_check.json"
 
@@ -29,7 +29,7 @@ def main() -> None:
         times = []
         for _ in range(5):
             start = time.perf_counter()
-            embeddings, _ = _read(folder)
+            embeddings, _ = read_entry(folder)
             times.append(time.perf_counter() - start)
             del embeddings
         check = statistics.median(times)
