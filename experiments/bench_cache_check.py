@@ -33,11 +33,17 @@ def main() -> None:
             times.append(time.perf_counter() - start)
             del embeddings
         check = statistics.median(times)
-        entries.append({
-            "entry": folder.name, "documents": meta["count"], "dim": meta["dim"],
-            "megabytes": round((folder / "embeddings.npy").stat().st_size / 2**20, 1),
-            "encode_s": meta["seconds"], "check_s": round(check, 4), "check_share": round(check / meta["seconds"], 6),
-        })  # fmt: skip
+        entries.append(
+            {
+                "entry": folder.name,
+                "documents": meta["count"],
+                "dim": meta["dim"],
+                "megabytes": round((folder / "embeddings.npy").stat().st_size / 2**20, 1),
+                "encode_s": meta["seconds"],
+                "check_s": round(check, 4),
+                "check_share": round(check / meta["seconds"], 6),
+            }
+        )
         print(entries[-1])
     record = {"command": "python experiments/bench_cache_check.py", "entries": entries}
     write_atomic(OUTPUT, json.dumps(record, indent=1))
