@@ -93,7 +93,7 @@ class StackedMoEHead(PooledHead):
         set_psr(self, psr)
         self.aux_loss: Tensor = torch.zeros(())
         self.z_loss: Tensor = torch.zeros(())
-        self.expert_counts = torch.zeros(self.num_experts, dtype=torch.long)  # the layers count their own routing
+        self.expert_counts = torch.zeros(self.num_experts, dtype=torch.long)  # the model card keeps it; layers count
 
     def forward(self, features: dict[str, Tensor | Any], **kwargs) -> dict[str, Tensor | Any]:
         x0 = h = features["sentence_embedding"]
