@@ -198,9 +198,10 @@ class MoEBlock(nn.Module):
             routing, self.last_decided_by = self.route(flat), self.index
         nxt = self.links.next
         if self.pregate and nxt is not None:
-            nxt.plan, nxt.last_decided_by = nxt.route(flat), self.index
+            plan = nxt.route(flat)
+            nxt.plan, nxt.last_decided_by = plan, self.index
             if self.on_plan is not None:
-                self.on_plan(nxt, nxt.plan)
+                self.on_plan(nxt, plan)
         self.aux_loss, self.z_loss, self.last_routing = routing.aux_loss, routing.z_loss, routing
         if not torch.is_grad_enabled():
             top = routing.indices.gather(-1, routing.weights.abs().argmax(dim=-1, keepdim=True))[:, 0]
