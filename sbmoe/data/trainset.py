@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sbmoe import paths
 from sbmoe.data.beir import load_dataset
 from sbmoe.data.dataset import DataError, Problem, RetrievalDataset
 from sbmoe.data.irds import irds_dataset
 from sbmoe.data.textfile import json_lines
+from sbmoe.paths import data_dir as default_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def load_train_set(spec: str, data_dir: str | Path | None = None) -> TrainSet:
     if spec.endswith(".jsonl"):
         return _load_jsonl(Path(spec))
     if spec.startswith("irds:"):
-        dataset = irds_dataset(spec.removeprefix("irds:"), paths.data_dir(data_dir))
+        dataset = irds_dataset(spec.removeprefix("irds:"), default_data_dir(data_dir))
         if dataset.has_docpairs():
             return _irds_docpairs(dataset)
     name, _, split = spec.rpartition(":")
