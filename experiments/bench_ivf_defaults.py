@@ -60,14 +60,22 @@ def real_rows(model: Any, dataset: RetrievalDataset) -> list[dict[str, Any]]:
     """flat, old-default IVF and current-default IVF on ``dataset``: metrics and the parameters the index used."""
     n = sum(1 for _ in dataset.iter_docs())
     rows = []
-    for label, index, params in (("flat", "flat", {}), ("ivf, old defaults", "ivf", old_defaults(n)),
-                                 ("ivf, current defaults", "ivf", {})):  # fmt: skip
+    for label, index, params in (
+        ("flat", "flat", {}),
+        ("ivf, old defaults", "ivf", old_defaults(n)),
+        ("ivf, current defaults", "ivf", {}),
+    ):
         result = evaluate_model(model, dataset, index=index, index_params=params, metrics=METRICS, show_progress=False)
-        rows.append({
-            "dataset": result["dataset"], "docs": result["num_docs"], "queries": result["num_queries"],
-            "index": label, "params": result["index"]["params"],
-            **{m: round(result["metrics"][m], 4) for m in METRICS},
-        })  # fmt: skip
+        rows.append(
+            {
+                "dataset": result["dataset"],
+                "docs": result["num_docs"],
+                "queries": result["num_queries"],
+                "index": label,
+                "params": result["index"]["params"],
+                **{m: round(result["metrics"][m], 4) for m in METRICS},
+            }
+        )
         print(json.dumps(rows[-1]))
     return rows
 
@@ -93,8 +101,16 @@ def synthetic_rows(docs: np.ndarray, queries: np.ndarray) -> list[dict[str, Any]
             index.params["nprobe"] = probes
             _, found = index.search(queries, 1000)
             recall = {f"recall@{k}": round(overlap(found, truth, k), 4) for k in (10, 100, 1000)}
-            rows.append({"n": n, "nprobe": label, "nlist": nlist, "probes": probes,
-                         "probed_share": round(probes / nlist, 3), **recall})  # fmt: skip
+            rows.append(
+                {
+                    "n": n,
+                    "nprobe": label,
+                    "nlist": nlist,
+                    "probes": probes,
+                    "probed_share": round(probes / nlist, 3),
+                    **recall,
+                }
+            )
             print(json.dumps(rows[-1]))
     return rows
 

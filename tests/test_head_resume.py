@@ -125,8 +125,10 @@ def test_the_end_of_training_says_which_epoch_was_kept_and_why(data, caplog: pyt
     assert recall["kept"].startswith(f"kept epoch {best} of 6")
     assert f"best dev score {max(candidates):.4f}" in recall["kept"]
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("kept")] == [
-        none["kept"], flat["kept"], recall["kept"]
-    ]  # fmt: skip
+        none["kept"],
+        flat["kept"],
+        recall["kept"],
+    ]
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(data, tmp_path: Path, caplog) -> None:
@@ -142,9 +144,16 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(data, tmp_path: Path, cap
 def test_finetune_head_mode_resumes_from_its_checkpoint(tiny_bert: str, shared_data: Path, tmp_path: Path) -> None:
     beir = write_beir_slice(tmp_path / "slice", shared_data, 12, 60)
     common = {
-        "backbone": tiny_bert, "train_data": f"{beir}:test", "cache_dir": str(tmp_path / "cache"), "num_experts": 3,
-        "hard_negatives": 2, "batch_size": 4, "max_seq_length": 32, "learning_rate": 1e-2, "dev_queries": 3,
-    }  # fmt: skip
+        "backbone": tiny_bert,
+        "train_data": f"{beir}:test",
+        "cache_dir": str(tmp_path / "cache"),
+        "num_experts": 3,
+        "hard_negatives": 2,
+        "batch_size": 4,
+        "max_seq_length": 32,
+        "learning_rate": 1e-2,
+        "dev_queries": 3,
+    }
     whole = run(FinetuneArguments(**common, epochs=5, output_dir=str(tmp_path / "whole")))
     run(FinetuneArguments(**common, epochs=2, output_dir=str(tmp_path / "parts")))
     assert (tmp_path / "parts" / "checkpoints" / "head" / "state.pt").is_file()
@@ -154,8 +163,8 @@ def test_finetune_head_mode_resumes_from_its_checkpoint(tiny_bert: str, shared_d
     kept = whole["history"]["kept"]
     assert kept.startswith(f"kept epoch {whole['history']['best_epoch']} of 5") and "best dev nDCG@10" in kept
     head = next((tmp_path / "whole").glob("*SBMoEHead*"))
-    expected, found = load_file(str(next(head.glob("*.safetensors")))), load_file(
-        str(next((tmp_path / "parts" / head.name).glob("*.safetensors")))
+    expected, found = (
+        load_file(str(next(head.glob("*.safetensors")))),
+        load_file(str(next((tmp_path / "parts" / head.name).glob("*.safetensors")))),
     )
     assert expected.keys() == found.keys() and all(torch.equal(v, found[k]) for k, v in expected.items())
-

@@ -46,10 +46,14 @@ def test_flat_is_exact(vectors: tuple[np.ndarray, np.ndarray]) -> None:
 
 @pytest.mark.parametrize(
     ("index_type", "params", "floor"),
-    [("hnsw", {}, 0.98), ("ivf", {"nlist": 76, "nprobe": 16}, 0.98), ("sq8", {}, 0.9),
-     ("ivfpq", {"pq_m": 16, "pq_bits": 4, "nlist": 32, "nprobe": 16}, 0.5),
-     ("binary", {}, 0.75)],  # 32 sign bits are a coarse filter: real embeddings have 384+
-)  # fmt: skip
+    [
+        ("hnsw", {}, 0.98),
+        ("ivf", {"nlist": 76, "nprobe": 16}, 0.98),
+        ("sq8", {}, 0.9),
+        ("ivfpq", {"pq_m": 16, "pq_bits": 4, "nlist": 32, "nprobe": 16}, 0.5),
+        ("binary", {}, 0.75),
+    ],  # 32 sign bits are a coarse filter: real embeddings have 384+
+)
 def test_approximate_types_find_the_neighbours(
     vectors: tuple[np.ndarray, np.ndarray], index_type: str, params: dict, floor: float
 ) -> None:
@@ -106,8 +110,11 @@ def test_save_load_round_trip(tmp_path: Path, vectors: tuple[np.ndarray, np.ndar
     loaded = DenseIndex.load(path, expect_dim=DIM, expect_model_hash="abc123", use_gpu=False)
     manifest = json.loads((path / "manifest.json").read_text())
     assert (manifest["type"], manifest["dim"], manifest["count"], manifest["model"]) == (
-        index_type, DIM, 1000, {"name": "tiny", "hash": "abc123"}
-    )  # fmt: skip
+        index_type,
+        DIM,
+        1000,
+        {"name": "tiny", "hash": "abc123"},
+    )
     assert loaded.doc_ids == ids and loaded.params == index.params
     for a, b in zip(index.search(queries, 10), loaded.search(queries, 10), strict=True):
         assert np.array_equal(a, b)

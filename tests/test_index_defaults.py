@@ -90,8 +90,14 @@ def test_fallback_is_saved_reloaded_and_shown_in_the_result_table(
     loaded = DenseIndex.load(tmp_path / "idx", use_gpu=False)
     assert (loaded.index_type, loaded.structure, loaded.params) == ("ivf", "flat", index.params)
     np.testing.assert_array_equal(loaded.search(queries, 10)[1], index.search(queries, 10)[1])
-    result = {"dataset": "d", "split": "test", "num_queries": 40, "num_docs": 300, "metrics": {"nDCG@10": 0.5},
-              "index": {"type": loaded.index_type, "params": loaded.params}}  # fmt: skip
+    result = {
+        "dataset": "d",
+        "split": "test",
+        "num_queries": 40,
+        "num_docs": 300,
+        "metrics": {"nDCG@10": 0.5},
+        "index": {"type": loaded.index_type, "params": loaded.params},
+    }
     assert "| ivf fallback=flat | 40 | 300 | 0.5000 |" in markdown_table("m", [result])
 
 
@@ -118,14 +124,22 @@ def test_explicit_nlist_forces_ivf_on_a_small_corpus(small: tuple[np.ndarray, np
 @pytest.mark.parametrize(
     ("index_type", "params", "message"),
     [
-        ("ivf", {"nlist": 400}, "nlist=400: 400 lists need at least 400 training vectors, got 300; lower nlist "
-                                "(faiss advises 39 vectors per list: nlist=7) or leave it out to get a default"),
+        (
+            "ivf",
+            {"nlist": 400},
+            "nlist=400: 400 lists need at least 400 training vectors, got 300; lower nlist "
+            "(faiss advises 39 vectors per list: nlist=7) or leave it out to get a default",
+        ),
         ("ivfpq", {"nlist": 4, "pq_m": 5}, "pq_m=5 does not divide the dimension 32; divisors: 1, 2, 4, 8, 16, 32"),
         ("ivf", {"nlist": 4, "nprobe": 5}, "nprobe=5 > nlist=4: a search cannot probe more lists than there are"),
-        ("ivfpq", {"nlist": 4, "pq_bits": 9}, "pq_bits=9: 512 centroids per sub-quantizer need at least 512 "
-                                              "training vectors, got 300; lower pq_bits (at most 8 here)"),
+        (
+            "ivfpq",
+            {"nlist": 4, "pq_bits": 9},
+            "pq_bits=9: 512 centroids per sub-quantizer need at least 512 "
+            "training vectors, got 300; lower pq_bits (at most 8 here)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_settings_the_corpus_cannot_satisfy_name_the_numbers(
     small: tuple[np.ndarray, np.ndarray], index_type: str, params: dict, message: str
 ) -> None:
@@ -160,8 +174,22 @@ def test_cli_reports_an_impossible_nlist_in_one_line(
     tiny_bert: str, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     data = write_beir_slice(tmp_path / "scifact300", shared_data, 40, 300)
-    argv = ["evaluate", "--model", tiny_bert, "--datasets", str(data), "--index", "ivf", "--index-param", "nlist=400",
-            "--output", str(tmp_path / "out.json"), "--cache-dir", str(tmp_path / "cache"), "--quiet"]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--model",
+        tiny_bert,
+        "--datasets",
+        str(data),
+        "--index",
+        "ivf",
+        "--index-param",
+        "nlist=400",
+        "--output",
+        str(tmp_path / "out.json"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+    ]
     assert cli_main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("sbmoe evaluate: error: nlist=400: 400 lists need at least 400 training vectors, got 300;")

@@ -17,7 +17,8 @@ import torch
 from sbmoe.backbones import BackboneUnavailableError, resolve_backbone
 from sbmoe.cli import main as cli_main
 from sbmoe.errors import ModelLoadError
-from sbmoe.model import ST_LOGGER, SBMoEModel, build_model, load_any_model, load_model, quiet_loading
+from sbmoe.model import SBMoEModel, build_model, load_any_model, load_model
+from sbmoe.quiet import ST_LOGGER, quiet_loading
 from sbmoe.retrieval.encode import encode_cached, pooled_model
 
 TEXTS = ["cells and genes", "the protein increase in blood", "a drug study of mice"]
@@ -79,16 +80,24 @@ def test_an_invalid_hub_id_is_named(workdir: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["evaluate", "--model", "out/minilm-sbmo", "--datasets", "scifact"],
-         "sbmoe evaluate: error: no such folder: out/minilm-sbmo; did you mean out/minilm-sbmoe?"),
-        (["evaluate", "--model", "minlm", "--datasets", "scifact"],
-         f"sbmoe evaluate: error: unknown backbone name 'minlm'; {KNOWN}; did you mean 'minilm'?"),
-        (["evaluate", "--model", "no-such-org/no-such-encoder", "--datasets", "scifact"],
-         f"sbmoe evaluate: error: {OFFLINE}"),
-        (["finetune", "--backbone", "out/minilm-sbmo", "--train-data", "scifact:train", "--output-dir", "ft"],
-         "sbmoe finetune: error: no such folder: out/minilm-sbmo; did you mean out/minilm-sbmoe?"),
+        (
+            ["evaluate", "--model", "out/minilm-sbmo", "--datasets", "scifact"],
+            "sbmoe evaluate: error: no such folder: out/minilm-sbmo; did you mean out/minilm-sbmoe?",
+        ),
+        (
+            ["evaluate", "--model", "minlm", "--datasets", "scifact"],
+            f"sbmoe evaluate: error: unknown backbone name 'minlm'; {KNOWN}; did you mean 'minilm'?",
+        ),
+        (
+            ["evaluate", "--model", "no-such-org/no-such-encoder", "--datasets", "scifact"],
+            f"sbmoe evaluate: error: {OFFLINE}",
+        ),
+        (
+            ["finetune", "--backbone", "out/minilm-sbmo", "--train-data", "scifact:train", "--output-dir", "ft"],
+            "sbmoe finetune: error: no such folder: out/minilm-sbmo; did you mean out/minilm-sbmoe?",
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_cli_prints_one_line_and_exits_1(
     workdir: Path, shared_data: Path, capsys: pytest.CaptureFixture, argv: list[str], message: str
 ) -> None:

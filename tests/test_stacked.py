@@ -31,6 +31,17 @@ def test_parameters_do_not_depend_on_the_reuse_group_but_for_its_scalars() -> No
     assert counts[4] - counts[1] == 4 * (1 + 3)  # per layer: its reuse scale and a routing bias per foreign member
 
 
+def test_each_block_registers_only_its_own_experts_and_router() -> None:
+    h = head(head_layers=4, reuse_group=4, pregate=True)
+    names = [name for name, _ in h.named_parameters(remove_duplicate=False)]
+    assert len(names) == len(set(names)) == len(list(h.parameters()))  # no block registers another's
+    assert all(name.startswith("layers.") for name in names)  # the stack holds no SB-MoE experts or router
+    assert [[name for name, _ in block.named_children()] for block in h.layers] == [["experts", "router"]] * 4
+    assert all(block.group == tuple(h.layers) for block in h.layers)
+    with pytest.raises(TypeError, match=r"unexpected options \['heads'\]"):
+        StackedMoEHead(DIM, heads=2)
+
+
 @pytest.mark.parametrize("reuse_group", [2, 4])
 def test_reuse_at_init_with_the_group_open_equals_no_reuse(reuse_group: int) -> None:
     torch.manual_seed(3)

@@ -55,7 +55,11 @@ for _layers in (2, 4):
     HEAD_ROWS[f"stack L={_layers}, r=2"] = {**STACK, "head_layers": _layers, "reuse_group": 2}
     HEAD_ROWS[f"stack L={_layers}, r=2, PSR"] = {**STACK, "head_layers": _layers, "reuse_group": 2, "psr": "linear"}
     HEAD_ROWS[f"stack L={_layers}, r=2, PSR, pre-gate"] = {
-        **STACK, "head_layers": _layers, "reuse_group": 2, "psr": "linear", "pregate": True
+        **STACK,
+        "head_layers": _layers,
+        "reuse_group": 2,
+        "psr": "linear",
+        "pregate": True,
     }
 FULL_BASE = {**multidomain.FULL_BASE, "train_data": "scifact:train", "eval_data": ",".join(EVAL), "threads": 1}
 UPCYCLED = {"head": "none", "moe_layers": "all", "num_experts": 8, "top_k": 2}
@@ -309,8 +313,10 @@ def results_table(rows: dict[str, Any], specs: list[str]) -> list[str]:
         params = row.get("parameters") or {}
         own = " ".join(f"{layer['own_share']:.2f}" for layer in row["layers"]) or "-"
         top = " ".join(f"{max(layer['shares']):.2f}" for layer in row["layers"]) or "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(row['seconds'])} | {params.get('total', '-'):,} | "
-                     f"{params.get('active', '-'):,} | {own} | {top} |")  # fmt: skip
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {len(row['seconds'])} | {params.get('total', '-'):,} | "
+            f"{params.get('active', '-'):,} | {own} | {top} |"
+        )
     lines += ["", "| row | rival | " + " | ".join(specs) + " |", "|---|---|" + "---:|" * len(specs)]
     for name, row in rows.items():
         tests = [e.get("vs_rival") for e in row["eval"].values()]

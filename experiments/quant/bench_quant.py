@@ -78,9 +78,15 @@ def score(queries: np.ndarray, docs: np.ndarray | DenseIndex, qids: list, dids: 
     """Metrics and search QPS of unit query vectors against document vectors (flat) or a built index."""
     index = docs if isinstance(docs, DenseIndex) else "flat"
     result = evaluate_embeddings(
-        unit_rows(queries), None if index != "flat" else unit_rows(docs), qids, dids, qrels, TOP_K, index,
+        unit_rows(queries),
+        None if index != "flat" else unit_rows(docs),
+        qids,
+        dids,
+        qrels,
+        TOP_K,
+        index,
         use_gpu=False,
-    )  # fmt: skip
+    )
     result["qps"] = len(qids) / max(result["timings"]["search_s"], 1e-9)
     return result
 
@@ -126,9 +132,17 @@ def main() -> None:
     base = score(query_vectors, doc_vectors, qids, dids, dataset.qrels)
     common = {"index_ram_b_per_doc": 1536, "index_disk_b_per_doc": 1536, "encode_speed_ratio": 1.0}
     rows = [
-        row("fp32", base, None, model_bytes=backbone + fp32_head, head_bytes=fp32_head, **common,
-            docs_top_expert_changed=0.0, queries_top_expert_changed=0.0),
-    ]  # fmt: skip
+        row(
+            "fp32",
+            base,
+            None,
+            model_bytes=backbone + fp32_head,
+            head_bytes=fp32_head,
+            **common,
+            docs_top_expert_changed=0.0,
+            queries_top_expert_changed=0.0,
+        ),
+    ]
 
     table = RESULTS / "quant_table.json"
     if part == "encoders":  # keep the fp32-backbone rows of an earlier run
@@ -150,16 +164,36 @@ def main() -> None:
             q_docs, d_experts = apply_tail(quantized, pooled_docs, "document")
             result = score(q_queries, q_docs, qids, dids, dataset.qrels)
             rows.append(
-                row(label, result, base, model_bytes=backbone + head_bytes, head_bytes=head_bytes, **common,
+                row(
+                    label,
+                    result,
+                    base,
+                    model_bytes=backbone + head_bytes,
+                    head_bytes=head_bytes,
+                    **common,
                     average_bits=round(plan["average_bits"], 3),
                     docs_top_expert_changed=float(np.mean(d_experts != doc_experts)),
-                    queries_top_expert_changed=float(np.mean(q_experts != query_experts)))
-            )  # fmt: skip
+                    queries_top_expert_changed=float(np.mean(q_experts != query_experts)),
+                )
+            )
             print(rows[-1], flush=True)
 
         for label, index_type, params, rescores in INDEXES:
-            rows += index_rows(label, index_type, params, rescores, query_vectors, doc_vectors, qids, dids, dataset,
-                               base, scratch, backbone + fp32_head, fp32_head)  # fmt: skip
+            rows += index_rows(
+                label,
+                index_type,
+                params,
+                rescores,
+                query_vectors,
+                doc_vectors,
+                qids,
+                dids,
+                dataset,
+                base,
+                scratch,
+                backbone + fp32_head,
+                fp32_head,
+            )
             print(rows[-len(rescores) :], flush=True)
 
     if part == "fp32":
@@ -182,12 +216,19 @@ def main() -> None:
             e_queries, e_query_experts = apply_tail(model, np.load(VECTORS / f"scifact_{name}_queries.npy"), "query")
             result = score(e_queries, e_docs, qids, dids, dataset.qrels)
             rows.append(
-                row(f"encoder {name}", result, base, model_bytes=sizes[name] + fp32_head, head_bytes=fp32_head,
-                    index_ram_b_per_doc=1536, index_disk_b_per_doc=1536,
+                row(
+                    f"encoder {name}",
+                    result,
+                    base,
+                    model_bytes=sizes[name] + fp32_head,
+                    head_bytes=fp32_head,
+                    index_ram_b_per_doc=1536,
+                    index_disk_b_per_doc=1536,
                     encode_speed_ratio=round(ratios[name], 3),
                     docs_top_expert_changed=float(np.mean(e_doc_experts != doc_experts)),
-                    queries_top_expert_changed=float(np.mean(e_query_experts != query_experts)))
-            )  # fmt: skip
+                    queries_top_expert_changed=float(np.mean(e_query_experts != query_experts)),
+                )
+            )
             print(rows[-1], flush=True)
 
     ready = [n for n in ("onnx-int8", "torch-int8") if sizes[n] and (VECTORS / f"scifact_{n}_corpus.npy").exists()]
@@ -198,12 +239,24 @@ def main() -> None:
         c_docs, c_doc_experts = apply_tail(quantized, np.load(VECTORS / f"scifact_{best}_corpus.npy"), "document")
         c_queries, c_query_experts = apply_tail(quantized, np.load(VECTORS / f"scifact_{best}_queries.npy"), "query")
         label = f"combined: encoder {best} + {plan} + opq48 (48 B)"
-        rows += index_rows(label, "opq", {"pq_m": 48}, [4], c_queries, c_docs, qids, dids, dataset, base,
-                              scratch, sizes[best] + head_sizes[plan], head_sizes[plan],
-                              encode_speed_ratio=round(ratios[best], 3),
-                              docs_top_expert_changed=float(np.mean(c_doc_experts != doc_experts)),
-                              queries_top_expert_changed=float(np.mean(c_query_experts != query_experts)),
-                              )  # fmt: skip
+        rows += index_rows(
+            label,
+            "opq",
+            {"pq_m": 48},
+            [4],
+            c_queries,
+            c_docs,
+            qids,
+            dids,
+            dataset,
+            base,
+            scratch,
+            sizes[best] + head_sizes[plan],
+            head_sizes[plan],
+            encode_speed_ratio=round(ratios[best], 3),
+            docs_top_expert_changed=float(np.mean(c_doc_experts != doc_experts)),
+            queries_top_expert_changed=float(np.mean(c_query_experts != query_experts)),
+        )
         print(rows[-1], flush=True)
 
     write_record(rows, plans)
@@ -215,8 +268,22 @@ def write_record(rows: list[dict], plans: dict) -> None:
     write_atomic(RESULTS / "quant_table.md", markdown(rows))
 
 
-def index_rows(label, index_type, params, rescores, queries, docs, qids, dids, dataset, base, scratch, model_bytes,
-               head_bytes, **extra):  # fmt: skip
+def index_rows(
+    label,
+    index_type,
+    params,
+    rescores,
+    queries,
+    docs,
+    qids,
+    dids,
+    dataset,
+    base,
+    scratch,
+    model_bytes,
+    head_bytes,
+    **extra,
+):
     """Build, save and reload (vectors memory-mapped) an index; score it at each re-score multiplier and measure
     its bytes per document: RAM (codes; codebooks apart) and disk (the index folder, float vectors included)."""
     built = DenseIndex(docs.shape[1], index_type, use_gpu=False, **params)
@@ -232,11 +299,24 @@ def index_rows(label, index_type, params, rescores, queries, docs, qids, dids, d
             loaded.params["rescore"] = rescore
             name += f", re-score top {rescore * (TOP_K + 1)}"
         result = score(queries, loaded, qids, dids, dataset.qrels)
-        rows.append(row(name, result, base, model_bytes=model_bytes, head_bytes=head_bytes,
-                        index_ram_b_per_doc=round(ram, 1), index_ram_fixed_b_per_doc=round(sizes["index"] - ram, 1),
-                        index_disk_b_per_doc=round(folder_bytes(folder) / len(loaded), 1),
-                        **{"encode_speed_ratio": 1.0, "docs_top_expert_changed": 0.0,
-                           "queries_top_expert_changed": 0.0, **extra}))  # fmt: skip
+        rows.append(
+            row(
+                name,
+                result,
+                base,
+                model_bytes=model_bytes,
+                head_bytes=head_bytes,
+                index_ram_b_per_doc=round(ram, 1),
+                index_ram_fixed_b_per_doc=round(sizes["index"] - ram, 1),
+                index_disk_b_per_doc=round(folder_bytes(folder) / len(loaded), 1),
+                **{
+                    "encode_speed_ratio": 1.0,
+                    "docs_top_expert_changed": 0.0,
+                    "queries_top_expert_changed": 0.0,
+                    **extra,
+                },
+            )
+        )
     return rows
 
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sentence_transformers.base.modules.module import Module
 from torch import Tensor, nn
 
+from sbmoe.heads.base import PooledHead
 from sbmoe.heads.experts import ExpertBank, FeedForwardExpert
 from sbmoe.heads.routing import Router, load_balancing_loss, router_z_loss, top_k_gates
 
@@ -37,7 +37,7 @@ class Expert(FeedForwardExpert):
         super().__init__(dim, hidden, "relu")
 
 
-class SBMoEHead(Module):
+class SBMoEHead(PooledHead):
     """Mixture-of-Experts block applied to ``features["sentence_embedding"]``.
 
     Args:
@@ -63,8 +63,6 @@ class SBMoEHead(Module):
             (an input never loses all its experts), so that no expert becomes indispensable.
     """
 
-    forward_kwargs = {"task"}
-
     config_keys: list[str] = [
         "in_features",
         "num_experts",
@@ -80,7 +78,6 @@ class SBMoEHead(Module):
         "strength",
         "expert_dropout",
     ]
-    config_file_name = "sbmoe_config.json"
 
     def __init__(
         self,
@@ -202,18 +199,3 @@ class SBMoEHead(Module):
         shares = [c / total if total else 0.0 for c in counts]
         entropy = -sum(s * torch.log(torch.tensor(s)).item() for s in shares if s > 0)
         return {"counts": counts, "shares": shares, "entropy": entropy, "total": total}
-
-    def get_embedding_dimension(self) -> int:
-        return self.in_features
-
-    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        self.save_config(output_path)
-        self.save_torch_weights(output_path, safe_serialization=safe_serialization)
-
-    @classmethod
-    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> SBMoEHead:
-        hub_kwargs = {k: kwargs[k] for k in ("token", "cache_folder", "revision", "local_files_only") if k in kwargs}
-        config = cls.load_config(model_name_or_path, subfolder=subfolder, **hub_kwargs)
-        head = cls(**config)
-        return cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=head, **hub_kwargs)
-

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 from sentence_transformers.sentence_transformer.modules import Transformer
 from torch import nn
-from transformers.utils import logging as hf_logging
 
 from sbmoe.heads.moe_block import MoEBlock, block_utilization, link_blocks, moe_blocks, set_psr
+from sbmoe.quiet import quiet_loading
 
 UPCYCLE_INITS = ("copies", "fine")
 MoELayers = str | Sequence[int]
@@ -143,13 +143,8 @@ class MoETransformer(Transformer):
     def __init__(self, model_name_or_path: str, *, moe: dict[str, Any] | None = None, **kwargs: Any) -> None:
         weights = Path(model_name_or_path) / "model.safetensors"
         saved = weights.is_file() and _holds_experts(weights)
-        verbosity = hf_logging.get_verbosity()
-        if saved:  # the dense architecture's load report would list every expert weight as unexpected
-            hf_logging.set_verbosity_error()
-        try:
+        with quiet_loading(load_report=not saved):  # the dense architecture's report would list every expert weight
             super().__init__(model_name_or_path, **kwargs)
-        finally:
-            hf_logging.set_verbosity(verbosity)
         self.moe = dict(moe or {})
         upcycle_encoder(self.auto_model, **self.moe)
         if saved:
@@ -199,4 +194,3 @@ def expert_plan(model: nn.Module, texts: Sequence[str], batch_size: int = 32) ->
         for hook in hooks:
             hook.remove()
     return plans
-

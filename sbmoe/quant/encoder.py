@@ -80,9 +80,15 @@ def export_onnx(model: SentenceTransformer, folder: str | os.PathLike, int8: boo
 
     with torch.no_grad():
         torch.onnx.export(
-            Wrapped(), args, str(path), input_names=names, output_names=["last_hidden_state"],
-            dynamic_axes=axes, opset_version=17, dynamo=False,
-        )  # fmt: skip
+            Wrapped(),
+            args,
+            str(path),
+            input_names=names,
+            output_names=["last_hidden_state"],
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
     if not int8:
         return path
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -166,7 +172,7 @@ class OnnxTransformer(Transformer):
 def save_with_onnx_encoder(model: SentenceTransformer, folder: str | os.PathLike, int8: bool = True) -> Path:
     """Save ``model`` to ``folder`` with its backbone exported to ONNX (dynamic int8 with ``int8``); the folder
     reloads with :func:`sbmoe.model.load_model` as a model whose backbone runs through ONNX Runtime. ``model``'s
-    first module becomes that :class:`OnnxTransformer` (in place).
+    first module is replaced by that :class:`OnnxTransformer` (loaded from the folder).
 
     Raises:
         ValueError: a backbone other than a plain Transformer (MoE encoder layers route each token by its values,
@@ -178,7 +184,10 @@ def save_with_onnx_encoder(model: SentenceTransformer, folder: str | os.PathLike
     path = export_onnx(model, folder, int8)
     if int8:
         (folder / "model.onnx").unlink()  # the float export the int8 file was made from
-    model[0].__class__ = OnnxTransformer  # same state, plus the ONNX session
-    model[0].use_onnx(path)
+    dense = model[0]
+    dense.model.config.save_pretrained(folder)  # what OnnxTransformer reads beside the ONNX file
+    dense.processor.save_pretrained(folder)
+    dense.save_config(str(folder))
+    model[0] = OnnxTransformer.load(str(folder), init_defaults={"onnx_file": path.name})
     model.save(str(folder))
     return folder

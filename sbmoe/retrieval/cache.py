@@ -103,7 +103,7 @@ def cached_embeddings(
     data_fp = items.fingerprint if hasattr(items, "fingerprint") else texts_fingerprint(_texts(items))
     model_fp = model_fingerprint(model)
     folder = root / f"{kind}-{model_fp[:20]}-{data_fp[:20]}"
-    hit = _read(folder)
+    hit = read_entry(folder)
     if hit is not None:
         return hit[0], {**hit[1], "cached": True}
     root.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def cached_embeddings(
         _publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    hit = _read(folder)
+    hit = read_entry(folder)
     if hit is None:
         raise OSError(f"{folder}: the embedding cache entry just written does not read back")
     return hit[0], {**hit[1], "cached": False}
@@ -134,7 +134,7 @@ def _publish(tmp: Path, folder: Path) -> None:
     A valid entry is never replaced (a reader may have it open); a damaged one is swapped out in one step.
     """
     with _locked(folder.parent):
-        if folder.is_dir() and _read(folder) is not None:
+        if folder.is_dir() and read_entry(folder) is not None:
             logger.info("%s: another process wrote this entry meanwhile; keeping it", folder)
             return
         replace_dir(tmp, folder)
@@ -158,7 +158,7 @@ def _texts(items: Sequence[str] | Sequence[Doc]) -> list[str]:
     return [item if isinstance(item, str) else item.full_text for item in items]
 
 
-def _read(folder: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
+def read_entry(folder: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
     """A complete cache entry, or None (absent, or unreadable: then it is re-encoded with a warning)."""
     if not folder.is_dir():
         return None
@@ -207,7 +207,7 @@ def _encode_to(
     start, row, encoded = time.perf_counter(), 0, 0
     unit = "doc" if kind == "corpus" else "query"
     bar = tqdm(total=len(wanted - known), desc=f"encode {kind}", unit=unit, disable=not show_progress)
-    with bar, _progress_per_batch(model, bar):
+    with bar, progress_per_batch(model, bar):
         for chunk in _chunks(items):
             texts = _texts(chunk)
             keys = [text_key(text) for text in texts]
@@ -234,7 +234,7 @@ def _encode_to(
 
 
 @contextmanager
-def _progress_per_batch(model: SentenceTransformer, bar: tqdm) -> Iterator[None]:
+def progress_per_batch(model: SentenceTransformer, bar: tqdm) -> Iterator[None]:
     """Advance ``bar`` by each encoder batch as the model returns it (a forward hook): per batch, not per call."""
 
     def count(module: Any, inputs: Any, output: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 
 from sbmoe.heads import SBMoEHead
+from sbmoe.heads.base import PooledHead
 from sbmoe.heads.stacked import StackedMoEHead
 from sbmoe.model import SBMoEModel, build_model
 
@@ -206,7 +207,7 @@ def make_model(args: FinetuneArguments) -> SBMoEModel:
     if args.head_layers:
         stack = {"reuse_group": args.reuse_group, "psr": args.psr, "pregate": args.pregate}
         options = {k: v for k, v in options.items() if k not in ("routing", "inference")}
-        head: SBMoEHead = StackedMoEHead(dim, args.head_layers, **stack, **options)
+        head: PooledHead = StackedMoEHead(dim, args.head_layers, **stack, **options)
     else:
         head = SBMoEHead(dim, **options)
     return SBMoEModel(modules=[*base, head], device=str(base.device), similarity_fn_name="cosine" if cos else "dot")

@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from sbmoe.files import last_complete_checkpoint
-from sbmoe.heads import SBMoEHead
+from sbmoe.heads.base import PooledHead
 from sbmoe.heads.moe_block import moe_blocks, set_psr
 from sbmoe.model import SBMoEModel
 from sbmoe.training.arguments import FinetuneArguments
@@ -40,7 +40,7 @@ def train_full_mode(
     weights = parse_weights(args.train_weights, sizes)
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
-    head_name = next((name for name, module in model.named_children() if isinstance(module, SBMoEHead)), None)
+    head_name = next((name for name, module in model.named_children() if isinstance(module, PooledHead)), None)
     rates = {rf"^model\.{head_name}\.": args.learning_rate} if head_name else {}
     if moe_blocks(model[0]):  # the MoE layers' fresh routers learn at the head's rate
         rates[r"\.intermediate\.router\."] = args.learning_rate
