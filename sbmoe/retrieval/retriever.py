@@ -33,7 +33,7 @@ from sbmoe.retrieval.faiss_types import check_index_params
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.index_folder import METRIC
 from sbmoe.retrieval.index_settings import IndexSettings
-from sbmoe.retrieval.manifest import MANIFEST, REBUILD, check_files, read_manifest, write_manifest
+from sbmoe.retrieval.manifest import MANIFEST, REBUILD, check_files, manifest_field, read_manifest, write_manifest
 from sbmoe.retrieval.outcomes import Changes, Hit
 from sbmoe.retrieval.store import DocStore
 
@@ -216,17 +216,9 @@ class Retriever:
         embeddings, meta = encode_cached(self.model, docs, "corpus", self.cache_dir, batch_size, show_progress)
         embeddings = unit_rows(embeddings) if self.model.similarity_fn_name == "cosine" else embeddings
         old = self.index
+        model = {"model_name": old.model_name, "model_hash": old.model_hash, "show_progress": show_progress}
         ids = [doc.id for doc in docs]
-        dense = build_index(
-            embeddings,
-            ids,
-            old.index_type,
-            old.requested,
-            use_gpu=old.use_gpu,
-            model_name=old.model_name,
-            model_hash=old.model_hash,
-            show_progress=show_progress,
-        )
+        dense = build_index(embeddings, ids, old.index_type, old.requested, use_gpu=old.use_gpu, **model)
         store = DocStore.temporary()
         store.add(docs, meta["experts"])
         self.index, self.store = dense, store
@@ -316,10 +308,10 @@ class Retriever:
             try:
                 retriever = cls._open(folder, manifest, models, device, use_gpu, verify)
             except (IndexLoadError, OSError, sqlite3.Error):
-                if _generation(folder) == manifest["generation"]:
+                if manifest_field(folder, "generation") == manifest["generation"]:
                     raise
                 continue  # the folder was replaced while this load read it: read the new one
-            if _generation(folder) == manifest["generation"]:
+            if manifest_field(folder, "generation") == manifest["generation"]:
                 return retriever
         raise IndexLoadError(f"{folder}: rewritten during each of {LOAD_ATTEMPTS} loads; load it once the writer ends")
 
@@ -370,14 +362,6 @@ def _read_config(file: Path) -> dict[str, Any]:
     if not (spec is None or isinstance(spec, str)) or not isinstance(fingerprint, str):
         raise IndexLoadError(f"{file}: model spec or fingerprint of the wrong type: {REBUILD}")
     return config
-
-
-def _generation(folder: Path) -> str | None:
-    """The generation number in ``folder``'s manifest now (None when it cannot be read)."""
-    try:
-        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("generation")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _model(model: SentenceTransformer | str, device: str | None) -> tuple[str | None, SentenceTransformer]:
