@@ -7,7 +7,7 @@ import pytest
 
 from sbmoe.retrieval.build import build_index
 from sbmoe.retrieval.index import DenseIndex
-from sbmoe.retrieval.rescore import pq_params
+from sbmoe.retrieval.rescore import exact_top_k, pq_params
 
 pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 DIM = 32
@@ -72,3 +72,11 @@ def test_code_bytes_per_document(docs) -> None:
     flat = build_index(docs, use_gpu=False, show_progress=False)
     sizes = flat.bytes_per_vector()
     assert sizes["code"] == 0 and sizes["index"] == pytest.approx(4 * DIM, rel=0.01)
+
+
+def test_exact_top_k_is_the_flat_index_search_without_an_index(docs, queries) -> None:
+    flat_scores, flat_rows = build_index(docs, use_gpu=False, show_progress=False).search(queries, 20)
+    scores, rows = exact_top_k(queries, docs, 20)
+    np.testing.assert_array_equal(rows, flat_rows)
+    np.testing.assert_allclose(scores, flat_scores, atol=1e-6)
+    assert exact_top_k(queries, docs[:5], 20)[1].shape == (len(queries), 5)  # k capped at the vectors
