@@ -30,8 +30,8 @@ from sbmoe.data import RetrievalDataset, load_dataset  # noqa: E402
 from sbmoe.evaluation import evaluate_model  # noqa: E402
 from sbmoe.files import write_atomic  # noqa: E402
 from sbmoe.model import build_model  # noqa: E402
+from sbmoe.retrieval.build import build_index  # noqa: E402
 from sbmoe.retrieval.encode import encode_cached, unit_rows  # noqa: E402
-from sbmoe.retrieval.index import DenseIndex  # noqa: E402
 from sbmoe.retrieval.ivf import ivf_defaults  # noqa: E402
 
 OUTPUT = REPO / "experiments" / "results" / "ivf_defaults.json"
@@ -92,10 +92,10 @@ def synthetic_rows(docs: np.ndarray, queries: np.ndarray) -> list[dict[str, Any]
     rows = []
     for n in SYNTHETIC_SIZES:
         vectors = synthetic(docs, n)
-        exact = DenseIndex(docs.shape[1], "flat", use_gpu=False).build(vectors, show_progress=False)
+        exact = build_index(vectors, use_gpu=False, show_progress=False)
         _, truth = exact.search(queries, 1000)
         nlist, nprobe = ivf_defaults(n)
-        index = DenseIndex(docs.shape[1], "ivf", use_gpu=False).build(vectors, show_progress=False)
+        index = build_index(vectors, None, "ivf", use_gpu=False, show_progress=False)
         assert index.params == {"nlist": nlist, "nprobe": nprobe}, index.params
         for label, probes in (("old", old_defaults(n)["nprobe"]), ("current", nprobe)):
             index.params["nprobe"] = probes

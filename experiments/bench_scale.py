@@ -6,7 +6,7 @@
 Model: a random 2-layer BERT, hidden 64 (``tests/conftest.py``'s ``write_tiny_bert``), mean pooling, normalised,
 on one torch thread per process. Corpus: 12-24 random words per passage (``conftest.WORDS``), as jsonl.
 
-* Stream: ``encode_to_shards`` then ``index_from_shards`` (flat index) and ``Retriever.save``, each size in a
+* Stream: ``encode_to_shards`` then ``build_index`` of the shards (flat index) and ``Retriever.save``, each size in a
   fresh child process; peak RSS is the child's ``ru_maxrss`` after each phase. Run at N/10 and N: the difference in
   peak RSS against the difference in index bytes shows what grows with the corpus.
 * Ray: ``ray_batches`` over a ``--ray-docs`` corpus read in 10,000-row blocks, with 1 and 2 actors, interleaved
@@ -73,8 +73,9 @@ def child_stream(model_dir: str, corpus: str, work: str) -> dict[str, Any]:
 
     from sbmoe.data import load_corpus
     from sbmoe.model import load_any_model
+    from sbmoe.retrieval.build import build_index
     from sbmoe.retrieval.retriever import Retriever
-    from sbmoe.retrieval.stream import encode_to_shards, index_from_shards, store_from_shards
+    from sbmoe.retrieval.stream import encode_to_shards, store_from_shards
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -85,7 +86,7 @@ def child_stream(model_dir: str, corpus: str, work: str) -> dict[str, Any]:
     shards = encode_to_shards(model, load_corpus(corpus), Path(work) / "shards", SHARD, 256, show_progress=False)
     record.update(docs=len(shards), encode_s=time.perf_counter() - start, rss_encode_mb=rss_mb())
     start = time.perf_counter()
-    index = index_from_shards(shards, "flat", show_progress=False)
+    index = build_index(shards, show_progress=False)
     retriever = Retriever(model, index, store_from_shards(model, shards), model_dir)
     record.update(index_s=time.perf_counter() - start, rss_index_mb=rss_mb())
     start = time.perf_counter()

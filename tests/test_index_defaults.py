@@ -14,6 +14,7 @@ from conftest import write_beir_slice
 from sbmoe.cli import main as cli_main
 from sbmoe.commands.evaluate import markdown_table
 from sbmoe.data import DataError
+from sbmoe.retrieval.build import build_index
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.ivf import EXACT_BELOW, filled_params, ivf_defaults, searches_exactly
 
@@ -69,9 +70,9 @@ def test_small_corpus_falls_back_to_exact_search_and_says_so(
     small: tuple[np.ndarray, np.ndarray], index_type: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     docs, queries = small
-    flat = DenseIndex(DIM, "flat", use_gpu=False).build(docs, show_progress=False)
+    flat = build_index(docs, use_gpu=False, show_progress=False)
     with caplog.at_level(logging.WARNING, logger="sbmoe.retrieval.index"):
-        index = DenseIndex(DIM, index_type, use_gpu=False).build(docs, show_progress=False)
+        index = build_index(docs, None, index_type, use_gpu=False, show_progress=False)
     assert caplog.messages == [FALLBACK_WARNING.format(type=index_type)]
     assert (index.index_type, index.structure, index.params["fallback"]) == (index_type, "flat", "flat")
     assert {v for k, v in index.params.items() if k != "fallback"} == {None}
@@ -83,7 +84,7 @@ def test_fallback_is_saved_reloaded_and_shown_in_the_result_table(
     small: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:
     docs, queries = small
-    index = DenseIndex(DIM, "ivf", use_gpu=False).build(docs, show_progress=False)
+    index = build_index(docs, None, "ivf", use_gpu=False, show_progress=False)
     index.save(tmp_path / "idx")
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert (manifest["type"], manifest["params"]) == ("ivf", {"nlist": None, "nprobe": None, "fallback": "flat"})
@@ -104,19 +105,19 @@ def test_fallback_is_saved_reloaded_and_shown_in_the_result_table(
 def test_a_larger_corpus_keeps_ivf_with_the_scaled_nprobe() -> None:
     """20,000 vectors: 512 lists, 210 probed (41%, was 64); the same object first fell back on 300 vectors."""
     docs, queries = clustered(20_000), clustered(50, seed=1)
-    index = DenseIndex(DIM, "ivf", use_gpu=False).build(docs[:300], show_progress=False)
+    index = build_index(docs[:300], None, "ivf", use_gpu=False, show_progress=False)
     assert index.structure == "flat"
-    index.build(docs, show_progress=False)  # a new build decides again, from the parameters given
+    index = build_index(docs, None, "ivf", use_gpu=False, show_progress=False)  # decided again, from the size
     assert (index.structure, index.params) == ("ivf", {"nlist": 512, "nprobe": 210})
     _, found = index.search(queries, 100)
-    _, truth = DenseIndex(DIM, "flat", use_gpu=False).build(docs, show_progress=False).search(queries, 100)
+    _, truth = build_index(docs, use_gpu=False, show_progress=False).search(queries, 100)
     recall = np.mean([len(set(f) & set(t)) / 100 for f, t in zip(found, truth, strict=True)])
     assert recall >= 0.98
 
 
 def test_explicit_nlist_forces_ivf_on_a_small_corpus(small: tuple[np.ndarray, np.ndarray]) -> None:
     docs, _ = small
-    index = DenseIndex(DIM, "ivf", use_gpu=False, nlist=4).build(docs, show_progress=False)
+    index = build_index(docs, None, "ivf", {"nlist": 4}, use_gpu=False, show_progress=False)
     assert (index.structure, index.params) == ("ivf", {"nlist": 4, "nprobe": 4})  # 8,192 vectors' worth: all
     assert index.faiss_index.nlist == 4
 
@@ -143,15 +144,13 @@ def test_explicit_nlist_forces_ivf_on_a_small_corpus(small: tuple[np.ndarray, np
 def test_settings_the_corpus_cannot_satisfy_name_the_numbers(
     small: tuple[np.ndarray, np.ndarray], index_type: str, params: dict, message: str
 ) -> None:
-    index = DenseIndex(DIM, index_type, use_gpu=False, **params)
     with pytest.raises(DataError, match=f"^{re.escape(message)}"):
-        index.build(small[0], show_progress=False)
+        build_index(small[0], None, index_type, params, use_gpu=False, show_progress=False)
 
 
 def test_nprobe_above_the_default_nlist_is_refused_at_training() -> None:
-    index = DenseIndex(DIM, "ivf", use_gpu=False, nprobe=600)
     with pytest.raises(DataError) as info:
-        index.build(clustered(20_000), show_progress=False)
+        build_index(clustered(20_000), None, "ivf", {"nprobe": 600}, use_gpu=False, show_progress=False)
     message = "nprobe=600 > nlist=512 (the default for 20000 vectors): a search cannot probe more lists than there are"
     assert str(info.value) == message
 

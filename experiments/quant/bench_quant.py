@@ -31,6 +31,7 @@ from sbmoe.files import write_atomic
 from sbmoe.model import load_model
 from sbmoe.quant import calibrate_head, calibration_vectors, choose_plan, quantize_head
 from sbmoe.quant.encoder import export_onnx
+from sbmoe.retrieval.build import build_index
 from sbmoe.retrieval.cache import cached_embeddings
 from sbmoe.retrieval.encode import apply_tail, pooled_features, pooled_model, unit_rows
 from sbmoe.retrieval.index import DenseIndex
@@ -286,8 +287,7 @@ def index_rows(
 ):
     """Build, save and reload (vectors memory-mapped) an index; score it at each re-score multiplier and measure
     its bytes per document: RAM (codes; codebooks apart) and disk (the index folder, float vectors included)."""
-    built = DenseIndex(docs.shape[1], index_type, use_gpu=False, **params)
-    built.build(unit_rows(docs), dids, show_progress=False)
+    built = build_index(unit_rows(docs), dids, index_type, params, use_gpu=False, show_progress=False)
     folder = built.save(scratch / f"index-{index_type}")
     loaded = DenseIndex.load(folder, use_gpu=False)
     sizes = loaded.bytes_per_vector()

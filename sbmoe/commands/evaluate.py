@@ -21,8 +21,7 @@ from sbmoe.evaluation.runs import read_trec_run
 from sbmoe.files import write_atomic
 from sbmoe.model import load_any_model
 from sbmoe.retrieval.cache import model_fingerprint
-from sbmoe.retrieval.faiss_types import check_index_params
-from sbmoe.retrieval.index import INDEX_TYPES
+from sbmoe.retrieval.faiss_types import INDEX_TYPES, check_index_params
 
 logger = logging.getLogger("sbmoe.evaluate")
 

@@ -15,6 +15,7 @@ from sentence_transformers import SentenceTransformer
 from sbmoe.data import RetrievalDataset, load_dataset
 from sbmoe.evaluation.coverage import coverage, coverage_warnings
 from sbmoe.evaluation.metrics import DEFAULT_METRICS, evaluate_run
+from sbmoe.retrieval.build import build_index
 from sbmoe.retrieval.cache import model_fingerprint
 from sbmoe.retrieval.encode import encode_cached, unit_rows
 from sbmoe.retrieval.index import DenseIndex
@@ -82,8 +83,7 @@ def evaluate_embeddings(
     else:
         if len(doc_embeddings) != len(doc_ids):
             raise ValueError(f"{len(doc_embeddings)} document vectors for {len(doc_ids)} document ids")
-        dense = DenseIndex(doc_embeddings.shape[1], index, use_gpu=use_gpu, **(index_params or {}))
-        dense.build(doc_embeddings, list(doc_ids), show_progress=show_progress)
+        dense = build_index(doc_embeddings, doc_ids, index, index_params, use_gpu=use_gpu, show_progress=show_progress)
     indexed = time.perf_counter()
     scores, rows = dense.search(np.asarray(query_embeddings), top_k + int(ignore_identical_ids))
     run = to_run(query_ids, scores, rows, dense.doc_ids, top_k, ignore_identical_ids)
@@ -196,5 +196,3 @@ def evaluate_model(
         "utilization": utilization,
         "warnings": warnings,
     }
-
-

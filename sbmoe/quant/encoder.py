@@ -8,7 +8,6 @@ model whose backbone reloads as an :class:`OnnxTransformer`, running through the
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +18,8 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Transformer
 from torch import Tensor, nn
+
+from sbmoe.files import sha256_file
 
 ENCODERS = ("fp32", "torch-int8", "onnx-fp32", "onnx-int8")
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -151,8 +152,7 @@ class OnnxTransformer(Transformer):
     def use_onnx(self, path: Path) -> None:
         """Run the encoder through ``path`` (in place), dropping the float encoder."""
         self.onnx_file, self.onnx_path = path.name, path
-        with path.open("rb") as f:
-            self.onnx_digest = hashlib.file_digest(f, "blake2b").hexdigest()[:32]
+        self.onnx_digest = sha256_file(path)[:32]
         if not isinstance(self.model, OrtEncoder):
             self.model = OrtEncoder(path, self.model.config)
 

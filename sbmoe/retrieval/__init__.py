@@ -3,8 +3,11 @@
 :class:`Retriever` puts model, index and document store behind one object.
 """
 
+from sbmoe.errors import IndexLoadError
+from sbmoe.retrieval.build import build_index
 from sbmoe.retrieval.encode import encode_cached, pooled_features
-from sbmoe.retrieval.index import INDEX_TYPES, DenseIndex, IndexLoadError
+from sbmoe.retrieval.faiss_types import INDEX_TYPES
+from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.retriever import Hit, Retriever
 from sbmoe.retrieval.store import DocStore
 
@@ -15,6 +18,7 @@ __all__ = [
     "Hit",
     "IndexLoadError",
     "Retriever",
+    "build_index",
     "encode_cached",
     "pooled_features",
 ]

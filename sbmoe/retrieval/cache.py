@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from sbmoe.data.dataset import texts_fingerprint
 from sbmoe.errors import DataError
-from sbmoe.files import remove_stale, replace_dir, scratch_name
+from sbmoe.files import remove_stale, replace_dir, scratch_name, sha256_file
 from sbmoe.paths import cache_dir as default_cache_dir
 from sbmoe.retrieval.text_vectors import TextVectors, text_key
 
@@ -117,7 +117,7 @@ def cached_embeddings(
         finally:
             vectors.close()
         meta.update(model_fingerprint=model_fp, data_fingerprint=data_fp, kind=kind)
-        meta["checksum"] = file_checksum(tmp / "embeddings.npy")
+        meta["checksum"] = sha256_file(tmp / "embeddings.npy")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         _publish(tmp, folder)
     finally:
@@ -167,7 +167,7 @@ def read_entry(folder: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
         embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")
         if embeddings.shape != (meta["count"], meta["dim"]):
             raise ValueError(f"shape {embeddings.shape} != ({meta['count']}, {meta['dim']}) in meta.json")
-        if file_checksum(folder / "embeddings.npy") != meta["checksum"]:
+        if sha256_file(folder / "embeddings.npy") != meta["checksum"]:
             raise ValueError("embeddings.npy does not match the checksum in meta.json")
     except (OSError, ValueError, KeyError) as err:
         logger.warning("%s: unreadable embedding cache entry (%s); encoding again", folder, err)
@@ -245,12 +245,3 @@ def progress_per_batch(model: SentenceTransformer, bar: tqdm) -> Iterator[None]:
         yield
     finally:
         handle.remove()
-
-
-def file_checksum(path: Path) -> str:
-    """BLAKE2b of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
