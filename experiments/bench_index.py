@@ -26,7 +26,7 @@ import numpy as np
 from sbmoe.data import load_dataset
 from sbmoe.files import write_atomic
 from sbmoe.model import build_model
-from sbmoe.retrieval.encode import encode_cached
+from sbmoe.retrieval.encoder import Encoder
 from sbmoe.retrieval.index import DenseIndex, binary_codes
 
 K = 100
@@ -170,8 +170,9 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     model = build_model("minilm", head=False)
     test, train = load_dataset("scifact"), load_dataset("scifact", split="train")
-    docs = encode_cached(model, test, "corpus")[0]
-    queries = np.concatenate([encode_cached(model, list(ds.queries.values()), "queries")[0] for ds in (test, train)])
+    encoder = Encoder(model)
+    docs = encoder.encode(test, "corpus").vectors
+    queries = np.concatenate([encoder.encode(list(ds.queries.values()), "queries").vectors for ds in (test, train)])
     synth, cos_to_centre = synthetic(np.asarray(docs), args.synthetic, args.noise)
     rows = bench("scifact", np.asarray(docs), queries, args.repeats)
     rows += bench(f"synthetic-{args.synthetic // 1000}k", synth, queries[: args.synthetic_queries], args.repeats)

@@ -18,7 +18,7 @@ from sbmoe.data.splits import unseen_dev_split
 from sbmoe.data.trainset import cropped_span
 from sbmoe.heads.sbmoe_head import SBMoEHead
 from sbmoe.model import find_head
-from sbmoe.retrieval.encode import pooled_model
+from sbmoe.retrieval.encoder import pooled_model
 from sbmoe.training.arguments import FinetuneArguments, count_parameters, dense_hidden, make_model
 from sbmoe.training.finetune import STRENGTHS, run
 from sbmoe.training.head_trainer import kmeans_router_init

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sbmoe.heads.moe_block import MoEBlock, block_utilization, link_blocks, set_psr
+from sbmoe.heads.moe_block import MoEBlock, link_blocks, set_psr
 from sbmoe.heads.routing import PSR_SCHEDULES
 from sbmoe.heads.sbmoe_head import SBMoEHead
+from sbmoe.heads.usage import top_candidate
 
 
 class StackedMoEHead(SBMoEHead):
@@ -73,12 +74,5 @@ class StackedMoEHead(SBMoEHead):
         features["sentence_embedding"] = y
         features["expert_index"] = first.indices[:, 0]
         features["router_probs"] = first.probs
+        features["layer_choices"] = torch.stack([top_candidate(b.last_routing) for b in self.layers], dim=-1)
         return features
-
-    def reset_routing_stats(self) -> None:
-        for layer in self.layers:
-            layer.reset_routing_stats()
-
-    def routing_stats(self) -> dict[str, Any]:
-        """Per layer: top-1 shares over the layer's candidates and the share kept on its own experts."""
-        return {"layers": [block_utilization(layer) for layer in self.layers]}

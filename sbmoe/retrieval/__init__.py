@@ -3,7 +3,7 @@
 :class:`Retriever` puts model, index and document store behind one object.
 """
 
-from sbmoe.retrieval.encode import encode_cached, pooled_features
+from sbmoe.retrieval.encoder import Encoded, Encoder
 from sbmoe.retrieval.index import INDEX_TYPES, DenseIndex, IndexLoadError
 from sbmoe.retrieval.retriever import Hit, Retriever
 from sbmoe.retrieval.store import DocStore
@@ -12,9 +12,9 @@ __all__ = [
     "INDEX_TYPES",
     "DenseIndex",
     "DocStore",
+    "Encoded",
+    "Encoder",
     "Hit",
     "IndexLoadError",
     "Retriever",
-    "encode_cached",
-    "pooled_features",
 ]

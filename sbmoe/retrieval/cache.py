@@ -86,7 +86,7 @@ def cached_embeddings(
     """Encode ``items`` once and reuse the result from disk afterwards.
 
     Args:
-        model: Any SentenceTransformer (sbmoe passes the pooled backbone: see :mod:`sbmoe.retrieval.encode`).
+        model: Any SentenceTransformer (sbmoe passes the pooled backbone: see :mod:`sbmoe.retrieval.encoder`).
         items: A dataset (its corpus streams in chunks), or a list of texts or :class:`~sbmoe.data.Doc`.
         kind: ``corpus`` (``encode_document``) or ``queries`` (``encode_query``).
         cache_dir: Cache root (default :func:`sbmoe.paths.cache_dir`).

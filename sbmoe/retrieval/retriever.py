@@ -27,7 +27,7 @@ from sbmoe.model import find_head, load_any_model, load_model
 from sbmoe.retrieval.backends import build_sharded
 from sbmoe.retrieval.cache import model_fingerprint
 from sbmoe.retrieval.documents import Corpus, as_dataset, unique_docs
-from sbmoe.retrieval.encode import encode_cached, unit_rows
+from sbmoe.retrieval.encoder import Encoder, unit_rows
 from sbmoe.retrieval.faiss_types import check_index_params
 from sbmoe.retrieval.index import METRIC, DenseIndex
 from sbmoe.retrieval.index_settings import IndexSettings
@@ -211,14 +211,14 @@ class Retriever:
         """Index and store exactly ``docs`` (vectors through the per-document cache), same type and settings."""
         if not docs:
             raise DataError("no documents to index: the corpus is empty (or every id was deleted)")
-        embeddings, meta = encode_cached(self.model, docs, "corpus", self.cache_dir, batch_size, show_progress)
-        embeddings = unit_rows(embeddings) if self.model.similarity_fn_name == "cosine" else embeddings
+        encoded = Encoder(self.model, self.cache_dir, batch_size, show_progress).encode(docs, "corpus")
+        embeddings = unit_rows(encoded.vectors) if self.model.similarity_fn_name == "cosine" else encoded.vectors
         old = self.index
         dim = embeddings.shape[1]
         dense = DenseIndex(dim, old.index_type, old.use_gpu, old.model_name, old.model_hash, **old.requested)
         dense.build(embeddings, [doc.id for doc in docs], show_progress=show_progress)
         store = DocStore.temporary()
-        store.add(docs, meta["experts"])
+        store.add(docs, encoded.experts)
         self.index, self.store = dense, store
 
     def search(self, queries: str | Sequence[str], k: int = 10, batch_size: int = 64) -> list[list[Hit]]:
@@ -253,14 +253,9 @@ class Retriever:
 
     def encode_queries(self, texts: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, list[int] | None]:
         """Query embeddings (unit length for cosine models) and each query's top-1 expert (None without a head)."""
-        if self.head is None:
-            vectors = self.model.encode_query(list(texts), batch_size=batch_size, convert_to_numpy=True)
-            experts = None
-        else:
-            outputs = self.model.encode_query(list(texts), batch_size=batch_size, output_value=None)
-            vectors = np.stack([out["sentence_embedding"].float().cpu().numpy() for out in outputs])
-            experts = [int(out["expert_index"]) for out in outputs]
-        vectors = np.asarray(vectors, dtype=np.float32)
+        encoded = Encoder(self.model, batch_size=batch_size).encode_texts(texts, "query")
+        experts = None if encoded.experts is None else encoded.experts.tolist()
+        vectors = encoded.vectors
         return (unit_rows(vectors) if self.model.similarity_fn_name == "cosine" else vectors), experts
 
     def save(self, path: str | os.PathLike) -> Path:
