@@ -31,3 +31,17 @@ def markdown_table(source: str, results: Sequence[dict[str, Any]]) -> str:
             f"{search} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def finetune_table(record: dict[str, Any]) -> str:
+    """Each eval set's metrics in a fine-tuning run record: zero-shot backbone, fine-tuned model, difference."""
+    lines = []
+    for spec, result in record["eval"].items():
+        base = record.get("zero_shot", {}).get(spec, {}).get("metrics", {})
+        lines.append(f"{spec} ({result['num_queries']} queries)")
+        for name, value in result["metrics"].items():
+            line = f"  {name:<11} fine-tuned {value:.4f}"
+            if name in base:
+                line = f"  {name:<11} zero-shot {base[name]:.4f}  fine-tuned {value:.4f}  {value - base[name]:+.4f}"
+            lines.append(line)
+    return "\n".join(lines) + ("\n" if lines else "")

@@ -66,6 +66,7 @@ class Retriever:
     def __init__(self, model: SentenceTransformer, index: DenseIndex, store: DocStore, model_spec: str | None = None):
         self.model, self.index, self.store, self.model_spec = model, index, store, model_spec
         self.head = find_head(model)
+        self.encoder = Encoder(model, show_progress=False)  # built once: searches reuse its pooled backbone
         self.cache_dir: str | os.PathLike | None = None
         self.index_choice: IndexSettings | None = None  # how :meth:`build` chose the type from a RAM budget
 
@@ -253,7 +254,8 @@ class Retriever:
 
     def encode_queries(self, texts: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, list[int] | None]:
         """Query embeddings (unit length for cosine models) and each query's top-1 expert (None without a head)."""
-        encoded = Encoder(self.model, batch_size=batch_size).encode_texts(texts, "query")
+        encoder = self.encoder if batch_size == self.encoder.batch_size else Encoder(self.model, batch_size=batch_size)
+        encoded = encoder.encode_texts(texts, "query")
         experts = None if encoded.experts is None else encoded.experts.tolist()
         vectors = encoded.vectors
         return (unit_rows(vectors) if self.model.similarity_fn_name == "cosine" else vectors), experts
