@@ -71,7 +71,7 @@ class RoutingRecorder:
     """Top-1 candidate counts of each of ``blocks`` over the forwards run without gradient while it is open.
 
     Use as a context manager: its forward hooks are registered on entry and removed on exit; the counts live in
-    the recorder, owned by its caller.
+    the recorder, owned by its caller. While open it counts every forward of the blocks, from any caller.
     """
 
     def __init__(self, blocks: Sequence[MoEBlock]):

@@ -5,7 +5,7 @@ and cached under a key of the backbone's weights, its max length and the texts; 
 head, ``Normalize``) costs about 0.1% of encoding and is applied to the cached vectors on every call. So the plain
 backbone, any number of heads on it, ``evaluate``, ``finetune``, ``index`` and ``search`` share one encoding.
 :class:`Encoder` is the one place that runs a tail at inference; its results are values (:class:`Encoded`), routing
-statistics included, so encoding changes no module state and may run from several threads.
+statistics included, so no statistic lives in a module and an SB-MoE head may encode from several threads at once.
 """
 
 from __future__ import annotations
