@@ -27,7 +27,7 @@ from sbmoe.data import load_dataset
 from sbmoe.files import write_atomic
 from sbmoe.model import build_model
 from sbmoe.retrieval.build import build_index
-from sbmoe.retrieval.encode import encode_cached
+from sbmoe.retrieval.encoder import Encoder
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.rescore import binary_codes
 
@@ -77,8 +77,17 @@ def raw_search(index: DenseIndex, queries: np.ndarray, k: int) -> Any:
     scores, ids = np.empty((len(queries), k), dtype=np.float32), np.empty((len(queries), k), dtype=np.int64)
     ptr = faiss.swig_ptr
     faiss.knn_inner_products_by_idx(
-        ptr(queries), ptr(vectors), ptr(cand), index.dim, len(queries), len(vectors), candidates, k,
-        ptr(scores), ptr(ids), candidates,
+        ptr(queries),
+        ptr(vectors),
+        ptr(cand),
+        index.dim,
+        len(queries),
+        len(vectors),
+        candidates,
+        k,
+        ptr(scores),
+        ptr(ids),
+        candidates,
     )
     return scores, ids
 
@@ -172,8 +181,9 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     model = build_model("minilm", head=False)
     test, train = load_dataset("scifact"), load_dataset("scifact", split="train")
-    docs = encode_cached(model, test, "corpus")[0]
-    queries = np.concatenate([encode_cached(model, list(ds.queries.values()), "queries")[0] for ds in (test, train)])
+    encoder = Encoder(model)
+    docs = encoder.encode(test, "corpus").vectors
+    queries = np.concatenate([encoder.encode(list(ds.queries.values()), "queries").vectors for ds in (test, train)])
     synth, cos_to_centre = synthetic(np.asarray(docs), args.synthetic, args.noise)
     rows = bench("scifact", np.asarray(docs), queries, args.repeats)
     rows += bench(f"synthetic-{args.synthetic // 1000}k", synth, queries[: args.synthetic_queries], args.repeats)

@@ -31,7 +31,7 @@ from sbmoe.evaluation import evaluate_model  # noqa: E402
 from sbmoe.files import write_atomic  # noqa: E402
 from sbmoe.model import build_model  # noqa: E402
 from sbmoe.retrieval.build import build_index  # noqa: E402
-from sbmoe.retrieval.encode import encode_cached, unit_rows  # noqa: E402
+from sbmoe.retrieval.encoder import Encoder, unit_rows  # noqa: E402
 from sbmoe.retrieval.ivf import ivf_defaults  # noqa: E402
 
 OUTPUT = REPO / "experiments" / "results" / "ivf_defaults.json"
@@ -126,8 +126,9 @@ def main() -> None:
     model = build_model("minilm", head=False)
     scifact = load_dataset("scifact")
     real = real_rows(model, scifact) + real_rows(model, slice_of(scifact, 40, 300))
-    docs = unit_rows(np.asarray(encode_cached(model, scifact, "corpus", show_progress=False)[0]))
-    queries = unit_rows(encode_cached(model, list(scifact.queries.values()), "queries", show_progress=False)[0])
+    encoder = Encoder(model, show_progress=False)
+    docs = unit_rows(encoder.encode(scifact, "corpus").vectors)
+    queries = unit_rows(encoder.encode(list(scifact.queries.values()), "queries").vectors)
     report = {
         "command": "python experiments/bench_ivf_defaults.py",
         "model": "all-MiniLM-L6-v2 (minilm, no head), max 256 tokens, cosine",

@@ -94,17 +94,11 @@ class SBMoEModel(SentenceTransformer):
             self._modules.update(modules)
 
     def _create_model_card(self, path: str, *args: Any, **kwargs: Any) -> None:
-        """Write sentence-transformers' model card plus how to load the folder and what its head is, without
-        counting the card's example encodes in the head's routing statistics."""
+        """Write sentence-transformers' model card plus how to load the folder and what its head is."""
         head = self.head
-        counts = head.expert_counts.clone() if head is not None else None
         if head is not None and head.query_only:  # its examples must be encoded as queries and documents
             self.model_card_data.ir_model = True
-        try:
-            super()._create_model_card(path, *args, **kwargs)
-        finally:
-            if head is not None:
-                head.expert_counts.copy_(counts)
+        super()._create_model_card(path, *args, **kwargs)
         card = Path(path) / "README.md"
         if card.is_file():
             card.write_text(

@@ -92,6 +92,7 @@ def test_batch_run_file_scores_like_evaluate(indexed: dict, tmp_path: Path, sess
     assert from_model["corpus_from_cache"]  # `sbmoe index` encoded this corpus already
     assert from_run["num_queries"] == from_model["num_queries"] == SLICE_QUERIES
     assert from_run["metrics"] == pytest.approx(from_model["metrics"], abs=1e-9)
+    assert set(from_run) <= set(from_model) and from_run["per_query"].keys() == from_model["per_query"].keys()
     assert from_model["metrics"]["nDCG@10"] > 0.5
 
 

@@ -141,7 +141,7 @@ def test_cranfield_recall_is_the_same_through_irds_and_beir(tiny_bert: str, shar
     for spec in ("cranfield", "irds:cranfield"):
         dataset = load_dataset(spec, data_dir=shared_data)
         dataset.qrels = {q: {d: s for d, s in r.items() if s > 0} for q, r in dataset.qrels.items()}  # drop -1 rows
-        runs[spec] = evaluate_model(model, dataset, 100, batch_size=256, cache_dir=tmp_path, show_progress=False)
+        runs[spec] = evaluate_model(model, dataset, top_k=100, batch_size=256, cache_dir=tmp_path, show_progress=False)
     beir, irds = runs["cranfield"]["metrics"], runs["irds:cranfield"]["metrics"]
     assert runs["irds:cranfield"]["num_docs"] == runs["cranfield"]["num_docs"] == 1400
     assert irds["Recall@100"] == pytest.approx(beir["Recall@100"], abs=1e-6) and beir["Recall@100"] > 0.05

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_beir_slice
+from conftest import head_output, write_beir_slice
 from safetensors.torch import load_file
 
 from sbmoe.heads.sbmoe_head import SBMoEHead
 from sbmoe.training.arguments import FinetuneArguments
 from sbmoe.training.finetune import run
-from sbmoe.training.head_trainer import HeadTrainConfig, embed, train_head
+from sbmoe.training.head_trainer import HeadTrainConfig, train_head
 
 DIM, DOCS, QUERIES = 384, 300, 128  # MiniLM's width: large enough for torch to split work across threads
 CONFIG = HeadTrainConfig(epochs=6, batch_size=32, learning_rate=1e-2, seed=3)
@@ -52,7 +52,7 @@ def recall_at_1(data: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Callab
     anchors, docs, rows = data
 
     def score(head: SBMoEHead) -> float:
-        best = (embed(head, anchors, "query") @ embed(head, docs, "document").T).argmax(dim=1)
+        best = (head_output(head, anchors, "query") @ head_output(head, docs, "document").T).argmax(dim=1)
         return (best == rows[:, 1]).float().mean().item()
 
     return score

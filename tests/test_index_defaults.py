@@ -12,8 +12,8 @@ import pytest
 from conftest import write_beir_slice
 
 from sbmoe.cli import main as cli_main
-from sbmoe.commands.evaluate import markdown_table
 from sbmoe.data import DataError
+from sbmoe.evaluation.report import markdown_table
 from sbmoe.retrieval.build import build_index
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.ivf import EXACT_BELOW, filled_params, ivf_defaults, searches_exactly

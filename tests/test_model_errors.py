@@ -19,7 +19,7 @@ from sbmoe.cli import main as cli_main
 from sbmoe.errors import ModelLoadError
 from sbmoe.model import SBMoEModel, build_model, load_any_model, load_model
 from sbmoe.quiet import ST_LOGGER, quiet_loading
-from sbmoe.retrieval.encode import encode_cached, pooled_model
+from sbmoe.retrieval.encoder import Encoder, pooled_model
 
 TEXTS = ["cells and genes", "the protein increase in blood", "a drug study of mice"]
 KNOWN = "known: minilm, minilm-l3, minilm-l2, tinybert, bert-small, bert-base, contriever, contriever-msmarco"
@@ -144,10 +144,9 @@ def test_query_only_model_typed_paths_are_unchanged(query_only: SBMoEModel, tmp_
     assert np.abs(queries - pooled).max() > 1e-3  # queries are transformed
     np.testing.assert_allclose(query_only.encode(TEXTS, task="document"), documents, atol=1e-6)
     np.testing.assert_allclose(query_only.encode(TEXTS, task="query"), queries, atol=1e-6)
-    cached_docs, _ = encode_cached(query_only, TEXTS, "corpus", tmp_path, show_progress=False)
-    cached_queries, _ = encode_cached(query_only, TEXTS, "queries", tmp_path, show_progress=False)
-    np.testing.assert_allclose(cached_docs, documents, atol=1e-5)
-    np.testing.assert_allclose(cached_queries, queries, atol=1e-5)
+    encoder = Encoder(query_only, tmp_path, show_progress=False)
+    np.testing.assert_allclose(encoder.encode(TEXTS, "corpus").vectors, documents, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode(TEXTS, "queries").vectors, queries, atol=1e-5)
 
 
 def test_build_model_refuses_unknown_and_ignored_arguments(tiny_bert: str) -> None:

@@ -13,7 +13,7 @@ from test_quant import write_beir
 import sbmoe
 from sbmoe import cli
 from sbmoe.quant.recipe import calibration_texts, calibration_vectors
-from sbmoe.retrieval.encode import pooled_model
+from sbmoe.retrieval.encoder import pooled_model
 
 
 @pytest.fixture()

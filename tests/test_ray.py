@@ -17,7 +17,7 @@ from sbmoe.commands import index as index_command
 from sbmoe.data import load_corpus
 from sbmoe.model import load_any_model
 from sbmoe.retrieval import Retriever
-from sbmoe.retrieval.encode import encode_cached, unit_rows
+from sbmoe.retrieval.encoder import Encoder, unit_rows
 from sbmoe.retrieval.ray_encode import ray_encode_to_shards
 from sbmoe.retrieval.shards import MANIFEST, ShardSet
 from sbmoe.retrieval.stream import encode_to_shards
@@ -51,7 +51,7 @@ def model(tiny_bert: str):
 
 def test_ray_encoding_equals_single_process_in_the_same_order(model, tiny_bert: str, corpus: Path, tmp_path) -> None:
     shards = ray_encode_to_shards(model, tiny_bert, corpus.as_uri(), tmp_path / "ray", SHARD, workers=1)
-    reference, _ = encode_cached(model, load_corpus(corpus), "corpus", show_progress=False)
+    reference = Encoder(model, show_progress=False).encode(load_corpus(corpus), "corpus").vectors
     vectors, ids = all_rows(shards)
     assert ids == [f"d{i}" for i in range(DOCS)]  # read through fsspec from a file:// URL
     np.testing.assert_allclose(vectors, unit_rows(np.asarray(reference)), atol=1e-5)

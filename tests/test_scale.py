@@ -19,7 +19,7 @@ from sbmoe.commands import search as search_command
 from sbmoe.data import DataError, Doc, load_corpus
 from sbmoe.model import load_any_model
 from sbmoe.retrieval import DenseIndex, Retriever, build_index
-from sbmoe.retrieval.encode import encode_cached, unit_rows
+from sbmoe.retrieval.encoder import Encoder, unit_rows
 from sbmoe.retrieval.index_settings import choose_index, parse_bytes
 from sbmoe.retrieval.shards import ShardSet
 from sbmoe.retrieval.stream import encode_to_shards, store_from_shards
@@ -59,7 +59,7 @@ def all_rows(shards: ShardSet) -> tuple[np.ndarray, list[str]]:
 def test_stream_shards_hold_what_the_cached_encoding_indexes(model, corpus: Path, tmp_path: Path) -> None:
     dataset = load_corpus(corpus)
     shards = encode_to_shards(model, dataset, tmp_path / "shards", shard_size=SHARD, chunk=50, show_progress=False)
-    reference, _ = encode_cached(model, dataset, "corpus", show_progress=False)
+    reference = Encoder(model, show_progress=False).encode(dataset, "corpus").vectors
     vectors, ids = all_rows(ShardSet.open(tmp_path / "shards"))
     assert [s.count for s in shards.shards] == [64, 64, 64, 64, 44] and shards.complete
     assert ids == [f"d{i}" for i in range(DOCS)]
@@ -78,10 +78,10 @@ def test_stream_shards_keep_each_documents_expert(tiny_bert: str, corpus: Path, 
             weight.zero_() if name.endswith("bias") else weight.normal_(0.0, 3.0 / weight.shape[1] ** 0.5)
     dataset = load_corpus(corpus)
     shards = encode_to_shards(moe, dataset, tmp_path / "shards", SHARD, show_progress=False)
-    reference, meta = encode_cached(moe, dataset, "corpus", show_progress=False)
+    reference = Encoder(moe, show_progress=False).encode(dataset, "corpus")
     experts = [e for shard in shards.shards for e in shards.rows(shard)["expert"]]
-    assert experts == meta["experts"].tolist() and len(set(experts)) > 1
-    np.testing.assert_allclose(all_rows(shards)[0], unit_rows(np.asarray(reference)), atol=1e-5)
+    assert experts == reference.experts.tolist() and len(set(experts)) > 1
+    np.testing.assert_allclose(all_rows(shards)[0], unit_rows(reference.vectors), atol=1e-5)
 
 
 def killing_docs(corpus: Path, at: int) -> Iterator[Doc]:

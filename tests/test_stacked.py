@@ -10,6 +10,7 @@ import torch
 from sbmoe.heads import psr_open_count, top_k_gates
 from sbmoe.heads.stacked import StackedMoEHead
 from sbmoe.model import build_model, load_model
+from sbmoe.retrieval.encoder import Encoder
 from sbmoe.training.head_trainer import HeadTrainConfig, train_head
 
 DIM = 16
@@ -112,4 +113,5 @@ def test_stacked_head_saves_and_reloads(tiny_bert: str, tmp_path: Path) -> None:
     texts = ["the cell protein", "search index"]
     assert isinstance(loaded.head, StackedMoEHead) and loaded.head.psr == "linear" and loaded.head.pregate
     torch.testing.assert_close(loaded.encode(texts), model.encode(texts), atol=0, rtol=0)
-    assert len(loaded.head.routing_stats()["layers"]) == 2
+    routing = Encoder(loaded, tmp_path / "cache", show_progress=False).encode(texts, "corpus").routing
+    assert [layer["total"] for layer in routing.as_dict()["layers"]] == [2, 2]

@@ -28,8 +28,8 @@ from run import EVAL, HEAD_BASE, REGIMES, RESULTS, SEEDS, run_once  # noqa: E402
 from sbmoe.data.trainset import load_train_sets  # noqa: E402
 from sbmoe.files import write_atomic  # noqa: E402
 from sbmoe.model import find_head, load_model  # noqa: E402
-from sbmoe.retrieval.encode import pooled_features  # noqa: E402
-from sbmoe.training.evaluation_pass import expert_choice, utilization  # noqa: E402
+from sbmoe.retrieval.encoder import Encoder  # noqa: E402
+from sbmoe.training.evaluation_pass import utilization  # noqa: E402
 
 WEIGHTS = [0.1, 1.0, 3.0]  # domain-loss weights tried on dev (seed 0)
 LEARNING_RATE = 3e-4
@@ -55,15 +55,15 @@ def train(weight: float, seed: int, root: Path) -> tuple[dict[str, Any], Path]:
 def training_routing(model_dir: Path) -> dict[str, Any]:
     """Expert shares of each training source's queries and documents under the saved model's head."""
     model = load_model(str(model_dir))
-    head = find_head(model)
+    head, encoder = find_head(model), Encoder(model)
     out: dict[str, Any] = {}
     for name, data in load_train_sets(REGIMES["both"], max_positives_per_query=HEAD_BASE["max_positives_per_query"]):
-        queries = pooled_features(model, [data.queries[q] for q in sorted(data.qrels)], "queries")
-        docs = pooled_features(model, list(data.docs.values()), "corpus")
+        queries = encoder.encode([data.queries[q] for q in sorted(data.qrels)], "queries")
+        docs = encoder.encode(list(data.docs.values()), "corpus")
         out[name] = {
-            "queries": utilization(expert_choice(head, queries), head.num_experts)["shares"],
-            "documents": utilization(expert_choice(head, docs), head.num_experts)["shares"],
-            "num_documents": len(docs),
+            "queries": utilization(queries.experts, head.num_experts)["shares"],
+            "documents": utilization(docs.experts, head.num_experts)["shares"],
+            "num_documents": len(docs.vectors),
         }
     return out
 

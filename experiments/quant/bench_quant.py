@@ -33,7 +33,7 @@ from sbmoe.quant import calibrate_head, calibration_vectors, choose_plan, quanti
 from sbmoe.quant.encoder import export_onnx
 from sbmoe.retrieval.build import build_index
 from sbmoe.retrieval.cache import cached_embeddings
-from sbmoe.retrieval.encode import apply_tail, pooled_features, pooled_model, unit_rows
+from sbmoe.retrieval.encoder import Encoder, pooled_model, unit_rows
 from sbmoe.retrieval.index import DenseIndex
 
 MODEL = "out/rows/recipe-query-only-routing"
@@ -75,6 +75,12 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def tail(model, vectors: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The model's tail on pooled ``vectors``: embeddings and each row's top-1 expert."""
+    encoded = Encoder(model).tail(vectors, task)
+    return encoded.vectors, encoded.experts
+
+
 def score(queries: np.ndarray, docs: np.ndarray | DenseIndex, qids: list, dids: list, qrels: dict) -> dict:
     """Metrics and search QPS of unit query vectors against document vectors (flat) or a built index."""
     index = docs if isinstance(docs, DenseIndex) else "flat"
@@ -84,8 +90,8 @@ def score(queries: np.ndarray, docs: np.ndarray | DenseIndex, qids: list, dids: 
         qids,
         dids,
         qrels,
-        TOP_K,
-        index,
+        top_k=TOP_K,
+        index=index,
         use_gpu=False,
     )
     result["qps"] = len(qids) / max(result["timings"]["search_s"], 1e-9)
@@ -127,9 +133,9 @@ def main() -> None:
     fp32_head = folder_bytes(head_dir)
     backbone = folder_bytes(scratch / "fp32") - fp32_head
     pooled_docs = np.asarray(cached_embeddings(pooled_model(model), dataset, "corpus", show_progress=False)[0])
-    doc_vectors, doc_experts = apply_tail(model, pooled_docs, "document")
-    pooled_queries = pooled_features(model, query_texts, "queries").numpy()
-    query_vectors, query_experts = apply_tail(model, pooled_queries, "query")
+    doc_vectors, doc_experts = tail(model, pooled_docs, "document")
+    pooled_queries = Encoder(model).pooled(query_texts, "queries").numpy()
+    query_vectors, query_experts = tail(model, pooled_queries, "query")
     base = score(query_vectors, doc_vectors, qids, dids, dataset.qrels)
     common = {"index_ram_b_per_doc": 1536, "index_disk_b_per_doc": 1536, "encode_speed_ratio": 1.0}
     rows = [
@@ -161,8 +167,8 @@ def main() -> None:
             quantized = quantize_head(load_model(MODEL, device="cpu"), plan)
             quantized.save(str(scratch / "q"))
             head_bytes = head_sizes[label] = folder_bytes(next((scratch / "q").glob("2_*")))
-            q_queries, q_experts = apply_tail(quantized, pooled_queries, "query")
-            q_docs, d_experts = apply_tail(quantized, pooled_docs, "document")
+            q_queries, q_experts = tail(quantized, pooled_queries, "query")
+            q_docs, d_experts = tail(quantized, pooled_docs, "document")
             result = score(q_queries, q_docs, qids, dids, dataset.qrels)
             rows.append(
                 row(
@@ -213,8 +219,8 @@ def main() -> None:
         for name in encoders["quality"]:
             if name == "fp32" or not (VECTORS / f"scifact_{name}_corpus.npy").exists():
                 continue
-            e_docs, e_doc_experts = apply_tail(model, np.load(VECTORS / f"scifact_{name}_corpus.npy"), "document")
-            e_queries, e_query_experts = apply_tail(model, np.load(VECTORS / f"scifact_{name}_queries.npy"), "query")
+            e_docs, e_doc_experts = tail(model, np.load(VECTORS / f"scifact_{name}_corpus.npy"), "document")
+            e_queries, e_query_experts = tail(model, np.load(VECTORS / f"scifact_{name}_queries.npy"), "query")
             result = score(e_queries, e_docs, qids, dids, dataset.qrels)
             rows.append(
                 row(
@@ -237,8 +243,8 @@ def main() -> None:
     if best is not None:
         plan = "experts mixed 4 bits (sensitivity x frequency)"
         quantized = quantize_head(load_model(MODEL, device="cpu"), plans[plan])
-        c_docs, c_doc_experts = apply_tail(quantized, np.load(VECTORS / f"scifact_{best}_corpus.npy"), "document")
-        c_queries, c_query_experts = apply_tail(quantized, np.load(VECTORS / f"scifact_{best}_queries.npy"), "query")
+        c_docs, c_doc_experts = tail(quantized, np.load(VECTORS / f"scifact_{best}_corpus.npy"), "document")
+        c_queries, c_query_experts = tail(quantized, np.load(VECTORS / f"scifact_{best}_queries.npy"), "query")
         label = f"combined: encoder {best} + {plan} + opq48 (48 B)"
         rows += index_rows(
             label,

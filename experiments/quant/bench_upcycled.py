@@ -128,7 +128,7 @@ def main() -> None:
             model.save(str(scratch / "q"))
         tag = "fp32" if arguments is None else "_".join(f"{k}{v}" for k, v in arguments.items())
         q, d = encode(model, tag, queries, texts)
-        result = evaluate_embeddings(q, d, qids, dids, dataset.qrels, 100, "flat", use_gpu=False)
+        result = evaluate_embeddings(q, d, qids, dids, dataset.qrels, top_k=100, use_gpu=False)
         ndcg = result["metrics"]["nDCG@10"]
         per_query[label] = {q: v["nDCG@10"] for q, v in query_scores(dataset.qrels, result["run"]).items()}
         if base is None:

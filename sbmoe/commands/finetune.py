@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from sbmoe.commands.common import USER_ERRORS, fail, setup_logging
 from sbmoe.commands.dataclass_args import add_dataclass_arguments, from_json_file
 from sbmoe.commands.flags import new_parser
+from sbmoe.evaluation.report import finetune_table
 from sbmoe.training.arguments import FinetuneArguments
 from sbmoe.training.finetune import run
 from sbmoe.training.losses import TrainingDivergedError
@@ -71,21 +72,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe finetune") -> int
         return fail("finetune", err)
     if record.get("rank"):  # under torchrun only rank 0 evaluates, saves and reports
         return 0
-    print(results_table(record), end="")
+    print(finetune_table(record), end="")
     saved = f"model and run.json saved to {args.output_dir}" if args.save_model else f"run.json in {args.output_dir}"
     print(f"{saved} ({record['seconds']:.0f} s)")
     return 0
-
-
-def results_table(record: dict) -> str:
-    """Each eval set's metrics: zero-shot backbone, fine-tuned model, and the difference."""
-    lines = []
-    for spec, result in record["eval"].items():
-        base = record.get("zero_shot", {}).get(spec, {}).get("metrics", {})
-        lines.append(f"{spec} ({result['num_queries']} queries)")
-        for name, value in result["metrics"].items():
-            line = f"  {name:<11} fine-tuned {value:.4f}"
-            if name in base:
-                line = f"  {name:<11} zero-shot {base[name]:.4f}  fine-tuned {value:.4f}  {value - base[name]:+.4f}"
-            lines.append(line)
-    return "\n".join(lines) + ("\n" if lines else "")

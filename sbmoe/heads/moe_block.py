@@ -93,7 +93,6 @@ class MoEBlock(nn.Module):
         self.pregate = False
         self.aux_loss: Tensor = torch.zeros(())
         self.z_loss: Tensor = torch.zeros(())
-        self.expert_counts = torch.zeros(num_experts, dtype=torch.long)
         self.last_routing: Routing | None = None
         self.last_decided_by: int = 0
         self.index = 0
@@ -203,15 +202,8 @@ class MoEBlock(nn.Module):
             if self.on_plan is not None:
                 self.on_plan(nxt, plan)
         self.aux_loss, self.z_loss, self.last_routing = routing.aux_loss, routing.z_loss, routing
-        if not torch.is_grad_enabled():
-            top = routing.indices.gather(-1, routing.weights.abs().argmax(dim=-1, keepdim=True))[:, 0]
-            self.expert_counts += torch.bincount(top.cpu(), minlength=self.candidates)
         banks = [block.experts for block in self.group]
         return combine_experts(banks, flat, routing.indices, routing.weights).view_as(x)
-
-    def reset_routing_stats(self) -> None:
-        """Zero the top-1 counters that :meth:`forward` fills while encoding."""
-        self.expert_counts.zero_()
 
 
 def link_blocks(blocks: Sequence[MoEBlock], reuse_group: int = 1, pregate: bool = False) -> None:
@@ -227,7 +219,6 @@ def link_blocks(blocks: Sequence[MoEBlock], reuse_group: int = 1, pregate: bool 
         group = tuple(blocks[start : start + reuse_group])
         for position, block in enumerate(group):
             block.links.group, block.links.position = group, position
-            block.expert_counts = torch.zeros(block.candidates, dtype=torch.long)
             block.router.enable_reuse(len(group) - 1)
     for index, block in enumerate(blocks):
         block.index, block.pregate = index, pregate
@@ -246,23 +237,6 @@ def set_psr(module: nn.Module, schedule: str | None = None, progress: float | No
             block.psr = schedule
         if progress is not None:
             block.progress = float(progress)
-
-
-def block_utilization(block: MoEBlock) -> dict[str, object]:
-    """Top-1 shares of a block's candidates since the last reset (candidate ``g * N + e``: expert e of group
-    member g; a token's top-1 is its candidate of largest weight, foreign gates times the reuse scale), the share
-    that went to the block's own experts, and the reuse scale (None outside a group)."""
-    counts = block.expert_counts.float()
-    total = counts.sum().item()
-    shares = (counts / total).tolist() if total else [0.0] * len(counts)
-    own = block.links.position * block.num_experts
-    scale = None if block.reuse_scale is None else block.reuse_scale.item()
-    return {
-        "shares": shares,
-        "own_share": sum(shares[own : own + block.num_experts]),
-        "total": int(total),
-        "reuse_scale": scale,
-    }
 
 
 def active_parameters(module: nn.Module) -> int:

@@ -128,7 +128,6 @@ class SBMoEHead(PooledHead):
         self.router = Router(in_features, num_experts, noise, hidden=in_features // 2)
         self.aux_loss: Tensor = torch.zeros(())
         self.z_loss: Tensor = torch.zeros(())
-        self.expert_counts = torch.zeros(num_experts, dtype=torch.long)
 
     def _selected_k(self) -> int:
         """How many experts each input uses in the current mode (train/eval)."""
@@ -164,11 +163,8 @@ class SBMoEHead(PooledHead):
         if self.normalize_output:
             y = F.normalize(y, dim=-1)
         self.aux_loss = load_balancing_loss(probs, dispatch)
-        expert_index = probs.argmax(dim=-1)
-        if not torch.is_grad_enabled():
-            self.expert_counts += torch.bincount(expert_index, minlength=self.num_experts).cpu()
         features["sentence_embedding"] = y
-        features["expert_index"] = expert_index
+        features["expert_index"] = probs.argmax(dim=-1)
         features["router_probs"] = probs
         return features
 
@@ -187,15 +183,3 @@ class SBMoEHead(PooledHead):
         if self.residual:
             y = y + x
         return y
-
-    def reset_routing_stats(self) -> None:
-        """Zero the per-expert counters that :meth:`forward` fills while encoding."""
-        self.expert_counts.zero_()
-
-    def routing_stats(self) -> dict[str, Any]:
-        """Inputs routed to each expert (by top-1 choice) since the last reset, their shares and entropy."""
-        counts = self.expert_counts.tolist()
-        total = sum(counts)
-        shares = [c / total if total else 0.0 for c in counts]
-        entropy = -sum(s * torch.log(torch.tensor(s)).item() for s in shares if s > 0)
-        return {"counts": counts, "shares": shares, "entropy": entropy, "total": total}

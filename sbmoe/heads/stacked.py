@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sbmoe.heads.base import PooledHead
-from sbmoe.heads.moe_block import MoEBlock, block_utilization, link_blocks, set_psr
+from sbmoe.heads.moe_block import MoEBlock, link_blocks, set_psr
 from sbmoe.heads.routing import PSR_SCHEDULES
+from sbmoe.heads.usage import top_candidate
 
 SHARED_OPTIONS: dict[str, Any] = {
     "num_experts": 6,
@@ -93,7 +94,6 @@ class StackedMoEHead(PooledHead):
         set_psr(self, psr)
         self.aux_loss: Tensor = torch.zeros(())
         self.z_loss: Tensor = torch.zeros(())
-        self.expert_counts = torch.zeros(self.num_experts, dtype=torch.long)  # the model card keeps it; layers count
 
     def forward(self, features: dict[str, Tensor | Any], **kwargs) -> dict[str, Tensor | Any]:
         x0 = h = features["sentence_embedding"]
@@ -112,12 +112,5 @@ class StackedMoEHead(PooledHead):
         features["sentence_embedding"] = y
         features["expert_index"] = first.indices[:, 0]
         features["router_probs"] = first.probs
+        features["layer_choices"] = torch.stack([top_candidate(b.last_routing) for b in self.layers], dim=-1)
         return features
-
-    def reset_routing_stats(self) -> None:
-        for layer in self.layers:
-            layer.reset_routing_stats()
-
-    def routing_stats(self) -> dict[str, Any]:
-        """Per layer: top-1 shares over the layer's candidates and the share kept on its own experts."""
-        return {"layers": [block_utilization(layer) for layer in self.layers]}

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from sentence_transformers.sentence_transformer.modules import Transformer
 from torch import nn
 
-from sbmoe.heads.moe_block import MoEBlock, block_utilization, link_blocks, moe_blocks, set_psr
+from sbmoe.heads.moe_block import MoEBlock, link_blocks, moe_blocks, set_psr
+from sbmoe.heads.usage import RoutingRecorder
 from sbmoe.quiet import quiet_loading
 
 UPCYCLE_INITS = ("copies", "fine")
@@ -157,10 +158,15 @@ class MoETransformer(Transformer):
     def get_config_dict(self) -> dict[str, Any]:
         return {**super().get_config_dict(), "moe": self.moe}
 
-    def expert_utilization(self) -> list[dict[str, Any]]:
-        """Per MoE layer: its layer index and :func:`~sbmoe.heads.moe_block.block_utilization`."""
+    def recorder(self) -> RoutingRecorder:
+        """A :class:`~sbmoe.heads.usage.RoutingRecorder` over this encoder's MoE layers, in depth order."""
+        return RoutingRecorder(moe_blocks(self.auto_model))
+
+    def expert_utilization(self, recorder: RoutingRecorder) -> list[dict[str, Any]]:
+        """Per MoE layer: its layer index and :func:`~sbmoe.heads.usage.block_utilization` of ``recorder``'s counts
+        (a :meth:`recorder` of this encoder)."""
         owner = {id(layer.intermediate): i for i, layer in enumerate(self.auto_model.encoder.layer)}
-        return [{"layer": owner[id(b)], **block_utilization(b)} for b in moe_blocks(self.auto_model)]
+        return [{"layer": owner[id(b)], **u} for b, u in zip(recorder.blocks, recorder.utilization(), strict=True)]
 
 
 def _holds_experts(weights: Path) -> bool:

@@ -5,7 +5,7 @@
 
 from sbmoe.errors import IndexLoadError
 from sbmoe.retrieval.build import build_index
-from sbmoe.retrieval.encode import encode_cached, pooled_features
+from sbmoe.retrieval.encoder import Encoded, Encoder
 from sbmoe.retrieval.faiss_types import INDEX_TYPES
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.retriever import Hit, Retriever
@@ -15,10 +15,10 @@ __all__ = [
     "INDEX_TYPES",
     "DenseIndex",
     "DocStore",
+    "Encoded",
+    "Encoder",
     "Hit",
     "IndexLoadError",
     "Retriever",
     "build_index",
-    "encode_cached",
-    "pooled_features",
 ]

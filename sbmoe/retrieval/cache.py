@@ -45,8 +45,8 @@ TEXTS_DIR = "texts"  # each text's vector, one SQLite file per kind and model (s
 
 
 def model_fingerprint(model: SentenceTransformer) -> str:
-    """Hash of the model's modules (class, config, tokenizer, max length) and parameter values; routing counters
-    excluded. A tokenizer edited in place (vocabulary, normalisation, special tokens) changes it."""
+    """Hash of the model's modules (class, config, tokenizer, max length) and parameter values. A tokenizer edited
+    in place (vocabulary, normalisation, special tokens) changes it."""
     digest = hashlib.blake2b(digest_size=16)
     for name, module in model.named_children():
         config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
@@ -86,7 +86,7 @@ def cached_embeddings(
     """Encode ``items`` once and reuse the result from disk afterwards.
 
     Args:
-        model: Any SentenceTransformer (sbmoe passes the pooled backbone: see :mod:`sbmoe.retrieval.encode`).
+        model: Any SentenceTransformer (sbmoe passes the pooled backbone: see :mod:`sbmoe.retrieval.encoder`).
         items: A dataset (its corpus streams in chunks), or a list of texts or :class:`~sbmoe.data.Doc`.
         kind: ``corpus`` (``encode_document``) or ``queries`` (``encode_query``).
         cache_dir: Cache root (default :func:`sbmoe.paths.cache_dir`).

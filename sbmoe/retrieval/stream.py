@@ -20,7 +20,7 @@ from sbmoe.data.dataset import DataError, Doc, RetrievalDataset
 from sbmoe.model import find_head
 from sbmoe.retrieval.cache import model_fingerprint
 from sbmoe.retrieval.documents import iter_unique_docs
-from sbmoe.retrieval.encode import apply_tail, pooled_model, unit_rows
+from sbmoe.retrieval.encoder import Encoder, unit_rows
 from sbmoe.retrieval.shards import ShardSet
 from sbmoe.retrieval.store import DocStore
 
@@ -30,22 +30,18 @@ CHUNK = 2048  # documents per encode call
 class ChunkEncoder:
     """Texts -> the embeddings :meth:`Retriever.build` indexes (unit rows for cosine models) and top-1 experts.
 
-    The same split as :func:`sbmoe.retrieval.encode.encode_cached`: the backbone up to pooling, then the tail.
+    The same split as :class:`sbmoe.retrieval.encoder.Encoder` (whose uncached path it is): the backbone up to
+    pooling, then the tail.
     """
 
     def __init__(self, model: SentenceTransformer, batch_size: int = 64):
-        self.model, self.batch_size = model, batch_size
-        self.pooled = pooled_model(model)
-        self.has_head = find_head(model) is not None
+        self.model = model
+        self.encoder = Encoder(model, batch_size=batch_size, show_progress=False)
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        pooled = self.pooled.encode_document(
-            list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
-        )
-        vectors, experts = apply_tail(self.model, pooled, "document")
-        if self.model.similarity_fn_name == "cosine":
-            vectors = unit_rows(vectors)
-        return vectors, experts
+        encoded = self.encoder.encode_texts(texts, "document")
+        vectors = unit_rows(encoded.vectors) if self.model.similarity_fn_name == "cosine" else encoded.vectors
+        return vectors, encoded.experts
 
 
 def open_shards(model: SentenceTransformer, folder: str | os.PathLike, shard_size: int) -> ShardSet:

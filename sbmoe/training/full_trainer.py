@@ -121,7 +121,7 @@ class DevSelection(TrainerCallback):
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            score = dev_ndcg_full(self.model, self.prepared, self.args.dev_weighting)
+            score = dev_ndcg_full(self.model, self.prepared, weighting=self.args.dev_weighting)["metrics"]["nDCG@10"]
         self.model.train(was_training)
         self.scores[step] = score
         candidate = step == 0 or step / max(max_steps, 1) >= self.opens_at
