@@ -8,6 +8,7 @@ when asked. It trains on cached pooled vectors like the SB-MoE head, whose optio
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -15,46 +16,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sbmoe.heads.moe_block import MoEBlock, block_utilization, link_blocks, set_psr
-from sbmoe.heads.routing import PSR_SCHEDULES
+from sbmoe.heads.config import HeadConfig
 from sbmoe.heads.sbmoe_head import SBMoEHead
 
 
 class StackedMoEHead(SBMoEHead):
-    """``head_layers`` MoE layers after pooling.
+    """``config.head_layers`` MoE layers after pooling.
 
-    Args:
-        head_layers: L, the layers of the stack.
-        reuse_group: r, layers per ReXMoE group (each layer's router scores the r * N experts of its group).
-        psr: Progressive scaling routing while training: ``none``, ``linear`` or ``step``.
-        pregate: Layer l's router input is layer l-1's input (the first layer gates itself).
-        **kwargs: :class:`SBMoEHead` options (``num_experts`` N per layer, ``top_k``, ``expert_hidden``, ``noise``,
-            ``normalize_output``, ``identity_init``, ``query_only``, ``strength``); ``routing`` must be ``learned``
-            and ``inference`` is ``topk`` (the training selection).
+    The config's ``head_layers`` is L, the layers of the stack; ``reuse_group`` r, layers per ReXMoE group (each
+    layer's router scores the r * N experts of its group); ``psr`` the progressive scaling routing while training;
+    ``pregate``: layer l's router input is layer l-1's input (the first layer gates itself). Its other options are
+    :class:`SBMoEHead`'s (``num_experts`` N per layer, ...); ``routing`` is ``learned`` and ``inference`` ``topk``
+    (the training selection), whatever the config says.
     """
 
     config_keys: list[str] = [*SBMoEHead.config_keys, "head_layers", "reuse_group", "psr", "pregate"]
 
-    def __init__(
-        self,
-        in_features: int,
-        head_layers: int = 2,
-        reuse_group: int = 1,
-        psr: str = "none",
-        pregate: bool = False,
-        **kwargs: Any,
-    ):
-        kwargs = {**kwargs, "routing": "learned", "inference": "topk"}
-        super().__init__(in_features, **kwargs)
-        if psr not in PSR_SCHEDULES:
-            raise ValueError(f"unknown PSR schedule {psr!r}; expected one of {PSR_SCHEDULES}")
+    def __init__(self, in_features: int, config: HeadConfig | None = None, normalize_output: bool = False):
+        config = replace(config or HeadConfig(head_layers=2), routing="learned", inference="topk")
+        super().__init__(in_features, config, normalize_output)
         del self.experts, self.router
-        self.head_layers, self.reuse_group, self.psr, self.pregate = head_layers, reuse_group, psr, pregate
+        self.head_layers, self.reuse_group = config.head_layers, config.reuse_group
+        self.psr, self.pregate = config.psr, config.pregate
         self.layers = nn.ModuleList(
             MoEBlock(in_features, self.expert_hidden, self.num_experts, self.top_k, "relu", 1, self.noise)
-            for _ in range(head_layers)
+            for _ in range(self.head_layers)
         )
-        link_blocks(list(self.layers), reuse_group, pregate)
-        set_psr(self, psr)
+        link_blocks(list(self.layers), self.reuse_group, self.pregate)
+        set_psr(self, self.psr)
 
     def forward(self, features: dict[str, Tensor | Any], **kwargs) -> dict[str, Tensor | Any]:
         x0 = h = features["sentence_embedding"]
