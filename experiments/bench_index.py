@@ -75,8 +75,17 @@ def raw_search(index: DenseIndex, queries: np.ndarray, k: int) -> Any:
     scores, ids = np.empty((len(queries), k), dtype=np.float32), np.empty((len(queries), k), dtype=np.int64)
     ptr = faiss.swig_ptr
     faiss.knn_inner_products_by_idx(
-        ptr(queries), ptr(vectors), ptr(cand), index.dim, len(queries), len(vectors), candidates, k,
-        ptr(scores), ptr(ids), candidates,
+        ptr(queries),
+        ptr(vectors),
+        ptr(cand),
+        index.dim,
+        len(queries),
+        len(vectors),
+        candidates,
+        k,
+        ptr(scores),
+        ptr(ids),
+        candidates,
     )
     return scores, ids
 
@@ -168,7 +177,7 @@ def main() -> None:
     args = parser.parse_args()
     load_before = os.getloadavg()
     faiss.omp_set_num_threads(args.threads)
-    model = build_model("minilm", head=False)
+    model = build_model("minilm")
     test, train = load_dataset("scifact"), load_dataset("scifact", split="train")
     docs = encode_cached(model, test, "corpus")[0]
     queries = np.concatenate([encode_cached(model, list(ds.queries.values()), "queries")[0] for ds in (test, train)])

@@ -173,4 +173,3 @@ def test_tsv_corpus_with_a_byte_order_mark_and_header(tmp_path: Path) -> None:
     path = tmp_path / "docs.tsv"
     path.write_bytes(b"\xef\xbb\xbfid\ttext\nd1\tfirst\nd2\tsecond\n")
     assert [(d.id, d.text) for d in load_corpus(path).iter_docs()] == [("d1", "first"), ("d2", "second")]
-

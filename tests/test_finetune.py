@@ -16,6 +16,7 @@ from sbmoe.commands.finetune import main
 from sbmoe.data import DataError
 from sbmoe.data.splits import unseen_dev_split
 from sbmoe.data.trainset import cropped_span
+from sbmoe.heads import HeadConfig
 from sbmoe.heads.sbmoe_head import SBMoEHead
 from sbmoe.model import find_head
 from sbmoe.retrieval.encode import pooled_model
@@ -199,7 +200,10 @@ def test_unseen_dev_split_shares_no_positive_with_train() -> None:
 def test_dense_head_of_equal_total_parameters() -> None:
     args = FinetuneArguments(num_experts=6)
     hidden = dense_hidden(384, args)
-    moe, dense = SBMoEHead(384, num_experts=6), SBMoEHead(384, num_experts=1, top_k=1, expert_hidden=hidden)
+    moe, dense = (
+        SBMoEHead(384, HeadConfig(num_experts=6)),
+        SBMoEHead(384, HeadConfig(num_experts=1, top_k=1, expert_hidden=hidden)),
+    )
     assert abs(count_parameters(dense) - count_parameters(moe)) <= 2 * 384 + 1
 
 
@@ -215,7 +219,7 @@ def test_kmeans_router_init_routes_documents_by_cluster() -> None:
     torch.manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1) * 5
     docs = torch.cat([c + 0.3 * torch.randn(40, 16) for c in centres])
-    head = SBMoEHead(16, num_experts=3)
+    head = SBMoEHead(16, HeadConfig(num_experts=3))
     shares = kmeans_router_init(head, docs, seed=0)
     assert shares == pytest.approx([1 / 3] * 3, abs=0.05)
     chosen = head.eval()({"sentence_embedding": docs})["expert_index"]

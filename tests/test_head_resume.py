@@ -12,6 +12,7 @@ import torch
 from conftest import write_beir_slice
 from safetensors.torch import load_file
 
+from sbmoe.heads import HeadConfig
 from sbmoe.heads.sbmoe_head import SBMoEHead
 from sbmoe.training.arguments import FinetuneArguments
 from sbmoe.training.finetune import run
@@ -44,7 +45,7 @@ def threads() -> Iterator[Callable[[int], None]]:
 
 def new_head() -> SBMoEHead:
     torch.manual_seed(1)  # noise and expert dropout draw from torch's global generator while training
-    return SBMoEHead(DIM, num_experts=3, top_k=2, expert_hidden=64, expert_dropout=0.2)
+    return SBMoEHead(DIM, HeadConfig(num_experts=3, top_k=2, expert_hidden=64, expert_dropout=0.2))
 
 
 def recall_at_1(data: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Callable[[SBMoEHead], float]:
@@ -154,8 +155,8 @@ def test_finetune_head_mode_resumes_from_its_checkpoint(tiny_bert: str, shared_d
     kept = whole["history"]["kept"]
     assert kept.startswith(f"kept epoch {whole['history']['best_epoch']} of 5") and "best dev nDCG@10" in kept
     head = next((tmp_path / "whole").glob("*SBMoEHead*"))
-    expected, found = load_file(str(next(head.glob("*.safetensors")))), load_file(
-        str(next((tmp_path / "parts" / head.name).glob("*.safetensors")))
+    expected, found = (
+        load_file(str(next(head.glob("*.safetensors")))),
+        load_file(str(next((tmp_path / "parts" / head.name).glob("*.safetensors")))),
     )
     assert expected.keys() == found.keys() and all(torch.equal(v, found[k]) for k, v in expected.items())
-

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sbmoe.heads import psr_open_count, top_k_gates
+from sbmoe.heads import HeadConfig, psr_open_count, top_k_gates
 from sbmoe.heads.stacked import StackedMoEHead
 from sbmoe.model import build_model, load_model
 from sbmoe.training.head_trainer import HeadTrainConfig, train_head
@@ -17,7 +17,7 @@ DIM = 16
 
 def head(**kwargs) -> StackedMoEHead:
     torch.manual_seed(0)
-    return StackedMoEHead(DIM, **{"num_experts": 4, "top_k": 2, "noise": False, **kwargs})
+    return StackedMoEHead(DIM, HeadConfig(**{"num_experts": 4, "top_k": 2, "noise": False, **kwargs}))
 
 
 def out(h: StackedMoEHead, x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ def test_gradients_reach_every_router_and_pregate_ignores_own_input() -> None:
 
 
 def test_stacked_head_saves_and_reloads(tiny_bert: str, tmp_path: Path) -> None:
-    model = build_model(tiny_bert, head_layers=2, reuse_group=2, psr="linear", pregate=True, num_experts=3)
+    model = build_model(tiny_bert, HeadConfig(head_layers=2, reuse_group=2, psr="linear", pregate=True, num_experts=3))
     assert isinstance(model.head, StackedMoEHead) and model.head.layers[1].candidates == 6
     torch.manual_seed(0)
     with torch.no_grad():

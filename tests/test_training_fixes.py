@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sbmoe.data.splits import dev_split
+from sbmoe.heads import HeadConfig
 from sbmoe.heads.stacked import StackedMoEHead
 from sbmoe.model import build_model
 from sbmoe.training.arguments import FinetuneArguments, make_model
@@ -100,7 +101,7 @@ def test_mining_is_cached_and_shared_by_later_runs(tmp_path: Path, monkeypatch: 
 def test_a_freshly_built_learned_or_query_only_head_encodes_as_the_backbone(tiny_bert: str, options: dict) -> None:
     texts = ["cancer cell protein", "brain blood risk of disease", "virus dna"]
     model = make_model(FinetuneArguments(backbone=tiny_bert, max_seq_length=32, **options))
-    backbone = build_model(tiny_bert, head=False, normalize=True, max_seq_length=32)
+    backbone = build_model(tiny_bert, max_seq_length=32)
     for encode in ("encode_query", "encode_document"):
         got, want = getattr(model, encode)(texts), getattr(backbone, encode)(texts)
         assert np.abs(got - want).max() <= 1e-6
@@ -121,7 +122,9 @@ def test_when_training_only_hurts_the_epoch_0_candidate_is_kept(caplog: pytest.L
         best = (embed(head, anchors, "query") @ embed(head, docs, "document").T).argmax(1)
         return best.eq(torch.arange(64)).float().mean().item()
 
-    head = SBMoEHead(DIM, num_experts=2, top_k=1, identity_init=True, normalize_output=True, query_only=True)
+    head = SBMoEHead(
+        DIM, HeadConfig(num_experts=2, top_k=1, identity_init=True, query_only=True), normalize_output=True
+    )
     before = {k: v.clone() for k, v in head.state_dict().items()}
     config = HeadTrainConfig(epochs=4, batch_size=16, learning_rate=5e-2, seed=0)
     with caplog.at_level(logging.INFO, logger="sbmoe.training.head_trainer"):
@@ -156,6 +159,6 @@ def test_one_positive_per_query_per_epoch_keeps_one_random_row_per_anchor() -> N
 
 
 def test_no_epoch_before_the_psr_pool_is_fully_open_is_selected() -> None:
-    stack = StackedMoEHead(DIM, 2, num_experts=2, top_k=1, reuse_group=2, psr="linear")
+    stack = StackedMoEHead(DIM, HeadConfig(head_layers=2, num_experts=2, top_k=1, reuse_group=2, psr="linear"))
     assert selectable_epoch(stack, 10) == 5 and selectable_epoch(stack, 3) == 2
-    assert selectable_epoch(StackedMoEHead(DIM, 2, num_experts=2, top_k=1), 10) == 1
+    assert selectable_epoch(StackedMoEHead(DIM, HeadConfig(head_layers=2, num_experts=2, top_k=1)), 10) == 1

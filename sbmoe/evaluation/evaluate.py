@@ -196,5 +196,3 @@ def evaluate_model(
         "utilization": utilization,
         "warnings": warnings,
     }
-
-

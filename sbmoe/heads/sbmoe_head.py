@@ -28,7 +28,6 @@ from sbmoe.heads.experts import ExpertBank, FeedForwardExpert
 from sbmoe.heads.routing import Router, load_balancing_loss, router_z_loss, top_k_gates
 
 
-
 class Expert(FeedForwardExpert):
     """Linear(H -> hidden) -> ReLU -> Linear(hidden -> H)."""
 

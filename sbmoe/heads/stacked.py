@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sbmoe.heads.moe_block import MoEBlock, block_utilization, link_blocks, set_psr
 from sbmoe.heads.config import HeadConfig
+from sbmoe.heads.moe_block import MoEBlock, block_utilization, link_blocks, set_psr
 from sbmoe.heads.sbmoe_head import SBMoEHead
 
 

@@ -28,7 +28,6 @@ from sbmoe.heads.config import MoELayers, MoELayersConfig
 from sbmoe.heads.moe_block import MoEBlock, block_utilization, link_blocks, moe_blocks, set_psr
 
 
-
 def moe_layer_indices(spec: MoELayers, num_layers: int) -> list[int]:
     """Layer indices from ``"all"``, ``"every-K"`` (layers K-1, 2K-1, ...: every second layer from the second for
     K = 2, as Nomic Embed v2), a comma-separated string or a list of indices.
@@ -100,7 +99,9 @@ def upcycle_encoder(model: nn.Module, config: MoELayersConfig, noise: bool = Fal
         hidden = up.out_features // slices
         if hidden * slices != up.out_features:
             raise ValueError(f"intermediate size {up.out_features} does not split into {slices} slices")
-        block = MoEBlock(up.in_features, hidden, config.num_experts, config.top_k, model.config.hidden_act, slices, noise)
+        block = MoEBlock(
+            up.in_features, hidden, config.num_experts, config.top_k, model.config.hidden_act, slices, noise
+        )
         with torch.no_grad():
             for e, expert in enumerate(block.experts):
                 part = slice((e % slices) * hidden, (e % slices + 1) * hidden)
@@ -188,4 +189,3 @@ def expert_plan(model: nn.Module, texts: Sequence[str], batch_size: int = 32) ->
         for hook in hooks:
             hook.remove()
     return plans
-

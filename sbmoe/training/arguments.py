@@ -187,9 +187,7 @@ def make_model(args: FinetuneArguments) -> SBMoEModel:
     if args.moe_layers:
         moe = {"moe_layers": args.moe_layers, "num_experts": args.num_experts, "top_k": args.top_k}
         moe.update(init=args.upcycle_init, reuse_group=args.reuse_group, psr=args.psr, pregate=args.pregate)
-    base = build_model(
-        args.backbone, head=False, normalize=cos and args.head == "none", max_seq_length=args.max_seq_length, **moe
-    )
+    base = build_model(args.backbone, normalize=cos and args.head == "none", max_seq_length=args.max_seq_length, **moe)
     if args.head == "none":
         return base
     dim = base.get_embedding_dimension()

@@ -113,7 +113,7 @@ def zero_shot_model(model: SBMoEModel, args: FinetuneArguments) -> SBMoEModel:
     left out of mining), so its cached vectors are reused instead of encoding every corpus again."""
     if not args.moe_layers:
         return model
-    return build_model(args.backbone, head=False, normalize=False, max_seq_length=args.max_seq_length)
+    return build_model(args.backbone, normalize=False, max_seq_length=args.max_seq_length)
 
 
 def check_output_dir(output: Path, args: FinetuneArguments) -> None:
