@@ -141,8 +141,12 @@ def test_one_corpus_encoding_for_evaluate_heads_and_finetune(
     for model in (tiny_bert, str(tmp_path / "head4"), str(tmp_path / "head6")):
         argv = ["--model", model, "--datasets", str(beir), "--cache-dir", cache, "--quiet"]
         assert evaluate_main([*argv, "--output", str(tmp_path / f"{Path(model).name}.json")]) == 0
-    run(FinetuneArguments(backbone=tiny_bert, train_data=f"{beir}:train", eval_data=str(beir), cache_dir=cache,
-                          output_dir=str(tmp_path / "ft"), epochs=2, hard_negatives=2, save_model=False))  # fmt: skip
+    options = {"backbone": tiny_bert, "train_data": f"{beir}:train", "eval_data": str(beir), "cache_dir": cache}
+    run(
+        FinetuneArguments.from_flat(
+            {**options, "output_dir": str(tmp_path / "ft"), "epochs": 2, "hard_negatives": 2, "save_model": False}
+        )
+    )
     assert [count for kind, count in encoded if kind == "corpus"] == [60]
 
 

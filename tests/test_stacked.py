@@ -10,7 +10,8 @@ import torch
 from sbmoe.heads import HeadConfig, psr_open_count, top_k_gates
 from sbmoe.heads.stacked import StackedMoEHead
 from sbmoe.model import build_model, load_model
-from sbmoe.training.head_trainer import HeadTrainConfig, train_head
+from sbmoe.training.arguments import TrainingArguments
+from sbmoe.training.head_trainer import train_head
 
 DIM = 16
 
@@ -64,7 +65,7 @@ def test_head_training_opens_the_psr_mask_on_schedule(schedule: str) -> None:
     h.layers[0].register_forward_pre_hook(lambda block, _args: opened.append(int(block.open_mask().sum())))
     anchors, docs = torch.randn(32, DIM), torch.randn(40, DIM)
     examples = torch.stack([torch.arange(32), torch.arange(32), torch.arange(8, 40)], dim=1)
-    train_head(h, anchors, docs, examples, HeadTrainConfig(epochs=4, batch_size=16))
+    train_head(h, anchors, docs, examples, TrainingArguments(epochs=4, batch_size=16))
     progress = [(epoch + step / 2) / 4 for epoch in range(4) for step in range(2)]  # 2 batches per epoch
     expected = [psr_open_count(schedule, p, own=4, total=8) for p in progress]
     assert opened[::2] == expected  # the query forward of each step (documents: the odd entries) saw this mask

@@ -34,12 +34,12 @@ def moe_utilization(model: SBMoEModel, args: FinetuneArguments, encoder_docs: in
     blocks, specs = moe_blocks(model), eval_specs(args)
     if not blocks or not specs:
         return []
-    texts = [doc.full_text for doc in load_dataset(specs[0], data_dir=args.data_dir).iter_docs()]
+    texts = [doc.full_text for doc in load_dataset(specs[0], data_dir=args.data.data_dir).iter_docs()]
     for block in blocks:
         block.reset_routing_stats()
     head = find_head(model)
     if isinstance(head, StackedMoEHead):
-        embed(head, pooled_features(model, texts, "corpus", args.cache_dir), "document")
+        embed(head, pooled_features(model, texts, "corpus", args.data.cache_dir), "document")
         return head.routing_stats()["layers"]
     model.eval()
     model.encode(texts[:encoder_docs], batch_size=32)
@@ -76,19 +76,19 @@ def evaluate(
         DataError: an eval set with no query that can be scored (see :func:`~sbmoe.evaluation.coverage.coverage`).
     """
     results: dict[str, Any] = {}
-    head, cos = find_head(model) if use_head else None, args.similarity == "cos"
+    head, cos = find_head(model) if use_head else None, args.training.similarity == "cos"
     for spec in eval_specs(args):
-        dataset = load_dataset(spec, data_dir=args.data_dir)
+        dataset = load_dataset(spec, data_dir=args.data.data_dir)
         counts = coverage(dataset)
-        notes = coverage_warnings(spec, dataset, counts, args.keep_identical_ids)
+        notes = coverage_warnings(spec, dataset, counts, args.data.keep_identical_ids)
         if not use_head:  # the zero-shot pass runs before training: warn then, once
             for line in notes:
                 logger.warning(line)
         query_ids = list(dataset.queries)
         docs = list(dataset.iter_docs())
         doc_ids, doc_texts = [doc.id for doc in docs], [doc.full_text for doc in docs]
-        doc_vectors = pooled_features(model, doc_texts, "corpus", args.cache_dir)
-        queries = pooled_features(model, [dataset.queries[q] for q in query_ids], "queries", args.cache_dir)
+        doc_vectors = pooled_features(model, doc_texts, "corpus", args.data.cache_dir)
+        queries = pooled_features(model, [dataset.queries[q] for q in query_ids], "queries", args.data.cache_dir)
         query_emb, doc_emb = embed(head, queries, "query", cos), embed(head, doc_vectors, "document", cos)
         result = evaluate_embeddings(
             query_emb.numpy(),
@@ -99,7 +99,7 @@ def evaluate(
             top_k=1000,
             metrics=METRICS,
             relevance_level=dataset.relevance_level,
-            ignore_identical_ids=not args.keep_identical_ids,
+            ignore_identical_ids=not args.data.keep_identical_ids,
         )
         scores = per_query(dataset.qrels, result["run"], METRICS, dataset.relevance_level)
         results[spec] = {
@@ -118,7 +118,7 @@ def evaluate(
 
 def eval_specs(args: FinetuneArguments) -> list[str]:
     """The ``--eval-data`` entries."""
-    return [s.strip() for s in args.eval_data.split(",") if s.strip()]
+    return [s.strip() for s in args.data.eval_data.split(",") if s.strip()]
 
 
 def initial_routing(model: SBMoEModel, args: FinetuneArguments) -> dict[str, torch.Tensor]:
@@ -128,10 +128,10 @@ def initial_routing(model: SBMoEModel, args: FinetuneArguments) -> dict[str, tor
         return {}
     out: dict[str, torch.Tensor] = {}
     for spec in eval_specs(args):
-        dataset: RetrievalDataset = load_dataset(spec, data_dir=args.data_dir)
+        dataset: RetrievalDataset = load_dataset(spec, data_dir=args.data.data_dir)
         if dataset.name not in out:
             texts = [doc.full_text for doc in dataset.iter_docs()]
-            out[dataset.name] = expert_choice(head, pooled_features(model, texts, "corpus", args.cache_dir))
+            out[dataset.name] = expert_choice(head, pooled_features(model, texts, "corpus", args.data.cache_dir))
     return out
 
 

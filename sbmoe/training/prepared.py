@@ -22,7 +22,7 @@ from sbmoe.model import SBMoEModel
 from sbmoe.retrieval.encode import pooled_features
 from sbmoe.training.arguments import FinetuneArguments
 from sbmoe.training.head_trainer import embed
-from sbmoe.training.mining import MiningSettings, cached_negatives
+from sbmoe.training.mining import cached_negatives
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +104,8 @@ def prepare_source(model: SBMoEModel, args: FinetuneArguments, name: str, data: 
     """Split off the dev queries, compute (cached) pooled backbone vectors, and mine hard negatives with them."""
     dev_qrels: dict[str, dict[str, int]] = {}
     split_summary: dict[str, Any] = {}
-    if args.dev_queries:
-        split = dev_split(data.qrels, args.dev_queries, name=name)
+    if args.data.dev_queries:
+        split = dev_split(data.qrels, args.data.dev_queries, name=name)
         dev_qrels, split_summary = split.dev, split.summary()
         data = data.restrict(set(split.train))
     doc_ids = list(data.docs)
@@ -116,25 +116,25 @@ def prepare_source(model: SBMoEModel, args: FinetuneArguments, name: str, data: 
     query_ids = sorted(by_query)
     anchor_texts = [data.queries[q] for q in query_ids]
     examples = [(i, e) for i, q in enumerate(query_ids) for e in by_query[q]]
-    if args.self_supervised == "title":
+    if args.data.self_supervised == "title":
         titled = [d for d in doc_ids if data.titles.get(d, "").strip()]
         examples += [(len(anchor_texts) + i, Example(f"title:{d}", d)) for i, d in enumerate(titled)]
         anchor_texts += [data.titles[d] for d in titled]
-    elif args.self_supervised == "crop":
+    elif args.data.self_supervised == "crop":
         cropped = [d for d in doc_ids if data.docs[d].strip()]
         examples += [(len(anchor_texts) + i, Example(f"crop:{d}", d)) for i, d in enumerate(cropped)]
         anchor_texts += [cropped_span(d, data.docs[d]) for d in cropped]
     doc_texts = [data.docs[d] for d in doc_ids]
     counts = f"{len(doc_texts):,} documents and {len(anchor_texts):,} queries"
     logger.info("%s: backbone vectors of %s (encoded once, then reused from the cache)", name, counts)
-    anchors = pooled_features(model, anchor_texts, "queries", args.cache_dir)
-    docs = pooled_features(model, doc_texts, "corpus", args.cache_dir)
+    anchors = pooled_features(model, anchor_texts, "queries", args.data.cache_dir)
+    docs = pooled_features(model, doc_texts, "corpus", args.data.cache_dir)
     rows, relevant = _rows(args, examples, doc_row, anchors, docs, data.qrels)
     source = Source(name, range(len(anchor_texts)), range(len(doc_ids)), len(rows), dev_split=split_summary)
     if dev_qrels:
         source.dev_ids = sorted(dev_qrels)
         source.dev_texts = [data.queries[q] for q in source.dev_ids]
-        source.dev_vectors = pooled_features(model, source.dev_texts, "queries", args.cache_dir)
+        source.dev_vectors = pooled_features(model, source.dev_texts, "queries", args.data.cache_dir)
         source.dev_qrels = dev_qrels
     sources = torch.zeros(len(rows), dtype=torch.long)
     return PreparedData(anchors, docs, doc_ids, rows, sources, anchor_texts, doc_texts, [source], relevant)
@@ -150,28 +150,22 @@ def _rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[anchor, positive, negatives...]`` rows (given negatives first, then ones mined with the backbone alone,
     never a document judged relevant to the anchor) and the ``(anchor, doc)`` pairs judged relevant."""
-    cos = args.similarity == "cos"
+    cos = args.training.similarity == "cos"
     positives: dict[int, set[int]] = {}
     for row, example in examples:
         judged = [doc_row[d] for d in qrels.get(example.query, {}) if d in doc_row]
         positives.setdefault(row, set()).update([doc_row[example.positive], *judged])
     mined = np.zeros((len(anchors), 0), dtype=np.int64)
-    if args.hard_negatives:
-        settings = MiningSettings(
-            count=args.hard_negatives,
-            range_min=args.negatives_skip,
-            range_max=args.negatives_depth,
-            absolute_margin=args.negatives_margin,
-            relative_margin=args.negatives_relative_margin,
-            sampling=args.negatives_sampling,
-        )
+    if args.mining.hard_negatives:
         wanted = [positives.get(i, set()) for i in range(len(anchors))]
         query_emb, doc_emb = embed(None, anchors, "query", cos), embed(None, docs, "document", cos)
-        mined = cached_negatives(query_emb, doc_emb, wanted, settings)
+        mined = cached_negatives(query_emb, doc_emb, wanted, args.mining)
     rows = []
     for row, example in examples:
         given = [doc_row[n] for n in example.negatives if n in doc_row]
-        negatives = (given + [int(m) for m in mined[row] if m not in given])[: max(args.hard_negatives, len(given))]
+        negatives = (given + [int(m) for m in mined[row] if m not in given])[
+            : max(args.mining.hard_negatives, len(given))
+        ]
         rows.append([row, doc_row[example.positive], *negatives])
     width = min(len(r) for r in rows)
     relevant = torch.tensor([(a, d) for a, docs_of in sorted(positives.items()) for d in sorted(docs_of)])
