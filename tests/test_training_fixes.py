@@ -79,19 +79,23 @@ def test_mined_negatives_never_include_a_qrel_of_their_anchor(settings: MiningAr
     rng = np.random.default_rng(0)
     positives = [{i, *rng.choice(60, 5, replace=False).tolist()} for i in range(20)]  # some are top-ranked
     mined = mine_negatives(queries, docs, positives, settings)
-    assert mined.shape == (20, settings.count)
+    assert mined.shape == (20, settings.hard_negatives)
     ranked = (queries @ docs.T).argsort(dim=1, descending=True).tolist()
     for i, pos in enumerate(positives):
         assert not set(mined[i].tolist()) & pos
         order = [d for d in ranked[i] if d not in pos]
-        assert set(mined[i].tolist()) <= set(order[settings.range_min : settings.range_max])
+        assert set(mined[i].tolist()) <= set(order[settings.negatives_skip : settings.negatives_depth])
         weakest = min(float(queries[i] @ docs[p]) for p in pos)
-        limit = min(weakest - settings.absolute_margin, weakest * (1 - settings.relative_margin))
-        eligible = [d for d in order[settings.range_min : settings.range_max] if float(queries[i] @ docs[d]) <= limit]
-        if len(eligible) >= settings.count:
+        limit = min(weakest - settings.negatives_margin, weakest * (1 - settings.negatives_relative_margin))
+        eligible = [
+            d
+            for d in order[settings.negatives_skip : settings.negatives_depth]
+            if float(queries[i] @ docs[d]) <= limit
+        ]
+        if len(eligible) >= settings.hard_negatives:
             assert set(mined[i].tolist()) <= set(eligible)
             if settings.sampling == "top":
-                assert mined[i].tolist() == eligible[: settings.count]
+                assert mined[i].tolist() == eligible[: settings.hard_negatives]
 
 
 def test_mining_is_cached_and_shared_by_later_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

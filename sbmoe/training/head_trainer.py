@@ -105,13 +105,13 @@ def train_head(
     elif checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # another run's: --resume must not pick it up
     num_sources = 1 if sources is None else int(sources.max()) + 1
-    total = int(config.epochs)
-    progress.result.selectable_from = selectable_epoch(head, total)
+    planned = int(config.epochs)
+    progress.result.selectable_from = selectable_epoch(head, planned)
     if dev_score is not None and progress.epoch == 0:
         _consider(head, dev_score(head), 0, config, progress)
         logger.info("epoch 0 (before training): %s %.4f", dev_name, progress.result.initial_dev_score)
-    remaining = range(progress.epoch + 1, total + 1)
-    epochs = tqdm(remaining, desc="head epochs", leave=False, initial=progress.epoch, total=total)
+    remaining = range(progress.epoch + 1, planned + 1)
+    epochs = tqdm(remaining, desc="head epochs", leave=False, initial=progress.epoch, total=planned)
     for epoch in epochs:
         if progress.result.stopped_early:
             break
@@ -119,7 +119,7 @@ def train_head(
         total, total_aux, total_domain = 0.0, 0.0, 0.0
         batches = epoch_batches(examples, sources, config, generator, source_weights)
         for step, (rows, domain) in enumerate(batches, start=1):
-            set_psr(head, progress=(epoch - 1 + (step - 1) / len(batches)) / total)
+            set_psr(head, progress=(epoch - 1 + (step - 1) / len(batches)) / planned)
             loss, aux, domain_loss = _step_loss(head, anchors, docs, rows, loss_fn, config, domain, num_sources)
             check_finite(loss, f"epoch {epoch}, step {step}")
             optimizer.zero_grad()
@@ -133,7 +133,7 @@ def train_head(
         progress.result.aux_losses.append(total_aux / len(batches))
         if config.domain_loss_weight:
             progress.result.domain_losses.append(total_domain / len(batches))
-        line = f"epoch {epoch}/{total}: loss {progress.result.losses[-1]:.4f}"
+        line = f"epoch {epoch}/{planned}: loss {progress.result.losses[-1]:.4f}"
         if dev_score is not None:
             _consider(head, dev_score(head), epoch, config, progress)
             line += f", {dev_name} {progress.result.dev_scores[-1]:.4f}"
