@@ -75,17 +75,8 @@ def raw_search(index: DenseIndex, queries: np.ndarray, k: int) -> Any:
     scores, ids = np.empty((len(queries), k), dtype=np.float32), np.empty((len(queries), k), dtype=np.int64)
     ptr = faiss.swig_ptr
     faiss.knn_inner_products_by_idx(
-        ptr(queries),
-        ptr(vectors),
-        ptr(cand),
-        index.dim,
-        len(queries),
-        len(vectors),
-        candidates,
-        k,
-        ptr(scores),
-        ptr(ids),
-        candidates,
+        ptr(queries), ptr(vectors), ptr(cand), index.dim, len(queries), len(vectors), candidates, k,
+        ptr(scores), ptr(ids), candidates,
     )
     return scores, ids
 

@@ -100,7 +100,7 @@ def test_local_folder_backbone_resolves_to_itself(tiny_bert: str) -> None:
 
 
 def test_minilm_round_trip_and_plain_backbone(tmp_path: Path) -> None:
-    """The real offline default: head on MiniLM saves and reloads exactly; head=False is all-MiniLM-L6-v2."""
+    """The real offline default: head on MiniLM saves and reloads exactly; no head is all-MiniLM-L6-v2."""
     model = sbmoe.build_model("minilm", HeadConfig(num_experts=6)).eval()
     expected = model.encode(TEXTS)
     model.save(str(tmp_path / "minilm-sbmoe"))

@@ -196,3 +196,5 @@ def evaluate_model(
         "utilization": utilization,
         "warnings": warnings,
     }
+
+
