@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sbmoe.files import write_atomic
 from sbmoe.paths import cache_dir
-from sbmoe.retrieval.cache import _read
+from sbmoe.retrieval.cache import read_entry
 
 OUTPUT = Path(__file__).resolve().parent / "results" / "bench_cache_check.json"
 
@@ -29,15 +29,21 @@ def main() -> None:
         times = []
         for _ in range(5):
             start = time.perf_counter()
-            embeddings, _ = _read(folder)
+            embeddings, _ = read_entry(folder)
             times.append(time.perf_counter() - start)
             del embeddings
         check = statistics.median(times)
-        entries.append({
-            "entry": folder.name, "documents": meta["count"], "dim": meta["dim"],
-            "megabytes": round((folder / "embeddings.npy").stat().st_size / 2**20, 1),
-            "encode_s": meta["seconds"], "check_s": round(check, 4), "check_share": round(check / meta["seconds"], 6),
-        })  # fmt: skip
+        entries.append(
+            {
+                "entry": folder.name,
+                "documents": meta["count"],
+                "dim": meta["dim"],
+                "megabytes": round((folder / "embeddings.npy").stat().st_size / 2**20, 1),
+                "encode_s": meta["seconds"],
+                "check_s": round(check, 4),
+                "check_share": round(check / meta["seconds"], 6),
+            }
+        )
         print(entries[-1])
     record = {"command": "python experiments/bench_cache_check.py", "entries": entries}
     write_atomic(OUTPUT, json.dumps(record, indent=1))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from sbmoe.data import load_dataset
 from sbmoe.files import write_atomic
 from sbmoe.model import build_model
-from sbmoe.retrieval.cache import CHUNK, _progress_per_batch
+from sbmoe.retrieval.cache import CHUNK, progress_per_batch
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -38,7 +38,7 @@ def timed(model, texts: list[str], batch_size: int, per_batch: bool) -> tuple[fl
     wall, cpu = time.perf_counter(), time.process_time()
     with tqdm(total=len(texts), file=io.StringIO()) as bar:
         if per_batch:
-            with _progress_per_batch(model, bar):
+            with progress_per_batch(model, bar):
                 vectors = model.encode_document(texts, batch_size=batch_size, show_progress_bar=False)
         else:
             vectors = model.encode_document(texts, batch_size=batch_size, show_progress_bar=False)

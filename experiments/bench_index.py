@@ -26,8 +26,10 @@ import numpy as np
 from sbmoe.data import load_dataset
 from sbmoe.files import write_atomic
 from sbmoe.model import build_model
-from sbmoe.retrieval.encode import encode_cached
-from sbmoe.retrieval.index import DenseIndex, binary_codes
+from sbmoe.retrieval.build import build_index
+from sbmoe.retrieval.encoder import Encoder
+from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.rescore import binary_codes
 
 K = 100
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,13 +72,22 @@ def raw_search(index: DenseIndex, queries: np.ndarray, k: int) -> Any:
     if index.index_type != "binary":
         return index.faiss_index.search(queries, k)
     candidates = k * index.params["rescore"]
-    _, cand = index.faiss_index.search(binary_codes(queries), candidates)
-    vectors = np.ascontiguousarray(index.vectors())
+    _, cand = index.faiss_index.codes.search(binary_codes(queries), candidates)
+    vectors = np.ascontiguousarray(index.faiss_index.vectors)
     scores, ids = np.empty((len(queries), k), dtype=np.float32), np.empty((len(queries), k), dtype=np.int64)
     ptr = faiss.swig_ptr
     faiss.knn_inner_products_by_idx(
-        ptr(queries), ptr(vectors), ptr(cand), index.dim, len(queries), len(vectors), candidates, k,
-        ptr(scores), ptr(ids), candidates,
+        ptr(queries),
+        ptr(vectors),
+        ptr(cand),
+        index.dim,
+        len(queries),
+        len(vectors),
+        candidates,
+        k,
+        ptr(scores),
+        ptr(ids),
+        candidates,
     )
     return scores, ids
 
@@ -105,7 +116,7 @@ def bench(name: str, docs: np.ndarray, queries: np.ndarray, repeats: int) -> lis
     rows, truth = [], None
     for index_type, build_params, settings in configs(len(docs)):
         start = time.perf_counter()
-        index = DenseIndex(docs.shape[1], index_type, use_gpu="auto", **build_params).build(docs, show_progress=False)
+        index = build_index(docs, None, index_type, build_params, use_gpu="auto", show_progress=False)
         build_s = time.perf_counter() - start
         sizes = index.bytes_per_vector()
         for setting in settings:
@@ -170,8 +181,9 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     model = build_model("minilm")
     test, train = load_dataset("scifact"), load_dataset("scifact", split="train")
-    docs = encode_cached(model, test, "corpus")[0]
-    queries = np.concatenate([encode_cached(model, list(ds.queries.values()), "queries")[0] for ds in (test, train)])
+    encoder = Encoder(model)
+    docs = encoder.encode(test, "corpus").vectors
+    queries = np.concatenate([encoder.encode(list(ds.queries.values()), "queries").vectors for ds in (test, train)])
     synth, cos_to_centre = synthetic(np.asarray(docs), args.synthetic, args.noise)
     rows = bench("scifact", np.asarray(docs), queries, args.repeats)
     rows += bench(f"synthetic-{args.synthetic // 1000}k", synth, queries[: args.synthetic_queries], args.repeats)

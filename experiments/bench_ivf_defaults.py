@@ -30,8 +30,8 @@ from sbmoe.data import RetrievalDataset, load_dataset  # noqa: E402
 from sbmoe.evaluation import evaluate_model  # noqa: E402
 from sbmoe.files import write_atomic  # noqa: E402
 from sbmoe.model import build_model  # noqa: E402
-from sbmoe.retrieval.encode import encode_cached, unit_rows  # noqa: E402
-from sbmoe.retrieval.index import DenseIndex  # noqa: E402
+from sbmoe.retrieval.build import build_index  # noqa: E402
+from sbmoe.retrieval.encoder import Encoder, unit_rows  # noqa: E402
 from sbmoe.retrieval.ivf import ivf_defaults  # noqa: E402
 
 OUTPUT = REPO / "experiments" / "results" / "ivf_defaults.json"
@@ -60,14 +60,22 @@ def real_rows(model: Any, dataset: RetrievalDataset) -> list[dict[str, Any]]:
     """flat, old-default IVF and current-default IVF on ``dataset``: metrics and the parameters the index used."""
     n = sum(1 for _ in dataset.iter_docs())
     rows = []
-    for label, index, params in (("flat", "flat", {}), ("ivf, old defaults", "ivf", old_defaults(n)),
-                                 ("ivf, current defaults", "ivf", {})):  # fmt: skip
+    for label, index, params in (
+        ("flat", "flat", {}),
+        ("ivf, old defaults", "ivf", old_defaults(n)),
+        ("ivf, current defaults", "ivf", {}),
+    ):
         result = evaluate_model(model, dataset, index=index, index_params=params, metrics=METRICS, show_progress=False)
-        rows.append({
-            "dataset": result["dataset"], "docs": result["num_docs"], "queries": result["num_queries"],
-            "index": label, "params": result["index"]["params"],
-            **{m: round(result["metrics"][m], 4) for m in METRICS},
-        })  # fmt: skip
+        rows.append(
+            {
+                "dataset": result["dataset"],
+                "docs": result["num_docs"],
+                "queries": result["num_queries"],
+                "index": label,
+                "params": result["index"]["params"],
+                **{m: round(result["metrics"][m], 4) for m in METRICS},
+            }
+        )
         print(json.dumps(rows[-1]))
     return rows
 
@@ -84,17 +92,25 @@ def synthetic_rows(docs: np.ndarray, queries: np.ndarray) -> list[dict[str, Any]
     rows = []
     for n in SYNTHETIC_SIZES:
         vectors = synthetic(docs, n)
-        exact = DenseIndex(docs.shape[1], "flat", use_gpu=False).build(vectors, show_progress=False)
+        exact = build_index(vectors, use_gpu=False, show_progress=False)
         _, truth = exact.search(queries, 1000)
         nlist, nprobe = ivf_defaults(n)
-        index = DenseIndex(docs.shape[1], "ivf", use_gpu=False).build(vectors, show_progress=False)
+        index = build_index(vectors, None, "ivf", use_gpu=False, show_progress=False)
         assert index.params == {"nlist": nlist, "nprobe": nprobe}, index.params
         for label, probes in (("old", old_defaults(n)["nprobe"]), ("current", nprobe)):
             index.params["nprobe"] = probes
             _, found = index.search(queries, 1000)
             recall = {f"recall@{k}": round(overlap(found, truth, k), 4) for k in (10, 100, 1000)}
-            rows.append({"n": n, "nprobe": label, "nlist": nlist, "probes": probes,
-                         "probed_share": round(probes / nlist, 3), **recall})  # fmt: skip
+            rows.append(
+                {
+                    "n": n,
+                    "nprobe": label,
+                    "nlist": nlist,
+                    "probes": probes,
+                    "probed_share": round(probes / nlist, 3),
+                    **recall,
+                }
+            )
             print(json.dumps(rows[-1]))
     return rows
 
@@ -110,8 +126,9 @@ def main() -> None:
     model = build_model("minilm")
     scifact = load_dataset("scifact")
     real = real_rows(model, scifact) + real_rows(model, slice_of(scifact, 40, 300))
-    docs = unit_rows(np.asarray(encode_cached(model, scifact, "corpus", show_progress=False)[0]))
-    queries = unit_rows(encode_cached(model, list(scifact.queries.values()), "queries", show_progress=False)[0])
+    encoder = Encoder(model, show_progress=False)
+    docs = unit_rows(encoder.encode(scifact, "corpus").vectors)
+    queries = unit_rows(encoder.encode(list(scifact.queries.values()), "queries").vectors)
     report = {
         "command": "python experiments/bench_ivf_defaults.py",
         "model": "all-MiniLM-L6-v2 (minilm, no head), max 256 tokens, cosine",

@@ -46,17 +46,23 @@ def main() -> None:
     for name, model in models.items():
         start = time.perf_counter()
         result = evaluate_model(model, args.dataset, cache_dir=args.cache_dir, show_progress=False)
-        rows.append({
-            "model": name,
-            "seconds": round(time.perf_counter() - start, 2),
-            "corpus_from_cache": result["corpus_from_cache"],
-            "cache_entry_encode_s": result["timings"]["encode_corpus_s"],
-            "num_docs": result["num_docs"],
-            "nDCG@10": result["metrics"]["nDCG@10"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "seconds": round(time.perf_counter() - start, 2),
+                "corpus_from_cache": result["corpus_from_cache"],
+                "cache_entry_encode_s": result["timings"]["encode_corpus_s"],
+                "num_docs": result["num_docs"],
+                "nDCG@10": result["metrics"]["nDCG@10"],
+            }
+        )
         print(json.dumps(rows[-1]))
-    report = {"command": "python experiments/bench_reuse.py", "cpu_count": os.cpu_count(), "dataset": args.dataset,
-              "rows": rows}  # fmt: skip
+    report = {
+        "command": "python experiments/bench_reuse.py",
+        "cpu_count": os.cpu_count(),
+        "dataset": args.dataset,
+        "rows": rows,
+    }
     write_atomic(OUTPUT, json.dumps(report, indent=1) + "\n")
     print(f"wrote {OUTPUT}")
 

@@ -6,7 +6,7 @@
 Model: a random 2-layer BERT, hidden 64 (``tests/conftest.py``'s ``write_tiny_bert``), mean pooling, normalised,
 on one torch thread per process. Corpus: 12-24 random words per passage (``conftest.WORDS``), as jsonl.
 
-* Stream: ``encode_to_shards`` then ``index_from_shards`` (flat index) and ``Retriever.save``, each size in a
+* Stream: ``encode_to_shards`` then ``build_index`` of the shards (flat index) and ``Retriever.save``, each size in a
   fresh child process; peak RSS is the child's ``ru_maxrss`` after each phase. Run at N/10 and N: the difference in
   peak RSS against the difference in index bytes shows what grows with the corpus.
 * Ray: ``ray_batches`` over a ``--ray-docs`` corpus read in 10,000-row blocks, with 1 and 2 actors, interleaved
@@ -73,8 +73,9 @@ def child_stream(model_dir: str, corpus: str, work: str) -> dict[str, Any]:
 
     from sbmoe.data import load_corpus
     from sbmoe.model import load_any_model
+    from sbmoe.retrieval.build import build_index
     from sbmoe.retrieval.retriever import Retriever
-    from sbmoe.retrieval.stream import encode_to_shards, index_from_shards, store_from_shards
+    from sbmoe.retrieval.stream import encode_to_shards, store_from_shards
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -85,7 +86,7 @@ def child_stream(model_dir: str, corpus: str, work: str) -> dict[str, Any]:
     shards = encode_to_shards(model, load_corpus(corpus), Path(work) / "shards", SHARD, 256, show_progress=False)
     record.update(docs=len(shards), encode_s=time.perf_counter() - start, rss_encode_mb=rss_mb())
     start = time.perf_counter()
-    index = index_from_shards(shards, "flat", show_progress=False)
+    index = build_index(shards, show_progress=False)
     retriever = Retriever(model, index, store_from_shards(model, shards), model_dir)
     record.update(index_s=time.perf_counter() - start, rss_index_mb=rss_mb())
     start = time.perf_counter()
@@ -127,10 +128,16 @@ def ray_runs(model_dir: Path, corpus: Path, repeats: int, blocks: int) -> list[d
                     if first is None:
                         first, first_rows = time.perf_counter(), rows
                 end = time.perf_counter()
-                runs.append({
-                    "workers": workers, "docs": rows, "startup_s": first - start, "total_s": end - start,
-                    "steady_docs_per_s": (rows - first_rows) / (end - first), "docs_per_s": rows / (end - start),
-                })  # fmt: skip
+                runs.append(
+                    {
+                        "workers": workers,
+                        "docs": rows,
+                        "startup_s": first - start,
+                        "total_s": end - start,
+                        "steady_docs_per_s": (rows - first_rows) / (end - first),
+                        "docs_per_s": rows / (end - start),
+                    }
+                )
                 print(runs[-1], flush=True)
     finally:
         ray.shutdown()
@@ -148,19 +155,22 @@ def projection(stream: dict[str, Any], small: dict[str, Any], ray_ratio: float) 
     for name, n in (("MS MARCO passages", 8_841_823), ("100M passages", 100_000_000)):
         bench_index = choose_index(n, HIDDEN, 8 * GB)
         minilm_index = choose_index(n, 384, 16 * GB)
-        rows.append({
-            "corpus": name, "docs": n,
-            "encode_h_1_process": n / stream["docs_per_s"] / 3600,
-            "encode_h_2_ray_workers": n / (stream["docs_per_s"] * ray_ratio) / 3600,
-            "workers_for_24h": int(np.ceil(n / stream["docs_per_s"] / 86400)),
-            "shard_disk_gb": stream["shard_bytes"] / n1 * n / GB,
-            "flat_index_gb": stream["index_bytes"] / n1 * n / GB,
-            "peak_rss_gb_flat": (fixed_mb + grow_mb_per_doc * n) * 2**20 / GB,
-            "index_8gb_budget_64d": f"{bench_index.index_type} {bench_index.params}",
-            "index_8gb_budget_64d_gb": bench_index.bytes / GB,
-            "index_16gb_budget_384d": f"{minilm_index.index_type} {minilm_index.params}",
-            "index_16gb_budget_384d_gb": minilm_index.bytes / GB,
-        })  # fmt: skip
+        rows.append(
+            {
+                "corpus": name,
+                "docs": n,
+                "encode_h_1_process": n / stream["docs_per_s"] / 3600,
+                "encode_h_2_ray_workers": n / (stream["docs_per_s"] * ray_ratio) / 3600,
+                "workers_for_24h": int(np.ceil(n / stream["docs_per_s"] / 86400)),
+                "shard_disk_gb": stream["shard_bytes"] / n1 * n / GB,
+                "flat_index_gb": stream["index_bytes"] / n1 * n / GB,
+                "peak_rss_gb_flat": (fixed_mb + grow_mb_per_doc * n) * 2**20 / GB,
+                "index_8gb_budget_64d": f"{bench_index.index_type} {bench_index.params}",
+                "index_8gb_budget_64d_gb": bench_index.bytes / GB,
+                "index_16gb_budget_384d": f"{minilm_index.index_type} {minilm_index.params}",
+                "index_16gb_budget_384d_gb": minilm_index.bytes / GB,
+            }
+        )
     return rows
 
 
@@ -233,11 +243,14 @@ def main() -> None:
     runs = ray_runs(model_dir, corpora[args.ray_docs], args.repeats, max(4, args.ray_docs // 10_000))
     medians = {w: statistics.median(r["steady_docs_per_s"] for r in runs if r["workers"] == w) for w in (1, 2)}
     ray = {
-        "docs": args.ray_docs, "runs": runs, "median_docs_per_s": medians, "ratio_2_over_1": medians[2] / medians[1],
+        "docs": args.ray_docs,
+        "runs": runs,
+        "median_docs_per_s": medians,
+        "ratio_2_over_1": medians[2] / medians[1],
         "median_startup_s": statistics.median(r["startup_s"] for r in runs),
         "ratio_2_over_1_end_to_end": statistics.median(r["docs_per_s"] for r in runs if r["workers"] == 2)
         / statistics.median(r["docs_per_s"] for r in runs if r["workers"] == 1),
-    }  # fmt: skip
+    }
     command = "python experiments/bench_scale.py" + ("" if args.docs == 1_000_000 else f" --docs {args.docs}")
     record = {
         "command": command + ("" if args.ray_docs == 200_000 else f" --ray-docs {args.ray_docs}"),

@@ -88,8 +88,10 @@ def cold_run(command: list[str], env: dict[str, str]) -> dict[str, float]:
         total = time.perf_counter() - start
         if code or first is None:
             err.seek(0)
-            raise RuntimeError(f"{shlex.join(command)} -> exit {code}, table seen: {first is not None}\n"
-                               f"{err.read().decode(errors='replace')[-3000:]}")  # fmt: skip
+            raise RuntimeError(
+                f"{shlex.join(command)} -> exit {code}, table seen: {first is not None}\n"
+                f"{err.read().decode(errors='replace')[-3000:]}"
+            )
     return {"first_result_s": round(first, 4), "exit_s": round(total, 4)}
 
 
@@ -194,8 +196,10 @@ def main() -> None:
             times = {name: cold_run(commands[name](query), env) for name in order}
             ratio = times["sbmoe"]["first_result_s"] / times["plain"]["first_result_s"]
             cold.append({"query": query, "order": order, **times, "ratio_sbmoe_over_plain": ratio})
-            print(f"cold round {r}: sbmoe {times['sbmoe']['first_result_s']:.2f}s, "
-                  f"plain {times['plain']['first_result_s']:.2f}s, ratio {ratio:.3f}")  # fmt: skip
+            print(
+                f"cold round {r}: sbmoe {times['sbmoe']['first_result_s']:.2f}s, "
+                f"plain {times['plain']['first_result_s']:.2f}s, ratio {ratio:.3f}"
+            )
         warm = warm_latency(index_dir, model_path, queries, args.rounds)
 
     cold_ratio, warm_ratio = statistics.median(rd["ratio_sbmoe_over_plain"] for rd in cold), warm["throughput_ratio"]
@@ -229,9 +233,11 @@ def main() -> None:
     write_atomic(args.output, json.dumps(result, indent=1) + "\n")
     verdict = {True: "met", False: "NOT met"}
     print(f"cold start: median ratio sbmoe/plain {cold_ratio:.3f} (goal <= 1.2: {verdict[met['cold']]})")
-    print(f"warm: sbmoe {warm['median_ms']['sbmoe']:.2f} ms, plain {warm['median_ms']['plain']:.2f} ms per query; "
-          f"throughput ratio {warm_ratio:.3f} (goal >= 0.9: {verdict[met['warm']]}); "
-          f"same top-10 ids {warm['top10_ids_same_order']:.0%}; wrote {args.output}")  # fmt: skip
+    print(
+        f"warm: sbmoe {warm['median_ms']['sbmoe']:.2f} ms, plain {warm['median_ms']['plain']:.2f} ms per query; "
+        f"throughput ratio {warm_ratio:.3f} (goal >= 0.9: {verdict[met['warm']]}); "
+        f"same top-10 ids {warm['top10_ids_same_order']:.0%}; wrote {args.output}"
+    )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ def main() -> None:
         shutil.rmtree(clone, ignore_errors=True)
     write_atomic(OUTPUT, json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("make_demo", "make_test")}, indent=1))
-    print(f"make demo: {demo['seconds']:.0f} s (exit {demo['returncode']}); make test: {test['seconds']:.0f} s "
-          f"(exit {test['returncode']}, {result['make_test']['passed']} passed)")
+    print(
+        f"make demo: {demo['seconds']:.0f} s (exit {demo['returncode']}); make test: {test['seconds']:.0f} s "
+        f"(exit {test['returncode']}, {result['make_test']['passed']} passed)"
+    )
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ _LAZY = {
     "unseen_dev_split": "sbmoe.data",
     "TrainSet": "sbmoe.data",
     "load_train_set": "sbmoe.data",
-    "encode_cached": "sbmoe.retrieval",
+    "Encoder": "sbmoe.retrieval",
     "DenseIndex": "sbmoe.retrieval",
     "IndexLoadError": "sbmoe.retrieval",
     "DocStore": "sbmoe.retrieval",

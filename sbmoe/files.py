@@ -195,7 +195,8 @@ def last_complete_checkpoint(folder: str | os.PathLike, marker: str = "trainer_s
 
 
 def sha256_file(file: Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    """SHA-256 of a file's bytes, read in 1 MiB blocks: the one file checksum (index and retriever manifests,
+    embedding cache entries, the ONNX encoder's digest)."""
     digest = hashlib.sha256()
     with file.open("rb") as handle:
         while chunk := handle.read(1 << 20):

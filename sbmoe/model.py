@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import pickle
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,44 +12,21 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-from transformers.utils import logging as hf_logging
 
 from sbmoe.backbones import KNOWN_NAMES, OFFLINE_DEFAULT, backbone_layers, locate, resolve_backbone
 from sbmoe.data.dataset import beir_text
 from sbmoe.errors import ModelLoadError
 from sbmoe.heads import SBMoEHead
+from sbmoe.heads.base import PooledHead
 from sbmoe.heads.build import build_head
 from sbmoe.heads.config import HeadConfig, MoELayersConfig
 from sbmoe.heads.upcycle import MoETransformer, expert_plan
 from sbmoe.model_folder import DEFAULT_ROUTE, TaskRouter, routed_module, with_sbmoe_section
+from sbmoe.quiet import quiet_loading
 
 Document = Mapping[str, str]
 PLAIN_SUFFIX = "-plain"
 LEGACY_HEAD_REF = "sbmoe.head.SBMoEHead"  # models saved before the heads/ package
-ST_LOGGER = "sentence_transformers.base.model"  # logs "No device provided, using cpu" (INFO) on every load
-
-
-@contextmanager
-def quiet_loading() -> Iterator[None]:
-    """Hide load-time output a user cannot act on: sentence-transformers' INFO lines (the device it picked, the
-    folder it reads) and transformers' "Loading weights" bar. Warnings still show, so do download bars (the Hub's),
-    and so does that logger's INFO when a user set its level."""
-    st_logger = logging.getLogger(ST_LOGGER)
-    level = st_logger.level
-    if level == logging.NOTSET:
-        st_logger.setLevel(max(st_logger.getEffectiveLevel(), logging.WARNING))
-    set_hook = getattr(hf_logging, "set_tqdm_hook", None)  # transformers 5, whose loading shows the bar
-    previous = set_hook(_hidden_bar) if set_hook else None
-    try:
-        yield
-    finally:
-        st_logger.setLevel(level)
-        if set_hook:
-            set_hook(previous)
-
-
-def _hidden_bar(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return factory(*args, **{**kwargs, "disable": True})
 
 
 class OwnModuleClasses(dict):
@@ -101,8 +76,8 @@ class SBMoEModel(SentenceTransformer):
         return expert_plan(self, texts, batch_size)
 
     @property
-    def head(self) -> SBMoEHead | None:
-        """The SB-MoE head module, or None for a plain (headless) model."""
+    def head(self) -> PooledHead | None:
+        """The head module (SB-MoE or stacked), or None for a plain (headless) model."""
         return find_head(self)
 
     def save(self, path: str, *args: Any, **kwargs: Any) -> None:
@@ -117,17 +92,11 @@ class SBMoEModel(SentenceTransformer):
             self._modules.update(modules)
 
     def _create_model_card(self, path: str, *args: Any, **kwargs: Any) -> None:
-        """Write sentence-transformers' model card plus how to load the folder and what its head is, without
-        counting the card's example encodes in the head's routing statistics."""
+        """Write sentence-transformers' model card plus how to load the folder and what its head is."""
         head = self.head
-        counts = head.expert_counts.clone() if head is not None else None
         if head is not None and head.query_only:  # its examples must be encoded as queries and documents
             self.model_card_data.ir_model = True
-        try:
-            super()._create_model_card(path, *args, **kwargs)
-        finally:
-            if head is not None:
-                head.expert_counts.copy_(counts)
+        super()._create_model_card(path, *args, **kwargs)
         card = Path(path) / "README.md"
         if card.is_file():
             card.write_text(
@@ -162,9 +131,9 @@ def document_texts(corpus: Sequence[Document] | Mapping[str, Sequence[str]]) -> 
     return [beir_text(doc.get("title"), doc.get("text")) for doc in corpus]
 
 
-def find_head(model: torch.nn.Module) -> SBMoEHead | None:
-    """The first SB-MoE head inside ``model`` (any SentenceTransformer), or None."""
-    return next((m for m in model.modules() if isinstance(m, SBMoEHead)), None)
+def find_head(model: torch.nn.Module) -> PooledHead | None:
+    """The first head (SB-MoE or stacked) inside ``model`` (any SentenceTransformer), or None."""
+    return next((m for m in model.modules() if isinstance(m, PooledHead)), None)
 
 
 def build_model(
@@ -219,15 +188,10 @@ def _transformer(backbone: str, max_seq_length: int, moe: MoELayersConfig | None
             transformer = Transformer(resolve_backbone(backbone), max_seq_length=max_seq_length)
         else:  # built with its first layers only (upcycling happens on load): the later layers' weights go unused
             config = {"num_hidden_layers": layers} if layers is not None else {}
-            verbosity = hf_logging.get_verbosity()
-            if layers is not None:
-                hf_logging.set_verbosity_error()  # its load report would list those unused weights
-            try:
+            with quiet_loading(load_report=layers is None):  # its load report would list those unused weights
                 return MoETransformer(
                     resolve_backbone(backbone), max_seq_length=max_seq_length, config_kwargs=config, moe=moe
                 )
-            finally:
-                hf_logging.set_verbosity(verbosity)
     if layers is not None:
         keep_first_layers(transformer, layers)
     return transformer

@@ -46,8 +46,10 @@ def main(model_dir: str, out: str, *caches: str) -> None:
     context = multiprocessing.get_context("fork")
     for i, cache in enumerate(caches):
         barrier = context.Barrier(2)
-        writers = [context.Process(target=encode_together, args=(model_dir, cache, barrier, Path(out) / f"{i}-{w}"))
-                   for w in range(2)]  # fmt: skip
+        writers = [
+            context.Process(target=encode_together, args=(model_dir, cache, barrier, Path(out) / f"{i}-{w}"))
+            for w in range(2)
+        ]
         for writer in writers:
             writer.start()
         for writer in writers:

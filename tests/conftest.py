@@ -96,3 +96,10 @@ def one_faiss_thread() -> Iterator[None]:
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(threads)
+
+
+def head_output(head: torch.nn.Module, x: torch.Tensor, task: str) -> torch.Tensor:
+    """A standalone head's embeddings of pooled vectors ``x`` of ``task`` (eval mode, no gradient)."""
+    head.eval()
+    with torch.no_grad():
+        return head({"sentence_embedding": x, "task": task})["sentence_embedding"]

@@ -44,7 +44,8 @@ import sbmoe.commands.evaluate
 import sbmoe.commands.finetune
 import sbmoe.commands.index
 import sbmoe.training.finetune
-from sbmoe.retrieval.index import DenseIndex, IndexLoadError
+from sbmoe.errors import IndexLoadError
+from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.retriever import Retriever
 
 EVENTS = {

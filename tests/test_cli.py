@@ -29,8 +29,9 @@ def indexed(shared_data: Path, tmp_path_factory: pytest.TempPathFactory, session
     root = tmp_path_factory.mktemp("cli")
     data = write_beir_slice(root / "scifact300", shared_data, SLICE_QUERIES, SLICE_DOCS)
     env = {**os.environ, "SBMOE_CACHE": str(session_cache), "HF_HUB_OFFLINE": "1"}
-    done = sbmoe("index", "--model", "minilm", "--corpus", str(data), "--output", str(root / "idx"), "--quiet",
-                 env=env)  # fmt: skip
+    done = sbmoe(
+        "index", "--model", "minilm", "--corpus", str(data), "--output", str(root / "idx"), "--quiet", env=env
+    )
     assert done.returncode == 0, done.stderr
     assert f"indexed {SLICE_DOCS} documents (flat)" in done.stdout
     return {"root": root, "data": data, "index": root / "idx", "env": env}
@@ -55,19 +56,43 @@ def test_a_documents_title_finds_it_first_with_text_from_the_store(indexed: dict
 def test_batch_run_file_scores_like_evaluate(indexed: dict, tmp_path: Path, session_cache: Path) -> None:
     run_file = tmp_path / "run.trec"
     queries = indexed["data"] / "queries.jsonl"
-    done = sbmoe("search", str(indexed["index"]), "--queries", str(queries), "-k", "1000", "--output", str(run_file),
-                 env=indexed["env"])  # fmt: skip
+    done = sbmoe(
+        "search",
+        str(indexed["index"]),
+        "--queries",
+        str(queries),
+        "-k",
+        "1000",
+        "--output",
+        str(run_file),
+        env=indexed["env"],
+    )
     assert done.returncode == 0, done.stderr
     lines = run_file.read_text().splitlines()
     assert len(lines) == SLICE_QUERIES * SLICE_DOCS and lines[0].split()[1::2] == ["Q0", "1", "sbmoe"]
     data = str(indexed["data"])
     assert evaluate_main(["--run", str(run_file), "--datasets", data, "--output", str(tmp_path / "a.json")]) == 0
-    assert evaluate_main(["--model", "minilm", "--datasets", data, "--output", str(tmp_path / "b.json"),
-                          "--cache-dir", str(session_cache), "--quiet"]) == 0  # fmt: skip
+    assert (
+        evaluate_main(
+            [
+                "--model",
+                "minilm",
+                "--datasets",
+                data,
+                "--output",
+                str(tmp_path / "b.json"),
+                "--cache-dir",
+                str(session_cache),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     from_run, from_model = (json.loads((tmp_path / n).read_text())["results"][0] for n in ("a.json", "b.json"))
     assert from_model["corpus_from_cache"]  # `sbmoe index` encoded this corpus already
     assert from_run["num_queries"] == from_model["num_queries"] == SLICE_QUERIES
     assert from_run["metrics"] == pytest.approx(from_model["metrics"], abs=1e-9)
+    assert set(from_run) <= set(from_model) and from_run["per_query"].keys() == from_model["per_query"].keys()
     assert from_model["metrics"]["nDCG@10"] > 0.5
 
 
@@ -76,13 +101,15 @@ def test_regrown_corpus_adds_only_new_ids(indexed: dict, tmp_path: Path) -> None
     grown = tmp_path / "grown.jsonl"
     extra = [{"_id": "new-1", "title": "", "text": "glioblastoma stem cells resist radiation"}]
     grown.write_text("".join(json.dumps(d) + "\n" for d in [*docs, *extra]))
-    done = sbmoe("index", "--model", "minilm", "--corpus", str(grown), "--output", str(indexed["index"]),
-                 env=indexed["env"])  # fmt: skip
+    done = sbmoe(
+        "index", "--model", "minilm", "--corpus", str(grown), "--output", str(indexed["index"]), env=indexed["env"]
+    )
     assert done.returncode == 0, done.stderr
     assert f"added 1, updated 0, removed 0 documents: {SLICE_DOCS + 1} indexed, {SLICE_DOCS} before" in done.stdout
     assert "encode corpus: 100%|██████████| 1/1" in done.stderr  # only the new document was encoded
-    done = sbmoe("search", str(indexed["index"]), "glioblastoma stem cells resist radiation", "--json",
-                 env=indexed["env"])  # fmt: skip
+    done = sbmoe(
+        "search", str(indexed["index"]), "glioblastoma stem cells resist radiation", "--json", env=indexed["env"]
+    )
     assert json.loads(done.stdout)["hits"][0]["id"] == "new-1"
 
 

@@ -26,8 +26,24 @@ def said(capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> str
 
 def finetune_argv(backbone: str, data: Path, out: Path, *extra: str) -> list[str]:
     spec = f"{data}:test"
-    return ["finetune", "--backbone", backbone, "--train-data", spec, "--eval-data", spec, "--epochs", "1",
-            "--hard-negatives", "1", "--output-dir", str(out), "--threads", "1", *extra]  # fmt: skip
+    return [
+        "finetune",
+        "--backbone",
+        backbone,
+        "--train-data",
+        spec,
+        "--eval-data",
+        spec,
+        "--epochs",
+        "1",
+        "--hard-negatives",
+        "1",
+        "--output-dir",
+        str(out),
+        "--threads",
+        "1",
+        *extra,
+    ]
 
 
 def test_finetune_help_has_dashed_flags_defaults_and_examples(capsys: pytest.CaptureFixture) -> None:
@@ -127,8 +143,9 @@ def test_evaluate_refuses_to_replace_a_result_of_other_settings(tiny_bert: str, 
     assert json.loads(output.read_text())["results"][0]["corpus_from_cache"] is True
 
 
-def test_evaluate_names_outputs_by_index_and_logs_the_split(tiny_bert: str, tmp_path: Path, monkeypatch,
-                                                            caplog) -> None:  # fmt: skip
+def test_evaluate_names_outputs_by_index_and_logs_the_split(
+    tiny_bert: str, tmp_path: Path, monkeypatch, caplog
+) -> None:
     data = beir()(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
     with caplog.at_level(logging.INFO):

@@ -110,18 +110,30 @@ CASES = [
         (0, r"scored 3 of 3 judged queries: 1 scored queries have no relevant document in the corpus"),
         (0, r"1 qrels doc ids not in the corpus \(e\.g\. q3/z9\)"),
     ),
-    Case("all judgments zero", beir(qrels=["q1\td1\t0", "q2\td2\t0", "q3\td3\t0"]), (1, NOTHING),
-         (1, r"no qrel has a score >= 1")),  # fmt: skip
-    Case("empty qrels", beir(qrels=[]), (1, r"nothing to evaluate among 0 judged queries: the qrels of split 'test'"),
-         (1, r"qrels split 'test' has no judgments")),  # fmt: skip
+    Case(
+        "all judgments zero",
+        beir(qrels=["q1\td1\t0", "q2\td2\t0", "q3\td3\t0"]),
+        (1, NOTHING),
+        (1, r"no qrel has a score >= 1"),
+    ),
+    Case(
+        "empty qrels",
+        beir(qrels=[]),
+        (1, r"nothing to evaluate among 0 judged queries: the qrels of split 'test'"),
+        (1, r"qrels split 'test' has no judgments"),
+    ),
     Case(
         "duplicate document id",
         beir(docs=[*DOCS, {"_id": "d2", "title": "again", "text": "a second d2"}]),
         (0, r"1 duplicate document ids \(e\.g\. d2\)"),
         (0, r"1 duplicate document ids \(e\.g\. d2\)"),
     ),
-    Case("empty document", beir(docs=[*DOCS, {"_id": "d7"}]), (0, r"1 documents with empty title and text"),
-         (0, r"1 documents with empty title and text")),  # fmt: skip
+    Case(
+        "empty document",
+        beir(docs=[*DOCS, {"_id": "d7"}]),
+        (0, r"1 documents with empty title and text"),
+        (0, r"1 documents with empty title and text"),
+    ),
     Case(
         "invalid UTF-8 in corpus.jsonl",
         beir(docs=BAD_UTF8),
@@ -159,10 +171,18 @@ CASES = [
         (1, r"test\.tsv:3: 2 tab-separated fields, expected 3 \(query-id, corpus-id, score\)"),
         (1, r"test\.tsv:3: 2 tab-separated fields, expected 3"),
     ),
-    Case("qrels score not an integer", beir(qrels=["q1\td1\tyes"]), (1, r"test\.tsv:2: score 'yes' is not an integer"),
-         (1, r"test\.tsv:2: score 'yes' is not an integer")),  # fmt: skip
-    Case("qrels split missing", _no_qrels_split, (1, r"qrels/test\.tsv: file not found \(splits present: dev\)"),
-         (1, r"qrels/test\.tsv: file not found \(splits present: dev\)")),  # fmt: skip
+    Case(
+        "qrels score not an integer",
+        beir(qrels=["q1\td1\tyes"]),
+        (1, r"test\.tsv:2: score 'yes' is not an integer"),
+        (1, r"test\.tsv:2: score 'yes' is not an integer"),
+    ),
+    Case(
+        "qrels split missing",
+        _no_qrels_split,
+        (1, r"qrels/test\.tsv: file not found \(splits present: dev\)"),
+        (1, r"qrels/test\.tsv: file not found \(splits present: dev\)"),
+    ),
     Case(
         "a file given for the folder",
         _file_not_folder,

@@ -38,13 +38,28 @@ def setup(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> tuple[
 
 
 def arguments(bert: Path, beir: Path, out: Path) -> FinetuneArguments:
-    return FinetuneArguments.from_flat(dict(
-        backbone=str(bert), train="full", train_data=f"{beir}:test", eval_data=f"{beir}:test",
-        output_dir=str(out), cache_dir=str(out.parent / "cache"), num_experts=2, noise=False, hard_negatives=1,
-        max_positives_per_query=1,
-        batch_size=4, max_steps=3, learning_rate=1e-2, backbone_learning_rate=1e-3, max_seq_length=32,
-        logging_steps=1, save_steps=1000, threads=1,
-    ))  # fmt: skip
+    return FinetuneArguments.from_flat(
+        dict(
+            backbone=str(bert),
+            train="full",
+            train_data=f"{beir}:test",
+            eval_data=f"{beir}:test",
+            output_dir=str(out),
+            cache_dir=str(out.parent / "cache"),
+            num_experts=2,
+            noise=False,
+            hard_negatives=1,
+            max_positives_per_query=1,
+            batch_size=4,
+            max_steps=3,
+            learning_rate=1e-2,
+            backbone_learning_rate=1e-3,
+            max_seq_length=32,
+            logging_steps=1,
+            save_steps=1000,
+            threads=1,
+        )
+    )
 
 
 def test_two_processes_train_one_model_like_one_process_accumulating_two_batches(
@@ -54,8 +69,19 @@ def test_two_processes_train_one_model_like_one_process_accumulating_two_batches
     args = arguments(bert, beir, tmp_path / "ddp")
     config = tmp_path / "args.json"
     config.write_text(json.dumps(args.flat()))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "sbmoe.cli", "finetune", str(config)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "sbmoe.cli",
+        "finetune",
+        str(config),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     root = Path(__file__).parents[1]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=root)
@@ -70,8 +96,9 @@ def test_two_processes_train_one_model_like_one_process_accumulating_two_batches
 
     # One process, batches of 4 accumulated two at a time, sees the batches the two ranks saw (accelerate gives
     # batch i to rank i % 2) and averages the same two gradients: the same weights up to float summation order.
-    accumulate = functools.partial(sentence_transformers.SentenceTransformerTrainingArguments,
-                                   gradient_accumulation_steps=2)  # fmt: skip
+    accumulate = functools.partial(
+        sentence_transformers.SentenceTransformerTrainingArguments, gradient_accumulation_steps=2
+    )
     monkeypatch.setattr(sentence_transformers, "SentenceTransformerTrainingArguments", accumulate)
     single = run(arguments(bert, beir, tmp_path / "single"))
     assert single["world_size"] == 1

@@ -39,8 +39,9 @@ def test_agrees_with_beir_exact_search(scifact_slice: Path, tmp_path: Path) -> N
     relevant = {d for q in qids for d in full.qrels[q]}
     docs = [d for d in full.iter_docs() if d.id in relevant]
     docs += [d for d in full.iter_docs() if d.id not in relevant][: 100 - len(docs)]
-    dataset = RetrievalDataset("slice", "test", {q: full.queries[q] for q in qids},
-                               {q: full.qrels[q] for q in qids}, lambda: iter(docs))  # fmt: skip
+    dataset = RetrievalDataset(
+        "slice", "test", {q: full.queries[q] for q in qids}, {q: full.qrels[q] for q in qids}, lambda: iter(docs)
+    )
     ours = evaluate_model(model, dataset, top_k=100, cache_dir=tmp_path, show_progress=False)
     retriever = EvaluateRetrieval(DenseRetrievalExactSearch(model, batch_size=64), score_function="cos_sim")
     results = retriever.retrieve(dataset.corpus(), dataset.queries)
@@ -57,8 +58,19 @@ def test_cli_writes_results_and_reuses_the_cache(
     tiny_bert: str, scifact_slice: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "out" / "eval.json"
-    argv = ["--model", tiny_bert, "--datasets", str(scifact_slice), "--top-k", "100", "--output", str(out),
-            "--cache-dir", str(tmp_path / "cache"), "--quiet"]  # fmt: skip
+    argv = [
+        "--model",
+        tiny_bert,
+        "--datasets",
+        str(scifact_slice),
+        "--top-k",
+        "100",
+        "--output",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+    ]
     assert main(argv) == 0
     first = json.loads(out.read_text())
     assert main(argv) == 0
@@ -78,9 +90,23 @@ def test_cli_writes_results_and_reuses_the_cache(
 def test_head_model_reports_expert_utilization(tiny_bert: str, scifact_slice: Path, tmp_path: Path) -> None:
     build_model(tiny_bert, HeadConfig(num_experts=3), max_seq_length=128).save(str(tmp_path / "moe"))
     out = tmp_path / "eval.json"
-    argv = ["--model", str(tmp_path / "moe"), "--datasets", str(scifact_slice), "--index", "hnsw", "--top-k", "50",
-            "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--save-index", str(tmp_path / "idx"),
-            "--quiet"]  # fmt: skip
+    argv = [
+        "--model",
+        str(tmp_path / "moe"),
+        "--datasets",
+        str(scifact_slice),
+        "--index",
+        "hnsw",
+        "--top-k",
+        "50",
+        "--output",
+        str(out),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--save-index",
+        str(tmp_path / "idx"),
+        "--quiet",
+    ]
     assert main(argv) == 0
     (result,) = json.loads(out.read_text())["results"]
     use = result["utilization"]
@@ -116,7 +142,7 @@ def test_cranfield_recall_is_the_same_through_irds_and_beir(tiny_bert: str, shar
     for spec in ("cranfield", "irds:cranfield"):
         dataset = load_dataset(spec, data_dir=shared_data)
         dataset.qrels = {q: {d: s for d, s in r.items() if s > 0} for q, r in dataset.qrels.items()}  # drop -1 rows
-        runs[spec] = evaluate_model(model, dataset, 100, batch_size=256, cache_dir=tmp_path, show_progress=False)
+        runs[spec] = evaluate_model(model, dataset, top_k=100, batch_size=256, cache_dir=tmp_path, show_progress=False)
     beir, irds = runs["cranfield"]["metrics"], runs["irds:cranfield"]["metrics"]
     assert runs["irds:cranfield"]["num_docs"] == runs["cranfield"]["num_docs"] == 1400
     assert irds["Recall@100"] == pytest.approx(beir["Recall@100"], abs=1e-6) and beir["Recall@100"] > 0.05
@@ -142,18 +168,40 @@ def test_msmarco_dl19_through_irds_matches_the_sample_folder(
 ) -> None:
     stage_msmarco(tmp_path / "irds", shared_data)
     out = tmp_path / "dl19.json"
-    env = {**os.environ, "IR_DATASETS_HOME": str(tmp_path / "irds"), "SBMOE_CACHE": str(tmp_path / "cache"),
-           "HF_HUB_OFFLINE": "1"}  # fmt: skip
-    argv = [sys.executable, "-m", "sbmoe.evaluate", "--model", tiny_bert, "--datasets",
-            "irds:msmarco-passage/trec-dl-2019/judged", "--top-k", "100", "--batch-size", "256", "--output", str(out),
-            "--quiet"]  # fmt: skip
+    env = {
+        **os.environ,
+        "IR_DATASETS_HOME": str(tmp_path / "irds"),
+        "SBMOE_CACHE": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    argv = [
+        sys.executable,
+        "-m",
+        "sbmoe.evaluate",
+        "--model",
+        tiny_bert,
+        "--datasets",
+        "irds:msmarco-passage/trec-dl-2019/judged",
+        "--top-k",
+        "100",
+        "--batch-size",
+        "256",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     (irds,) = json.loads(out.read_text())["results"]
     assert (irds["num_queries"], irds["num_docs"], irds["relevance_level"]) == (43, 5000, 2)
     assert irds["warnings"] == [irds["warnings"][0]] and "5158 qrels doc ids not in the corpus" in irds["warnings"][0]
-    sample = evaluate_model(load_any_model(tiny_bert), load_dataset("msmarco-sample", data_dir=shared_data),
-                            top_k=100, cache_dir=tmp_path / "cache", show_progress=False)  # fmt: skip
+    sample = evaluate_model(
+        load_any_model(tiny_bert),
+        load_dataset("msmarco-sample", data_dir=shared_data),
+        top_k=100,
+        cache_dir=tmp_path / "cache",
+        show_progress=False,
+    )
     assert sample["corpus_from_cache"]  # same passages, same order: the subprocess's cache entry is reused
     assert irds["metrics"]["nDCG@10"] == pytest.approx(sample["metrics"]["nDCG@10"], abs=1e-6)  # grade-0 rows: gain 0
 
@@ -167,10 +215,12 @@ def test_evaluate_embeddings_scores_precomputed_vectors() -> None:
     doc_ids[1] = "q1"
     queries = docs[:3] + 0.01 * rng.normal(size=(3, 16)).astype(np.float32)
     qrels = {"q0": {"d0": 1}, "q1": {"q1": 1}, "q2": {"d2": 1, "d49": 1}}
-    out = evaluate_embeddings(queries, docs, ["q0", "q1", "q2"], doc_ids, qrels, top_k=10, index="hnsw",
-                              metrics=["MRR@10", "Recall@1"])  # fmt: skip
+    out = evaluate_embeddings(
+        queries, docs, ["q0", "q1", "q2"], doc_ids, qrels, top_k=10, index="hnsw", metrics=["MRR@10", "Recall@1"]
+    )
     assert out["metrics"] == {"MRR@10": pytest.approx(2 / 3), "Recall@1": pytest.approx((1 + 0 + 0.5) / 3)}
     assert "q1" not in out["run"]["q1"] and len(out["run"]["q1"]) == 10 and list(out["run"]["q0"])[0] == "d0"
-    kept = evaluate_embeddings(queries, docs, ["q0", "q1", "q2"], doc_ids, qrels, top_k=10, metrics=["MRR@10"],
-                               ignore_identical_ids=False)  # fmt: skip
+    kept = evaluate_embeddings(
+        queries, docs, ["q0", "q1", "q2"], doc_ids, qrels, top_k=10, metrics=["MRR@10"], ignore_identical_ids=False
+    )
     assert kept["metrics"]["MRR@10"] == pytest.approx(1.0)

@@ -35,8 +35,13 @@ def run_scenario(spec: dict, work: Path) -> dict:
     spec = {**spec, "work": str(work / "runner"), "kills": KILLS}
     (work / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(RUNNER), str(work / "spec.json"), str(work / "report.json")], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), str(work / "spec.json"), str(work / "report.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((work / "report.json").read_text())
 
@@ -63,8 +68,21 @@ def test_a_killed_index_write_leaves_the_old_or_the_new_index(
     if command == "index":
         argv = {v: ["index", *common, "--corpus", str(slices[v]), "--output", str(target)] for v in ("old", "new")}
     else:
-        argv = {v: ["evaluate", *common, "--datasets", str(slices[v]), "--save-index", str(target), "--top-k", "10",
-                    "--output", str(tmp_path / f"{v}.json")] for v in ("old", "new")}  # fmt: skip
+        argv = {
+            v: [
+                "evaluate",
+                *common,
+                "--datasets",
+                str(slices[v]),
+                "--save-index",
+                str(target),
+                "--top-k",
+                "10",
+                "--output",
+                str(tmp_path / f"{v}.json"),
+            ]
+            for v in ("old", "new")
+        }
     spec = {"scenario": command, "seed": 7, "cache": str(cache), "output": str(target), **argv}
     report = run_scenario({**spec, "inside": "slice" if command == "evaluate" else ""}, tmp_path)
     outcomes = Counter(run["outcome"] for run in report["runs"])
@@ -80,9 +98,27 @@ def test_a_killed_index_write_leaves_the_old_or_the_new_index(
 def test_a_killed_finetune_resumes_to_the_uninterrupted_weights(
     mode: str, tiny_bert: str, slices: dict[str, Path], tmp_path: Path
 ) -> None:
-    argv = ["finetune", "--backbone", tiny_bert, "--train-data", f"{slices['train']}:test", "--cache-dir",
-            str(tmp_path / "cache"), "--num-experts", "3", "--hard-negatives", "2", "--batch-size", "4",
-            "--max-seq-length", "32", "--learning-rate", "1e-2", "--train", mode]  # fmt: skip
+    argv = [
+        "finetune",
+        "--backbone",
+        tiny_bert,
+        "--train-data",
+        f"{slices['train']}:test",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--num-experts",
+        "3",
+        "--hard-negatives",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-seq-length",
+        "32",
+        "--learning-rate",
+        "1e-2",
+        "--train",
+        mode,
+    ]
     argv += ["--epochs", "12", "--dev-queries", "4"] if mode == "head" else ["--max-steps", "4", "--save-steps", "1"]
     spec = {"scenario": "finetune", "mode": mode, "seed": 11, "output": str(tmp_path / "out"), "argv": argv}
     report = run_scenario(spec, tmp_path)
@@ -177,8 +213,12 @@ def test_two_processes_writing_one_cache_entry_both_get_it(tiny_bert: str, tmp_p
     cached_embeddings(model, TEXTS, "queries", damaged, show_progress=False)
     (entry,) = [p for p in damaged.iterdir() if p.name != "texts"]
     (entry / "embeddings.npy").write_bytes((entry / "embeddings.npy").read_bytes()[:100])
-    done = subprocess.run([sys.executable, str(WRITER), tiny_bert, str(tmp_path), str(absent), str(damaged)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(WRITER), tiny_bert, str(tmp_path), str(absent), str(damaged)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("another process wrote this entry meanwhile; keeping it") == 2  # one per race
     for i, cache in enumerate((absent, damaged)):
@@ -225,8 +265,23 @@ def test_nothing_is_written_under_the_data_folder(
     monkeypatch.chdir(tmp_path / "work")  # default outputs (runs/...) go here
     index = str(tmp_path / "idx")
     assert cli_main(["index", "--model", tiny_bert, "--corpus", "mini", "--output", index, "--quiet"]) == 0
-    assert cli_main(["evaluate", "--model", tiny_bert, "--datasets", "mini", "--data-dir", str(read_only_data),
-                     "--save-index", str(tmp_path / "saved"), "--quiet"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "evaluate",
+                "--model",
+                tiny_bert,
+                "--datasets",
+                "mini",
+                "--data-dir",
+                str(read_only_data),
+                "--save-index",
+                str(tmp_path / "saved"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert cli_main(["search", index, "cell protein", "-k", "3", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["hits"]) == 3

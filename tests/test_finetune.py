@@ -13,14 +13,15 @@ from sentence_transformers import SentenceTransformer
 from transformers import TrainerCallback
 
 from sbmoe.commands.finetune import main
-from sbmoe.data import DataError
+from sbmoe.data import DataError, load_dataset
 from sbmoe.data.splits import unseen_dev_split
 from sbmoe.data.trainset import cropped_span
 from sbmoe.heads import HeadConfig
 from sbmoe.heads.build import build_head, count_parameters, dense_hidden
 from sbmoe.heads.sbmoe_head import SBMoEHead
 from sbmoe.model import find_head
-from sbmoe.retrieval.encode import pooled_model
+from sbmoe.retrieval.encoder import pooled_model
+from sbmoe.training import evaluation_pass
 from sbmoe.training.arguments import FinetuneArguments
 from sbmoe.training.finetune import STRENGTHS, finetune_model, run
 from sbmoe.training.head_trainer import kmeans_router_init
@@ -274,3 +275,22 @@ def test_cropped_span_is_a_stable_slice_of_the_document() -> None:
 def test_crop_self_supervision_adds_one_pair_per_document(tiny_bert: str, toy_beir: Path, tmp_path: Path) -> None:
     record = run(make_args(tiny_bert, toy_beir, tmp_path, epochs=1, self_supervised="crop", eval_data=""))
     assert record["train_examples"] == 32 + 48
+
+
+def test_each_eval_set_is_loaded_once_per_run(
+    tiny_bert: str, toy_beir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Zero-shot, initial routing, final and MoE-utilization passes share one load of each eval set."""
+    loads: list[str] = []
+
+    def counted(spec: str, *args, **kwargs):
+        loads.append(spec)
+        return load_dataset(spec, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation_pass, "load_dataset", counted)
+    args = make_args(tiny_bert, toy_beir, tmp_path, epochs=2, dev_queries=4)
+    record = run(args)
+    assert loads == [args.eval_data]
+    result = record["eval"][args.eval_data]
+    assert set(result["per_query"]) == set(result["metrics"]) and record["zero_shot"][args.eval_data]["per_query"]
+    assert result["num_queries"] == len(result["per_query"]["nDCG@10"]) == 8

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from sbmoe.heads import HeadConfig
 from sbmoe.heads.sbmoe_head import SBMoEHead, load_balancing_loss
+from sbmoe.heads.usage import RoutingStats
 
 DIM = 32
 
@@ -79,16 +82,24 @@ def test_aux_loss_exposed_after_forward() -> None:
     assert 1.0 <= head.aux_loss.item() <= 6.0
 
 
-def test_routing_stats_count_inputs() -> None:
+def test_routing_stats_count_the_expert_index_of_each_input() -> None:
     head = SBMoEHead(DIM, HeadConfig(num_experts=3)).eval()
+    state = {k: v.clone() for k, v in head.state_dict().items()}
     with torch.no_grad():
-        run_head(head, torch.randn(10, DIM))
-        run_head(head, torch.randn(5, DIM))
-    stats = head.routing_stats()
-    assert stats["total"] == 15 and sum(stats["counts"]) == 15
-    assert sum(stats["shares"]) == pytest.approx(1.0)
-    head.reset_routing_stats()
-    assert head.routing_stats()["total"] == 0
+        index = torch.cat([head({"sentence_embedding": torch.randn(n, DIM)})["expert_index"] for n in (10, 5)])
+    stats = RoutingStats.of(index.numpy(), 3).as_dict()
+    counts = [int((index == e).sum()) for e in range(3)]
+    shares = [c / 15 for c in counts]
+    assert stats["counts"] == counts and stats["total"] == 15
+    assert stats["shares"] == pytest.approx(shares, abs=1e-12)
+    assert stats["entropy"] == pytest.approx(-sum(s * math.log(s) for s in shares if s > 0), abs=1e-12)
+    assert RoutingStats.of(index[:0].numpy(), 3).as_dict() == {
+        "counts": [0] * 3,
+        "shares": [0.0] * 3,
+        "entropy": 0,
+        "total": 0,
+    }
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in state.items())  # forward changed no buffer
 
 
 def test_residual_and_normalisation_options() -> None:

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_beir_slice
+from conftest import head_output, write_beir_slice
 from safetensors.torch import load_file
 
 from sbmoe.heads import HeadConfig
 from sbmoe.heads.sbmoe_head import SBMoEHead
 from sbmoe.training.arguments import FinetuneArguments, TrainingArguments
 from sbmoe.training.finetune import run
-from sbmoe.training.head_trainer import embed, train_head
+from sbmoe.training.head_trainer import train_head
 
 DIM, DOCS, QUERIES = 384, 300, 128  # MiniLM's width: large enough for torch to split work across threads
 CONFIG = TrainingArguments(epochs=6, batch_size=32, learning_rate=1e-2, seed=3)
@@ -53,7 +53,7 @@ def recall_at_1(data: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Callab
     anchors, docs, rows = data
 
     def score(head: SBMoEHead) -> float:
-        best = (embed(head, anchors, "query") @ embed(head, docs, "document").T).argmax(dim=1)
+        best = (head_output(head, anchors, "query") @ head_output(head, docs, "document").T).argmax(dim=1)
         return (best == rows[:, 1]).float().mean().item()
 
     return score
@@ -126,8 +126,10 @@ def test_the_end_of_training_says_which_epoch_was_kept_and_why(data, caplog: pyt
     assert recall["kept"].startswith(f"kept epoch {best} of 6")
     assert f"best dev score {max(candidates):.4f}" in recall["kept"]
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("kept")] == [
-        none["kept"], flat["kept"], recall["kept"]
-    ]  # fmt: skip
+        none["kept"],
+        flat["kept"],
+        recall["kept"],
+    ]
 
 
 def test_a_checkpoint_of_other_settings_is_not_resumed(data, tmp_path: Path, caplog) -> None:
@@ -143,9 +145,16 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(data, tmp_path: Path, cap
 def test_finetune_head_mode_resumes_from_its_checkpoint(tiny_bert: str, shared_data: Path, tmp_path: Path) -> None:
     beir = write_beir_slice(tmp_path / "slice", shared_data, 12, 60)
     common = {
-        "backbone": tiny_bert, "train_data": f"{beir}:test", "cache_dir": str(tmp_path / "cache"), "num_experts": 3,
-        "hard_negatives": 2, "batch_size": 4, "max_seq_length": 32, "learning_rate": 1e-2, "dev_queries": 3,
-    }  # fmt: skip
+        "backbone": tiny_bert,
+        "train_data": f"{beir}:test",
+        "cache_dir": str(tmp_path / "cache"),
+        "num_experts": 3,
+        "hard_negatives": 2,
+        "batch_size": 4,
+        "max_seq_length": 32,
+        "learning_rate": 1e-2,
+        "dev_queries": 3,
+    }
     whole = run(FinetuneArguments.from_flat({**common, "epochs": 5, "output_dir": str(tmp_path / "whole")}))
     run(FinetuneArguments.from_flat({**common, "epochs": 2, "output_dir": str(tmp_path / "parts")}))
     assert (tmp_path / "parts" / "checkpoints" / "head" / "state.pt").is_file()

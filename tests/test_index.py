@@ -8,7 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sbmoe.retrieval.index import GPU_MAX_K, INDEX_TYPES, DenseIndex, IndexLoadError, gpu_count
+from sbmoe.errors import IndexLoadError
+from sbmoe.retrieval.build import build_index
+from sbmoe.retrieval.faiss_types import INDEX_TYPES
+from sbmoe.retrieval.gpu import gpu_count
+from sbmoe.retrieval.index import GPU_MAX_K, DenseIndex
 
 DIM = 32
 
@@ -46,16 +50,20 @@ def test_flat_is_exact(vectors: tuple[np.ndarray, np.ndarray]) -> None:
 
 @pytest.mark.parametrize(
     ("index_type", "params", "floor"),
-    [("hnsw", {}, 0.98), ("ivf", {"nlist": 76, "nprobe": 16}, 0.98), ("sq8", {}, 0.9),
-     ("ivfpq", {"pq_m": 16, "pq_bits": 4, "nlist": 32, "nprobe": 16}, 0.5),
-     ("binary", {}, 0.75)],  # 32 sign bits are a coarse filter: real embeddings have 384+
-)  # fmt: skip
+    [
+        ("hnsw", {}, 0.98),
+        ("ivf", {"nlist": 76, "nprobe": 16}, 0.98),
+        ("sq8", {}, 0.9),
+        ("ivfpq", {"pq_m": 16, "pq_bits": 4, "nlist": 32, "nprobe": 16}, 0.5),
+        ("binary", {}, 0.75),
+    ],  # 32 sign bits are a coarse filter: real embeddings have 384+
+)
 def test_approximate_types_find_the_neighbours(
     vectors: tuple[np.ndarray, np.ndarray], index_type: str, params: dict, floor: float
 ) -> None:
     docs, queries = vectors
     truth = np.argsort(-(queries @ docs.T), axis=1)[:, :20]
-    index = DenseIndex(DIM, index_type, use_gpu=False, **params).build(docs, show_progress=False)
+    index = build_index(docs, None, index_type, params, use_gpu=False, show_progress=False)
     scores, ids = index.search(queries, 20)
     assert recall(ids, truth) >= floor
     assert (np.diff(scores, axis=1) <= 1e-6).all()  # best first
@@ -65,11 +73,11 @@ def test_approximate_types_find_the_neighbours(
 
 def test_k_is_capped_and_bad_inputs_are_named(vectors: tuple[np.ndarray, np.ndarray]) -> None:
     docs, queries = vectors
-    index = DenseIndex(DIM, "flat", use_gpu=False).build(docs[:5], ["a", "b", "c", "d", "e"], show_progress=False)
+    index = build_index(docs[:5], ["a", "b", "c", "d", "e"], use_gpu=False, show_progress=False)
     scores, ids = index.search(queries[:2], 100)
     assert scores.shape == ids.shape == (2, 5)
-    index.build(docs[:3], ["x", "y", "z"], show_progress=False)  # a new build starts from empty
-    assert (len(index), index.doc_ids) == (3, ["x", "y", "z"])
+    with pytest.raises(ValueError, match="2 ids for 3 embeddings"):
+        build_index(docs[:3], ["x", "y"], use_gpu=False, show_progress=False)
     with pytest.raises(ValueError, match=r"dimension mismatch: expected n x 32 embeddings, got shape \(2, 16\)"):
         index.search(queries[:2, :16], 3)
     with pytest.raises(ValueError, match="unknown index type 'lsh': expected one of flat, hnsw, ivf, ivfpq, sq8"):
@@ -88,7 +96,7 @@ def test_gpu_required_without_gpu_fails_clearly() -> None:
 
 
 def test_k_beyond_the_gpu_limit_searches_the_cpu_copy(vectors: tuple[np.ndarray, np.ndarray]) -> None:
-    index = DenseIndex(DIM, "flat", use_gpu=False).build(vectors[0], show_progress=False)
+    index = build_index(vectors[0], use_gpu=False, show_progress=False)
     index.use_gpu = True  # pretend: a k over the GPU limit must not touch the GPU copy
     assert index._device_index(GPU_MAX_K + 1) is index._cpu
 
@@ -100,14 +108,17 @@ def test_save_load_round_trip(tmp_path: Path, vectors: tuple[np.ndarray, np.ndar
     pq = {"pq_m": 8, "pq_bits": 4}  # 1-D sub-quantizers at 8 bits (the default for dim 32) train for a minute
     params = {"ivf": {"nlist": 16}, "ivfpq": {"nlist": 16, **pq}, "pq": pq, "opq": pq}.get(index_type, {})
     ids = [f"doc-{i}" for i in range(len(docs))]
-    index = DenseIndex(DIM, index_type, use_gpu=False, model_name="tiny", model_hash="abc123", **params)
-    index.build(docs, ids, show_progress=False)
+    build = {"use_gpu": False, "model_name": "tiny", "model_hash": "abc123", "show_progress": False}
+    index = build_index(docs, ids, index_type, params, **build)
     path = index.save(tmp_path / "idx")
     loaded = DenseIndex.load(path, expect_dim=DIM, expect_model_hash="abc123", use_gpu=False)
     manifest = json.loads((path / "manifest.json").read_text())
     assert (manifest["type"], manifest["dim"], manifest["count"], manifest["model"]) == (
-        index_type, DIM, 1000, {"name": "tiny", "hash": "abc123"}
-    )  # fmt: skip
+        index_type,
+        DIM,
+        1000,
+        {"name": "tiny", "hash": "abc123"},
+    )
     assert loaded.doc_ids == ids and loaded.params == index.params
     for a, b in zip(index.search(queries, 10), loaded.search(queries, 10), strict=True):
         assert np.array_equal(a, b)
@@ -115,16 +126,16 @@ def test_save_load_round_trip(tmp_path: Path, vectors: tuple[np.ndarray, np.ndar
 
 def test_save_replaces_atomically(tmp_path: Path, vectors: tuple[np.ndarray, np.ndarray]) -> None:
     docs, _ = vectors
-    DenseIndex(DIM, use_gpu=False).build(docs[:10], show_progress=False).save(tmp_path / "idx")
-    DenseIndex(DIM, use_gpu=False).build(docs[:20], show_progress=False).save(tmp_path / "idx")
+    build_index(docs[:10], use_gpu=False, show_progress=False).save(tmp_path / "idx")
+    build_index(docs[:20], use_gpu=False, show_progress=False).save(tmp_path / "idx")
     assert len(DenseIndex.load(tmp_path / "idx", use_gpu=False)) == 20
     assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no temporary or old folders left
 
 
 @pytest.fixture
 def saved(tmp_path: Path, vectors: tuple[np.ndarray, np.ndarray]) -> Path:
-    index = DenseIndex(DIM, "flat", use_gpu=False, model_name="m", model_hash="feedbeef")
-    return index.build(vectors[0][:100], show_progress=False).save(tmp_path / "idx")
+    index = build_index(vectors[0][:100], use_gpu=False, model_name="m", model_hash="feedbeef", show_progress=False)
+    return index.save(tmp_path / "idx")
 
 
 def test_truncated_index_file(saved: Path) -> None:

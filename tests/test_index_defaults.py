@@ -12,8 +12,9 @@ import pytest
 from conftest import write_beir_slice
 
 from sbmoe.cli import main as cli_main
-from sbmoe.commands.evaluate import markdown_table
 from sbmoe.data import DataError
+from sbmoe.evaluation.report import markdown_table
+from sbmoe.retrieval.build import build_index
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.ivf import EXACT_BELOW, filled_params, ivf_defaults, searches_exactly
 
@@ -69,9 +70,9 @@ def test_small_corpus_falls_back_to_exact_search_and_says_so(
     small: tuple[np.ndarray, np.ndarray], index_type: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     docs, queries = small
-    flat = DenseIndex(DIM, "flat", use_gpu=False).build(docs, show_progress=False)
+    flat = build_index(docs, use_gpu=False, show_progress=False)
     with caplog.at_level(logging.WARNING, logger="sbmoe.retrieval.index"):
-        index = DenseIndex(DIM, index_type, use_gpu=False).build(docs, show_progress=False)
+        index = build_index(docs, None, index_type, use_gpu=False, show_progress=False)
     assert caplog.messages == [FALLBACK_WARNING.format(type=index_type)]
     assert (index.index_type, index.structure, index.params["fallback"]) == (index_type, "flat", "flat")
     assert {v for k, v in index.params.items() if k != "fallback"} == {None}
@@ -83,34 +84,40 @@ def test_fallback_is_saved_reloaded_and_shown_in_the_result_table(
     small: tuple[np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:
     docs, queries = small
-    index = DenseIndex(DIM, "ivf", use_gpu=False).build(docs, show_progress=False)
+    index = build_index(docs, None, "ivf", use_gpu=False, show_progress=False)
     index.save(tmp_path / "idx")
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
     assert (manifest["type"], manifest["params"]) == ("ivf", {"nlist": None, "nprobe": None, "fallback": "flat"})
     loaded = DenseIndex.load(tmp_path / "idx", use_gpu=False)
     assert (loaded.index_type, loaded.structure, loaded.params) == ("ivf", "flat", index.params)
     np.testing.assert_array_equal(loaded.search(queries, 10)[1], index.search(queries, 10)[1])
-    result = {"dataset": "d", "split": "test", "num_queries": 40, "num_docs": 300, "metrics": {"nDCG@10": 0.5},
-              "index": {"type": loaded.index_type, "params": loaded.params}}  # fmt: skip
+    result = {
+        "dataset": "d",
+        "split": "test",
+        "num_queries": 40,
+        "num_docs": 300,
+        "metrics": {"nDCG@10": 0.5},
+        "index": {"type": loaded.index_type, "params": loaded.params},
+    }
     assert "| ivf fallback=flat | 40 | 300 | 0.5000 |" in markdown_table("m", [result])
 
 
 def test_a_larger_corpus_keeps_ivf_with_the_scaled_nprobe() -> None:
     """20,000 vectors: 512 lists, 210 probed (41%, was 64); the same object first fell back on 300 vectors."""
     docs, queries = clustered(20_000), clustered(50, seed=1)
-    index = DenseIndex(DIM, "ivf", use_gpu=False).build(docs[:300], show_progress=False)
+    index = build_index(docs[:300], None, "ivf", use_gpu=False, show_progress=False)
     assert index.structure == "flat"
-    index.build(docs, show_progress=False)  # a new build decides again, from the parameters given
+    index = build_index(docs, None, "ivf", use_gpu=False, show_progress=False)  # decided again, from the size
     assert (index.structure, index.params) == ("ivf", {"nlist": 512, "nprobe": 210})
     _, found = index.search(queries, 100)
-    _, truth = DenseIndex(DIM, "flat", use_gpu=False).build(docs, show_progress=False).search(queries, 100)
+    _, truth = build_index(docs, use_gpu=False, show_progress=False).search(queries, 100)
     recall = np.mean([len(set(f) & set(t)) / 100 for f, t in zip(found, truth, strict=True)])
     assert recall >= 0.98
 
 
 def test_explicit_nlist_forces_ivf_on_a_small_corpus(small: tuple[np.ndarray, np.ndarray]) -> None:
     docs, _ = small
-    index = DenseIndex(DIM, "ivf", use_gpu=False, nlist=4).build(docs, show_progress=False)
+    index = build_index(docs, None, "ivf", {"nlist": 4}, use_gpu=False, show_progress=False)
     assert (index.structure, index.params) == ("ivf", {"nlist": 4, "nprobe": 4})  # 8,192 vectors' worth: all
     assert index.faiss_index.nlist == 4
 
@@ -118,26 +125,32 @@ def test_explicit_nlist_forces_ivf_on_a_small_corpus(small: tuple[np.ndarray, np
 @pytest.mark.parametrize(
     ("index_type", "params", "message"),
     [
-        ("ivf", {"nlist": 400}, "nlist=400: 400 lists need at least 400 training vectors, got 300; lower nlist "
-                                "(faiss advises 39 vectors per list: nlist=7) or leave it out to get a default"),
+        (
+            "ivf",
+            {"nlist": 400},
+            "nlist=400: 400 lists need at least 400 training vectors, got 300; lower nlist "
+            "(faiss advises 39 vectors per list: nlist=7) or leave it out to get a default",
+        ),
         ("ivfpq", {"nlist": 4, "pq_m": 5}, "pq_m=5 does not divide the dimension 32; divisors: 1, 2, 4, 8, 16, 32"),
         ("ivf", {"nlist": 4, "nprobe": 5}, "nprobe=5 > nlist=4: a search cannot probe more lists than there are"),
-        ("ivfpq", {"nlist": 4, "pq_bits": 9}, "pq_bits=9: 512 centroids per sub-quantizer need at least 512 "
-                                              "training vectors, got 300; lower pq_bits (at most 8 here)"),
+        (
+            "ivfpq",
+            {"nlist": 4, "pq_bits": 9},
+            "pq_bits=9: 512 centroids per sub-quantizer need at least 512 "
+            "training vectors, got 300; lower pq_bits (at most 8 here)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_settings_the_corpus_cannot_satisfy_name_the_numbers(
     small: tuple[np.ndarray, np.ndarray], index_type: str, params: dict, message: str
 ) -> None:
-    index = DenseIndex(DIM, index_type, use_gpu=False, **params)
     with pytest.raises(DataError, match=f"^{re.escape(message)}"):
-        index.build(small[0], show_progress=False)
+        build_index(small[0], None, index_type, params, use_gpu=False, show_progress=False)
 
 
 def test_nprobe_above_the_default_nlist_is_refused_at_training() -> None:
-    index = DenseIndex(DIM, "ivf", use_gpu=False, nprobe=600)
     with pytest.raises(DataError) as info:
-        index.build(clustered(20_000), show_progress=False)
+        build_index(clustered(20_000), None, "ivf", {"nprobe": 600}, use_gpu=False, show_progress=False)
     message = "nprobe=600 > nlist=512 (the default for 20000 vectors): a search cannot probe more lists than there are"
     assert str(info.value) == message
 
@@ -160,8 +173,22 @@ def test_cli_reports_an_impossible_nlist_in_one_line(
     tiny_bert: str, shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     data = write_beir_slice(tmp_path / "scifact300", shared_data, 40, 300)
-    argv = ["evaluate", "--model", tiny_bert, "--datasets", str(data), "--index", "ivf", "--index-param", "nlist=400",
-            "--output", str(tmp_path / "out.json"), "--cache-dir", str(tmp_path / "cache"), "--quiet"]  # fmt: skip
+    argv = [
+        "evaluate",
+        "--model",
+        tiny_bert,
+        "--datasets",
+        str(data),
+        "--index",
+        "ivf",
+        "--index-param",
+        "nlist=400",
+        "--output",
+        str(tmp_path / "out.json"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--quiet",
+    ]
     assert cli_main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("sbmoe evaluate: error: nlist=400: 400 lists need at least 400 training vectors, got 300;")

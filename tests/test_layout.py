@@ -9,9 +9,9 @@ import sbmoe
 
 PACKAGE = Path(sbmoe.__file__).parent
 # Lower layers never import higher ones: cli -> commands -> training -> evaluation -> retrieval -> model
-# -> heads/data -> files/paths/backbones. `sbmoe/__init__.py` only names things lazily and is left out.
+# -> heads/data -> files/paths/backbones/quiet. `sbmoe/__init__.py` only names things lazily and is left out.
 LAYERS = [
-    {"sbmoe.errors", "sbmoe.files", "sbmoe.paths", "sbmoe.backbones"},
+    {"sbmoe.errors", "sbmoe.files", "sbmoe.paths", "sbmoe.backbones", "sbmoe.quiet"},
     {"sbmoe.heads", "sbmoe.data"},
     {"sbmoe.model", "sbmoe.model_folder"},
     {"sbmoe.retrieval"},

@@ -118,9 +118,28 @@ def test_each_backbone_gets_its_own_embedding_cache_key(
 
 def test_finetune_on_a_light_backbone_saves_a_3_layer_model(tmp_path: Path) -> None:
     data = toy_beir(tmp_path / "toy")
-    argv = ["--backbone", "minilm-l3", "--train-data", f"{data}:train", "--output-dir", str(tmp_path / "out"),
-            "--cache-dir", str(tmp_path / "cache"), "--num-experts", "2", "--epochs", "1", "--batch-size", "8",
-            "--max-seq-length", "32", "--hard-negatives", "0", "--dev-queries", "0"]  # fmt: skip
+    argv = [
+        "--backbone",
+        "minilm-l3",
+        "--train-data",
+        f"{data}:train",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--num-experts",
+        "2",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-seq-length",
+        "32",
+        "--hard-negatives",
+        "0",
+        "--dev-queries",
+        "0",
+    ]
     assert finetune_main(argv) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
     model = load_any_model(str(tmp_path / "out"))

@@ -28,8 +28,14 @@ def test_hand_computed_values() -> None:
     assert scores["q1"]["Recall@10"] == 1.0
     assert scores["q1"]["MAP@100"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert scores["q2"] == {
-        "nDCG@10": 1.0, "MRR@10": 1.0, "MRR@1": 1.0, "P@1": 1.0, "Recall@1": 1.0, "Recall@10": 1.0, "MAP@100": 1.0
-    }  # fmt: skip
+        "nDCG@10": 1.0,
+        "MRR@10": 1.0,
+        "MRR@1": 1.0,
+        "P@1": 1.0,
+        "Recall@1": 1.0,
+        "Recall@10": 1.0,
+        "MAP@100": 1.0,
+    }
     means = evaluate_run(QRELS, RUN, ["MRR@10", "P@1"])
     assert means == {"MRR@10": pytest.approx(0.75), "P@1": pytest.approx(0.5)}
 

@@ -18,8 +18,9 @@ from sbmoe.backbones import BackboneUnavailableError, resolve_backbone
 from sbmoe.cli import main as cli_main
 from sbmoe.errors import ModelLoadError
 from sbmoe.heads import HeadConfig, MoELayersConfig
-from sbmoe.model import ST_LOGGER, SBMoEModel, build_model, load_any_model, load_model, quiet_loading
-from sbmoe.retrieval.encode import encode_cached, pooled_model
+from sbmoe.model import SBMoEModel, build_model, load_any_model, load_model
+from sbmoe.quiet import ST_LOGGER, quiet_loading
+from sbmoe.retrieval.encoder import Encoder, pooled_model
 
 TEXTS = ["cells and genes", "the protein increase in blood", "a drug study of mice"]
 KNOWN = "known: minilm, minilm-l3, minilm-l2, tinybert, bert-small, bert-base, contriever, contriever-msmarco"
@@ -80,16 +81,24 @@ def test_an_invalid_hub_id_is_named(workdir: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["evaluate", "--model", "out/minilm-sbmo", "--datasets", "scifact"],
-         "sbmoe evaluate: error: no such folder: out/minilm-sbmo; did you mean out/minilm-sbmoe?"),
-        (["evaluate", "--model", "minlm", "--datasets", "scifact"],
-         f"sbmoe evaluate: error: unknown backbone name 'minlm'; {KNOWN}; did you mean 'minilm'?"),
-        (["evaluate", "--model", "no-such-org/no-such-encoder", "--datasets", "scifact"],
-         f"sbmoe evaluate: error: {OFFLINE}"),
-        (["finetune", "--backbone", "out/minilm-sbmo", "--train-data", "scifact:train", "--output-dir", "ft"],
-         "sbmoe finetune: error: no such folder: out/minilm-sbmo; did you mean out/minilm-sbmoe?"),
+        (
+            ["evaluate", "--model", "out/minilm-sbmo", "--datasets", "scifact"],
+            "sbmoe evaluate: error: no such folder: out/minilm-sbmo; did you mean out/minilm-sbmoe?",
+        ),
+        (
+            ["evaluate", "--model", "minlm", "--datasets", "scifact"],
+            f"sbmoe evaluate: error: unknown backbone name 'minlm'; {KNOWN}; did you mean 'minilm'?",
+        ),
+        (
+            ["evaluate", "--model", "no-such-org/no-such-encoder", "--datasets", "scifact"],
+            f"sbmoe evaluate: error: {OFFLINE}",
+        ),
+        (
+            ["finetune", "--backbone", "out/minilm-sbmo", "--train-data", "scifact:train", "--output-dir", "ft"],
+            "sbmoe finetune: error: no such folder: out/minilm-sbmo; did you mean out/minilm-sbmoe?",
+        ),
     ],
-)  # fmt: skip
+)
 def test_the_cli_prints_one_line_and_exits_1(
     workdir: Path, shared_data: Path, capsys: pytest.CaptureFixture, argv: list[str], message: str
 ) -> None:
@@ -136,10 +145,9 @@ def test_query_only_model_typed_paths_are_unchanged(query_only: SBMoEModel, tmp_
     assert np.abs(queries - pooled).max() > 1e-3  # queries are transformed
     np.testing.assert_allclose(query_only.encode(TEXTS, task="document"), documents, atol=1e-6)
     np.testing.assert_allclose(query_only.encode(TEXTS, task="query"), queries, atol=1e-6)
-    cached_docs, _ = encode_cached(query_only, TEXTS, "corpus", tmp_path, show_progress=False)
-    cached_queries, _ = encode_cached(query_only, TEXTS, "queries", tmp_path, show_progress=False)
-    np.testing.assert_allclose(cached_docs, documents, atol=1e-5)
-    np.testing.assert_allclose(cached_queries, queries, atol=1e-5)
+    encoder = Encoder(query_only, tmp_path, show_progress=False)
+    np.testing.assert_allclose(encoder.encode(TEXTS, "corpus").vectors, documents, atol=1e-5)
+    np.testing.assert_allclose(encoder.encode(TEXTS, "queries").vectors, queries, atol=1e-5)
 
 
 def test_head_config_refuses_unknown_and_contradictory_options(tiny_bert: str) -> None:

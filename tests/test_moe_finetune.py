@@ -35,9 +35,20 @@ def test_full_run_with_moe_layers_trains_routers_and_records_layers(
     tiny_bert: str, toy_beir: Path, tmp_path: Path
 ) -> None:
     args = make_args(
-        tiny_bert, toy_beir, tmp_path, train="full", head="none", moe_layers="all", num_experts=4, top_k=2,
-        reuse_group=2, psr="linear", pregate=True, max_steps=3, save_steps=100,
-    )  # fmt: skip
+        tiny_bert,
+        toy_beir,
+        tmp_path,
+        train="full",
+        head="none",
+        moe_layers="all",
+        num_experts=4,
+        top_k=2,
+        reuse_group=2,
+        psr="linear",
+        pregate=True,
+        max_steps=3,
+        save_steps=100,
+    )
     record = run(args)
     assert [layer["layer"] for layer in record["moe_utilization"]] == [0, 1]
     assert all(len(layer["shares"]) == 8 for layer in record["moe_utilization"])

@@ -97,8 +97,9 @@ def test_domain_experts_split_evenly_and_need_enough_experts() -> None:
     assert abs(loss - torch.log(torch.tensor(2.0)).item()) < 1e-6  # half the probability on each domain's experts
 
 
-def test_domain_loss_falls_and_sends_each_domain_to_its_experts(tiny_bert: str, domains: list[Path],
-                                                                tmp_path: Path) -> None:  # fmt: skip
+def test_domain_loss_falls_and_sends_each_domain_to_its_experts(
+    tiny_bert: str, domains: list[Path], tmp_path: Path
+) -> None:
     record = run(args_for(tiny_bert, domains, tmp_path / "out", domain_loss_weight=1.0, epochs=8))
     losses = record["history"]["domain_losses"]
     assert len(losses) == 8 and losses[-1] < 0.5 * losses[0], losses

@@ -138,9 +138,10 @@ def tiny_model(tiny_bert: str):
 def mixed_plan(head: SBMoEHead) -> dict:
     bits = {0: 8, 1: 4, 2: 3, 3: 2}
     linears = {
-        f"experts.{e}.{part}": {"bits": b, "group_size": None if b == 8 else 8} for e, b in bits.items()
+        f"experts.{e}.{part}": {"bits": b, "group_size": None if b == 8 else 8}
+        for e, b in bits.items()
         for part in ("up", "down")
-    }  # fmt: skip
+    }
     return {"criterion": "by hand", "linears": linears}
 
 
@@ -217,8 +218,18 @@ def test_quantize_command_writes_a_packed_model_and_its_plan(tiny_model, tmp_pat
     tiny_model.save(str(tmp_path / "fp32"))
     data = write_beir(tmp_path / "beir")
     out = tmp_path / "q3"
-    argv = ["--model", str(tmp_path / "fp32"), "--output", str(out), "--budget", "3", "--calibration", data,
-            "--group-size", "8"]  # fmt: skip
+    argv = [
+        "--model",
+        str(tmp_path / "fp32"),
+        "--output",
+        str(out),
+        "--budget",
+        "3",
+        "--calibration",
+        data,
+        "--group-size",
+        "8",
+    ]
     assert quantize_main(argv) == 0
     printed = capsys.readouterr().out
     assert "average bits per expert weight" in printed and "experts.0.up" in printed

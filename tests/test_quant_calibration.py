@@ -14,7 +14,7 @@ import sbmoe
 from sbmoe import cli
 from sbmoe.heads import HeadConfig
 from sbmoe.quant.recipe import calibration_texts, calibration_vectors
-from sbmoe.retrieval.encode import pooled_model
+from sbmoe.retrieval.encoder import pooled_model
 
 
 @pytest.fixture()

@@ -48,8 +48,12 @@ def test_onnx_encoders_differ_in_cache_fingerprint_and_moe_backbones_are_refused
     torch.manual_seed(1)
     build_model(tiny_bert, HeadConfig(num_experts=4), max_seq_length=32, device="cpu").save(str(tmp_path / "b"))
     for name in ("a", "b"):
-        assert quantize_main(["--model", str(tmp_path / name), "--output", str(tmp_path / f"{name}8"),
-                              "--encoder", "onnx-fp32"]) == 0  # fmt: skip
+        assert (
+            quantize_main(
+                ["--model", str(tmp_path / name), "--output", str(tmp_path / f"{name}8"), "--encoder", "onnx-fp32"]
+            )
+            == 0
+        )
     a, b = (sbmoe.load_model(str(tmp_path / f"{n}8"), device="cpu") for n in ("a", "b"))
     assert model_fingerprint(a) != model_fingerprint(b)  # no parameters in the session: its file's digest counts
     build_model(tiny_bert, moe=MoELayersConfig(moe_layers="all", num_experts=4), max_seq_length=32, device="cpu").save(

@@ -91,8 +91,18 @@ def test_quantize_command_plans_the_head_and_the_upcycled_layers_together(tiny_b
     model.save(str(tmp_path / "fp32"))
     data = write_beir(tmp_path / "beir")
     out = tmp_path / "q4"
-    argv = ["--model", str(tmp_path / "fp32"), "--output", str(out), "--bits", "4", "--calibration", data,
-            "--group-size", "8"]  # fmt: skip
+    argv = [
+        "--model",
+        str(tmp_path / "fp32"),
+        "--output",
+        str(out),
+        "--bits",
+        "4",
+        "--calibration",
+        data,
+        "--group-size",
+        "8",
+    ]
     assert quantize_main(argv) == 0
     plan = json.loads((out / "plan.json").read_text())
     names = set(plan["linears"])

@@ -14,12 +14,11 @@ import torch
 from test_scale import all_rows
 
 from sbmoe.commands import index as index_command
-from sbmoe.data import Doc, load_corpus
+from sbmoe.data import load_corpus
 from sbmoe.model import load_any_model
 from sbmoe.retrieval import Retriever
-from sbmoe.retrieval.encode import encode_cached, unit_rows
+from sbmoe.retrieval.encoder import Encoder, unit_rows
 from sbmoe.retrieval.ray_encode import ray_encode_to_shards
-from sbmoe.retrieval.sharded import build_shards, serve_shards, train_template
 from sbmoe.retrieval.shards import MANIFEST, ShardSet
 from sbmoe.retrieval.stream import encode_to_shards
 
@@ -52,7 +51,7 @@ def model(tiny_bert: str):
 
 def test_ray_encoding_equals_single_process_in_the_same_order(model, tiny_bert: str, corpus: Path, tmp_path) -> None:
     shards = ray_encode_to_shards(model, tiny_bert, corpus.as_uri(), tmp_path / "ray", SHARD, workers=1)
-    reference, _ = encode_cached(model, load_corpus(corpus), "corpus", show_progress=False)
+    reference = Encoder(model, show_progress=False).encode(load_corpus(corpus), "corpus").vectors
     vectors, ids = all_rows(shards)
     assert ids == [f"d{i}" for i in range(DOCS)]  # read through fsspec from a file:// URL
     np.testing.assert_allclose(vectors, unit_rows(np.asarray(reference)), atol=1e-5)
@@ -87,15 +86,3 @@ def test_index_command_ray_backend_reads_parquet(tiny_bert: str, corpus: Path, t
         assert [h.id for h in hits] == [h.id for h in local_hits]
         np.testing.assert_allclose([h.score for h in hits], [h.score for h in local_hits], atol=1e-5)
     assert len(ShardSet.open(tmp_path / "ray.shards").shards) == 4
-
-
-def test_shard_indexes_built_as_ray_tasks_equal_threads(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    docs = rng.normal(size=(3000, 16)).astype(np.float32)
-    shards = ShardSet(tmp_path / "shards", 16, 1000)
-    shards.append(docs, [Doc(str(i), "", "") for i in range(3000)])
-    shards.finish()
-    template = train_template(shards.sample(3000), "ivf", 3000, {"nlist": 16, "nprobe": 4})
-    on_ray = serve_shards(build_shards(shards, template, tmp_path / "ray", parallel="ray"), use_gpu=False)
-    threads = serve_shards(build_shards(shards, template, tmp_path / "threads"), use_gpu=False)
-    np.testing.assert_array_equal(on_ray.search(docs[:20], 10)[1], threads.search(docs[:20], 10)[1])

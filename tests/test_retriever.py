@@ -25,10 +25,12 @@ DOCS = [Doc(f"d{i}", f"{TOPICS[i % 7]} {i}", f"the {TOPICS[(i * 3) % 7]} results
 def write_beir(folder: Path, docs: list[Doc]) -> Path:
     """A BEIR folder over ``docs`` with 7 queries, each judging the documents of its topic."""
     (folder / "qrels").mkdir(parents=True)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n"
-                                                 for d in docs))  # fmt: skip
-    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{t}", "text": TOPICS[t]}) + "\n"
-                                                  for t in range(7)))  # fmt: skip
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n" for d in docs)
+    )
+    (folder / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{t}", "text": TOPICS[t]}) + "\n" for t in range(7))
+    )
     rows = [f"q{int(d.id[1:]) % 7}\t{d.id}\t1\n" for d in docs]
     for split in ("test", "train"):
         (folder / "qrels" / f"{split}.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(rows))
@@ -86,8 +88,12 @@ def test_index_command_mirrors_new_changed_and_removed_documents(
 def test_search_with_an_sbmoe_model_shows_experts(tiny_bert: str, beir: Path, tmp_path: Path, capsys) -> None:
     model = build_model(tiny_bert, HeadConfig(num_experts=4))
     model.save(str(tmp_path / "moe"))
-    assert index_main(["--model", str(tmp_path / "moe"), "--corpus", str(beir), "--output", str(tmp_path / "i"),
-                       "--quiet"]) == 0  # fmt: skip
+    assert (
+        index_main(
+            ["--model", str(tmp_path / "moe"), "--corpus", str(beir), "--output", str(tmp_path / "i"), "--quiet"]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert search_main([str(tmp_path / "i"), "cancer cells", "-k", "4", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -101,8 +107,9 @@ def test_corpus_formats_read_alike(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     docs = DOCS[:5]
-    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n"
-                                              for d in docs))  # fmt: skip
+    (tmp_path / "c.jsonl").write_text(
+        "".join(json.dumps({"_id": d.id, "title": d.title, "text": d.text}) + "\n" for d in docs)
+    )
     (tmp_path / "c.tsv").write_text("id\ttext\n" + "".join(f"{d.id}\t{d.text}\n" for d in docs))
     table = {"_id": [d.id for d in docs], "title": [d.title for d in docs], "text": [d.text for d in docs]}
     pq.write_table(pa.table(table), tmp_path / "c.parquet")

@@ -53,8 +53,10 @@ def test_proportional_epoch_shows_every_example_once_per_source() -> None:
 def test_full_mode_sampler_never_mixes_sources_and_follows_the_weights() -> None:
     from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
 
-    parts = [Dataset.from_dict({"query": [f"a{i}" for i in range(640)], "source": [0] * 640}),
-             Dataset.from_dict({"query": [f"b{i}" for i in range(160)], "source": [1] * 160})]  # fmt: skip
+    parts = [
+        Dataset.from_dict({"query": [f"a{i}" for i in range(640)], "source": [0] * 640}),
+        Dataset.from_dict({"query": [f"b{i}" for i in range(160)], "source": [1] * 160}),
+    ]
     concat = ConcatDataset(parts)
     samplers = [
         NoDuplicatesBatchSampler(part, batch_size=16, drop_last=True, valid_label_columns=["source"]) for part in parts

@@ -10,6 +10,7 @@ import torch
 from sbmoe.heads import HeadConfig, psr_open_count, top_k_gates
 from sbmoe.heads.stacked import StackedMoEHead
 from sbmoe.model import build_model, load_model
+from sbmoe.retrieval.encoder import Encoder
 from sbmoe.training.arguments import TrainingArguments
 from sbmoe.training.head_trainer import train_head
 
@@ -30,6 +31,17 @@ def test_parameters_do_not_depend_on_the_reuse_group_but_for_its_scalars() -> No
     assert counts[1] == 4 * (4 * (DIM * 8 + 8 + 8 * DIM + DIM) + DIM * 4 + 4)  # L x (N experts + a DIM -> N router)
     assert counts[2] - counts[1] == 4  # per layer: its reuse scale
     assert counts[4] - counts[1] == 4 * (1 + 3)  # per layer: its reuse scale and a routing bias per foreign member
+
+
+def test_each_block_registers_only_its_own_experts_and_router() -> None:
+    h = head(head_layers=4, reuse_group=4, pregate=True)
+    names = [name for name, _ in h.named_parameters(remove_duplicate=False)]
+    assert len(names) == len(set(names)) == len(list(h.parameters()))  # no block registers another's
+    assert all(name.startswith("layers.") for name in names)  # the stack holds no SB-MoE experts or router
+    assert [[name for name, _ in block.named_children()] for block in h.layers] == [["experts", "router"]] * 4
+    assert all(block.group == tuple(h.layers) for block in h.layers)
+    with pytest.raises(TypeError, match="heads"):
+        HeadConfig(heads=2)
 
 
 @pytest.mark.parametrize("reuse_group", [2, 4])
@@ -102,4 +114,5 @@ def test_stacked_head_saves_and_reloads(tiny_bert: str, tmp_path: Path) -> None:
     texts = ["the cell protein", "search index"]
     assert isinstance(loaded.head, StackedMoEHead) and loaded.head.psr == "linear" and loaded.head.pregate
     torch.testing.assert_close(loaded.encode(texts), model.encode(texts), atol=0, rtol=0)
-    assert len(loaded.head.routing_stats()["layers"]) == 2
+    routing = Encoder(loaded, tmp_path / "cache", show_progress=False).encode(texts, "corpus").routing
+    assert [layer["total"] for layer in routing.as_dict()["layers"]] == [2, 2]

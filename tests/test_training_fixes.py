@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import head_output
 
 from sbmoe.data.splits import dev_split
 from sbmoe.heads import HeadConfig
 from sbmoe.heads.stacked import StackedMoEHead
 from sbmoe.model import build_model
 from sbmoe.training.arguments import FinetuneHeadConfig, TrainingArguments
-from sbmoe.training.head_trainer import embed, one_row_per_anchor, selectable_epoch, train_head
+from sbmoe.training.head_trainer import one_row_per_anchor, selectable_epoch, train_head
 from sbmoe.training.losses import QrelAwareInfoNCE
 from sbmoe.training.mining import MiningArguments, cached_negatives, mine_negatives
 
@@ -137,7 +138,7 @@ def test_when_training_only_hurts_the_epoch_0_candidate_is_kept(caplog: pytest.L
     examples = torch.stack([torch.arange(64), wrong], dim=1)
 
     def recall(head: SBMoEHead) -> float:
-        best = (embed(head, anchors, "query") @ embed(head, docs, "document").T).argmax(1)
+        best = (head_output(head, anchors, "query") @ head_output(head, docs, "document").T).argmax(1)
         return best.eq(torch.arange(64)).float().mean().item()
 
     head = SBMoEHead(

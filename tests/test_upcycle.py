@@ -85,11 +85,10 @@ def test_reuse_at_init_with_the_group_open_encodes_as_no_reuse(tiny_bert4: str, 
     y.square().sum().backward()
     assert all(block.reuse_scale.grad.abs() > 0 for block in blocks)  # the gradient can open reuse
     reused.eval()
-    for block in blocks:
-        block.reset_routing_stats()
-    encoded = [m.encode(TEXTS, convert_to_tensor=True) for m in (reused, local)]
+    with reused[0].recorder() as recorder:
+        encoded = [m.encode(TEXTS, convert_to_tensor=True) for m in (reused, local)]
     assert (encoded[0] - encoded[1]).abs().max() <= 1e-6  # and at inference (scale 0: no foreign experts run)
-    usage = reused[0].expert_utilization()
+    usage = reused[0].expert_utilization(recorder)
     assert [u["reuse_scale"] for u in usage] == [0.0] * 4 and usage[0]["total"] > 0
     assert [u["own_share"] for u in usage] == pytest.approx([1.0] * 4)  # every token's top-1 on its own experts
 

@@ -119,9 +119,10 @@ def init_part(docs: int = 200) -> dict[str, Any]:
                 moe=MoELayersConfig(moe_layers=layers, num_experts=8, top_k=2, reuse_group=r), max_seq_length=128
             )
             model.eval()
-            d = model.encode(texts, batch_size=32, convert_to_tensor=True, normalize_embeddings=True)
-            q = model.encode(queries, batch_size=64, convert_to_tensor=True, normalize_embeddings=True)
-            encoded[r] = (d, (q @ d.T).topk(10).indices, model[0].expert_utilization())
+            with model[0].recorder() as recorder:
+                d = model.encode(texts, batch_size=32, convert_to_tensor=True, normalize_embeddings=True)
+                q = model.encode(queries, batch_size=64, convert_to_tensor=True, normalize_embeddings=True)
+            encoded[r] = (d, (q @ d.T).topk(10).indices, model[0].expert_utilization(recorder))
         (d1, top1, _), (dr, topr, usage) = encoded[1], encoded[group]
         overlap = [len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top1, topr, strict=True)]
         out[f"layers {layers}, r={group}"] = {

@@ -309,8 +309,10 @@ def results_table(rows: dict[str, Any], specs: list[str]) -> list[str]:
         params = row.get("parameters") or {}
         own = " ".join(f"{layer['own_share']:.2f}" for layer in row["layers"]) or "-"
         top = " ".join(f"{max(layer['shares']):.2f}" for layer in row["layers"]) or "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(row['seconds'])} | {params.get('total', '-'):,} | "
-                     f"{params.get('active', '-'):,} | {own} | {top} |")  # fmt: skip
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {len(row['seconds'])} | {params.get('total', '-'):,} | "
+            f"{params.get('active', '-'):,} | {own} | {top} |"
+        )
     lines += ["", "| row | rival | " + " | ".join(specs) + " |", "|---|---|" + "---:|" * len(specs)]
     for name, row in rows.items():
         tests = [e.get("vs_rival") for e in row["eval"].values()]

@@ -28,8 +28,8 @@ from run import EVAL, HEAD_BASE, REGIMES, RESULTS, SEEDS, run_once  # noqa: E402
 from sbmoe.data.trainset import load_train_sets  # noqa: E402
 from sbmoe.files import write_atomic  # noqa: E402
 from sbmoe.model import find_head, load_model  # noqa: E402
-from sbmoe.retrieval.encode import pooled_features  # noqa: E402
-from sbmoe.training.evaluation_pass import expert_choice, utilization  # noqa: E402
+from sbmoe.retrieval.encoder import Encoder  # noqa: E402
+from sbmoe.training.evaluation_pass import utilization  # noqa: E402
 
 WEIGHTS = [0.1, 1.0, 3.0]  # domain-loss weights tried on dev (seed 0)
 LEARNING_RATE = 3e-4
@@ -38,8 +38,16 @@ MIN_SHARE = 0.05  # goal (c): every expert takes >= 5% of the training domains' 
 
 def train(weight: float, seed: int, root: Path) -> tuple[dict[str, Any], Path]:
     """One head run with domain-loss ``weight`` (0: unsupervised learned routing), its model saved."""
-    args = {**HEAD_BASE, "head": "sbmoe", "train_data": REGIMES["both"], "eval_data": ",".join(EVAL), "seed": seed,
-            "learning_rate": LEARNING_RATE, "domain_loss_weight": weight, "save_model": True}  # fmt: skip
+    args = {
+        **HEAD_BASE,
+        "head": "sbmoe",
+        "train_data": REGIMES["both"],
+        "eval_data": ",".join(EVAL),
+        "seed": seed,
+        "learning_rate": LEARNING_RATE,
+        "domain_loss_weight": weight,
+        "save_model": True,
+    }
     out = root / f"w{weight}" / f"seed{seed}"
     return run_once(args, out), out
 
@@ -47,15 +55,15 @@ def train(weight: float, seed: int, root: Path) -> tuple[dict[str, Any], Path]:
 def training_routing(model_dir: Path) -> dict[str, Any]:
     """Expert shares of each training source's queries and documents under the saved model's head."""
     model = load_model(str(model_dir))
-    head = find_head(model)
+    head, encoder = find_head(model), Encoder(model)
     out: dict[str, Any] = {}
     for name, data in load_train_sets(REGIMES["both"], max_positives_per_query=HEAD_BASE["max_positives_per_query"]):
-        queries = pooled_features(model, [data.queries[q] for q in sorted(data.qrels)], "queries")
-        docs = pooled_features(model, list(data.docs.values()), "corpus")
+        queries = encoder.encode([data.queries[q] for q in sorted(data.qrels)], "queries")
+        docs = encoder.encode(list(data.docs.values()), "corpus")
         out[name] = {
-            "queries": utilization(expert_choice(head, queries), head.num_experts)["shares"],
-            "documents": utilization(expert_choice(head, docs), head.num_experts)["shares"],
-            "num_documents": len(docs),
+            "queries": utilization(queries.experts, head.num_experts)["shares"],
+            "documents": utilization(docs.experts, head.num_experts)["shares"],
+            "num_documents": len(docs.vectors),
         }
     return out
 
@@ -63,16 +71,21 @@ def training_routing(model_dir: Path) -> dict[str, Any]:
 def summarize(weight: float, runs: list[tuple[dict[str, Any], Path]]) -> dict[str, Any]:
     """Mean shares over seeds (training and eval collections), nDCG@10 mean +- std, and goal (c)'s checks."""
     routing = [training_routing(path) for _, path in runs]
-    train_shares = {name: {part: np.mean([r[name][part] for r in routing], axis=0).tolist()
-                           for part in ("queries", "documents")} for name in routing[0]}  # fmt: skip
+    train_shares = {
+        name: {part: np.mean([r[name][part] for r in routing], axis=0).tolist() for part in ("queries", "documents")}
+        for name in routing[0]
+    }
     sizes = {name: routing[0][name]["num_documents"] for name in routing[0]}
-    eval_shares = {spec: np.mean([rec["eval"][spec]["experts"]["shares"] for rec, _ in runs], axis=0).tolist()
-                   for spec in EVAL}  # fmt: skip
+    eval_shares = {
+        spec: np.mean([rec["eval"][spec]["experts"]["shares"] for rec, _ in runs], axis=0).tolist() for spec in EVAL
+    }
     ndcg = {spec: [rec["eval"][spec]["metrics"]["nDCG@10"] for rec, _ in runs] for spec in EVAL}
     training_docs = np.sum([np.array(train_shares[n]["documents"]) * sizes[n] for n in sizes], axis=0)
     training_docs = training_docs / sum(sizes.values())
-    unseen = {spec: sum(share >= MIN_SHARE for share in eval_shares[spec]) for spec in ("cranfield:test",
-              "msmarco-sample:test")}  # fmt: skip
+    unseen = {
+        spec: sum(share >= MIN_SHARE for share in eval_shares[spec])
+        for spec in ("cranfield:test", "msmarco-sample:test")
+    }
     return {
         "domain_loss_weight": weight,
         "seeds": [rec["arguments"]["seed"] for rec, _ in runs],
@@ -104,9 +117,11 @@ def markdown(rows: dict[str, Any]) -> str:
     for name, row in rows.items():
         cells = [f"{row['nDCG@10'][s]['mean']:.4f} ± {row['nDCG@10'][s]['std']:.4f}" for s in EVAL]
         goal = row["goal_c"]
-        verdict = (f"min training-document share {min(row['training_document_shares']):.2f}; experts >= 5% of "
-                   f"unseen documents {goal['experts_with_5pct_of_unseen_documents']}; "
-                   f"{'reached' if goal['reached'] else 'not reached'}")  # fmt: skip
+        verdict = (
+            f"min training-document share {min(row['training_document_shares']):.2f}; experts >= 5% of "
+            f"unseen documents {goal['experts_with_5pct_of_unseen_documents']}; "
+            f"{'reached' if goal['reached'] else 'not reached'}"
+        )
         dev = np.mean([d for d in row["dev_nDCG@10"] if d is not None])
         lines.append(f"| {name} | {dev:.4f} | " + " | ".join(cells) + f" | {verdict} |")
     return "\n".join(lines) + "\n"

@@ -114,8 +114,10 @@ def summarize(records: list[dict[str, Any]], specs: list[str]) -> dict[str, Any]
 
 def zero_shot_minilm(root: Path, specs: list[str] = EVAL) -> dict[str, Any]:
     """The zero-shot all-MiniLM-L6-v2 row on ``specs`` (its run lives under the head part's folder ``root``)."""
-    zero = run_once({**HEAD_BASE, "head": "none", "train_data": "scifact:train", "eval_data": ",".join(EVAL),
-                     "seed": 0}, root / "zero-shot")  # fmt: skip
+    zero = run_once(
+        {**HEAD_BASE, "head": "none", "train_data": "scifact:train", "eval_data": ",".join(EVAL), "seed": 0},
+        root / "zero-shot",
+    )
     return {"regime": "-", **summarize([zero] * len(SEEDS), specs)}
 
 
@@ -145,8 +147,12 @@ def full_part(root: Path, stem: str) -> dict[str, Any]:
     for name, options in FULL_ROWS.items():
         if FULL_SEEDS_BY_ROW.get(name) == []:
             continue
-        records = run_row({**FULL_BASE, **options}, root / "full" / name.replace("full, ", "L3 full, "), None,
-                          FULL_SEEDS_BY_ROW.get(name, FULL_SEEDS))  # fmt: skip
+        records = run_row(
+            {**FULL_BASE, **options},
+            root / "full" / name.replace("full, ", "L3 full, "),
+            None,
+            FULL_SEEDS_BY_ROW.get(name, FULL_SEEDS),
+        )
         rows[f"{label} {name}"] = {"regime": "both", **summarize(records, FULL_EVAL)}
         write_results(rows, stem)
     return rows
@@ -197,8 +203,10 @@ def markdown(rows: dict[str, Any]) -> str:
         seeds = 1 if name.startswith("zero-shot") else len(row["seconds"])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds} | {np.mean(row['seconds']):.0f} |")
     lines.append("")
-    lines.append("nDCG@10 mean ± std over seeds; (points vs zero-shot, paired t-test p). † in-domain and leaky: "
-                 "NFCorpus test shares relevant documents with NFCorpus train.")  # fmt: skip
+    lines.append(
+        "nDCG@10 mean ± std over seeds; (points vs zero-shot, paired t-test p). † in-domain and leaky: "
+        "NFCorpus test shares relevant documents with NFCorpus train."
+    )
     return "\n".join(lines) + "\n" + rival_table(rows) + expert_table(rows)
 
 

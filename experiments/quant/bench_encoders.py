@@ -28,7 +28,7 @@ from sbmoe.evaluation.evaluate import evaluate_embeddings
 from sbmoe.files import write_atomic
 from sbmoe.model import load_model
 from sbmoe.quant.encoder import ENCODERS, with_encoder
-from sbmoe.retrieval.encode import apply_tail, encode_cached, pooled_model, unit_rows
+from sbmoe.retrieval.encoder import Encoder, pooled_model, unit_rows
 
 MODEL = "out/rows/recipe-query-only-routing"
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -83,29 +83,33 @@ def main() -> None:
     qids = list(dataset.queries)
     query_texts = list(dataset.queries.values())
     reference = models["fp32"]
-    base_docs, base_meta = encode_cached(reference, dataset, "corpus", show_progress=False)
-    base_queries, _ = encode_cached(reference, query_texts, "queries", show_progress=False)
+    reference_encoder = Encoder(reference, show_progress=False)
+    base = reference_encoder.encode(dataset, "corpus")
+    base_docs, base_experts = base.vectors, base.experts
+    base_queries = reference_encoder.encode(query_texts, "queries").vectors
     quality = {}
     VECTORS.mkdir(parents=True, exist_ok=True)
     for name in ["fp32", *args.encoders.split(",")]:
         model = models[name]
         if name == "fp32":
-            doc_emb, doc_experts, query_emb = base_docs, base_meta["experts"], base_queries
+            doc_emb, doc_experts, query_emb = base_docs, base_experts, base_queries
         else:
             start = time.perf_counter()
             doc_pooled, query_pooled = pooled(model, texts), pooled(model, query_texts)
             np.save(VECTORS / f"scifact_{name}_corpus.npy", doc_pooled)
             np.save(VECTORS / f"scifact_{name}_queries.npy", query_pooled)
             print(f"{name}: encoded in {time.perf_counter() - start:.0f} s", flush=True)
-            doc_emb, doc_experts = apply_tail(model, doc_pooled, "document")
-            query_emb, _ = apply_tail(model, query_pooled, "query")
+            encoder = Encoder(model)
+            tail = encoder.tail(doc_pooled, "document")
+            doc_emb, doc_experts = tail.vectors, tail.experts
+            query_emb = encoder.tail(query_pooled, "query").vectors
         result = evaluate_embeddings(
             unit_rows(query_emb), unit_rows(doc_emb), qids, [d.id for d in docs], dataset.qrels, top_k=100
         )
         cosine = np.sum(unit_rows(doc_emb) * unit_rows(base_docs), axis=1)
         quality[name] = {
             "metrics": result["metrics"],
-            "top_expert_changed": float(np.mean(doc_experts != base_meta["experts"])),
+            "top_expert_changed": float(np.mean(doc_experts != base_experts)),
             "doc_cosine_to_fp32": {"mean": float(cosine.mean()), "min": float(cosine.min())},
         }
         print(name, json.dumps(quality[name]), flush=True)

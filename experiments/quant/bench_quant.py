@@ -31,8 +31,9 @@ from sbmoe.files import write_atomic
 from sbmoe.model import load_model
 from sbmoe.quant import calibrate_head, calibration_vectors, choose_plan, quantize_head
 from sbmoe.quant.encoder import export_onnx
+from sbmoe.retrieval.build import build_index
 from sbmoe.retrieval.cache import cached_embeddings
-from sbmoe.retrieval.encode import apply_tail, pooled_features, pooled_model, unit_rows
+from sbmoe.retrieval.encoder import Encoder, pooled_model, unit_rows
 from sbmoe.retrieval.index import DenseIndex
 
 MODEL = "out/rows/recipe-query-only-routing"
@@ -74,13 +75,25 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def tail(model, vectors: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """The model's tail on pooled ``vectors``: embeddings and each row's top-1 expert."""
+    encoded = Encoder(model).tail(vectors, task)
+    return encoded.vectors, encoded.experts
+
+
 def score(queries: np.ndarray, docs: np.ndarray | DenseIndex, qids: list, dids: list, qrels: dict) -> dict:
     """Metrics and search QPS of unit query vectors against document vectors (flat) or a built index."""
     index = docs if isinstance(docs, DenseIndex) else "flat"
     result = evaluate_embeddings(
-        unit_rows(queries), None if index != "flat" else unit_rows(docs), qids, dids, qrels, TOP_K, index,
+        unit_rows(queries),
+        None if index != "flat" else unit_rows(docs),
+        qids,
+        dids,
+        qrels,
+        top_k=TOP_K,
+        index=index,
         use_gpu=False,
-    )  # fmt: skip
+    )
     result["qps"] = len(qids) / max(result["timings"]["search_s"], 1e-9)
     return result
 
@@ -120,15 +133,23 @@ def main() -> None:
     fp32_head = folder_bytes(head_dir)
     backbone = folder_bytes(scratch / "fp32") - fp32_head
     pooled_docs = np.asarray(cached_embeddings(pooled_model(model), dataset, "corpus", show_progress=False)[0])
-    doc_vectors, doc_experts = apply_tail(model, pooled_docs, "document")
-    pooled_queries = pooled_features(model, query_texts, "queries").numpy()
-    query_vectors, query_experts = apply_tail(model, pooled_queries, "query")
+    doc_vectors, doc_experts = tail(model, pooled_docs, "document")
+    pooled_queries = Encoder(model).pooled(query_texts, "queries").numpy()
+    query_vectors, query_experts = tail(model, pooled_queries, "query")
     base = score(query_vectors, doc_vectors, qids, dids, dataset.qrels)
     common = {"index_ram_b_per_doc": 1536, "index_disk_b_per_doc": 1536, "encode_speed_ratio": 1.0}
     rows = [
-        row("fp32", base, None, model_bytes=backbone + fp32_head, head_bytes=fp32_head, **common,
-            docs_top_expert_changed=0.0, queries_top_expert_changed=0.0),
-    ]  # fmt: skip
+        row(
+            "fp32",
+            base,
+            None,
+            model_bytes=backbone + fp32_head,
+            head_bytes=fp32_head,
+            **common,
+            docs_top_expert_changed=0.0,
+            queries_top_expert_changed=0.0,
+        ),
+    ]
 
     table = RESULTS / "quant_table.json"
     if part == "encoders":  # keep the fp32-backbone rows of an earlier run
@@ -146,20 +167,40 @@ def main() -> None:
             quantized = quantize_head(load_model(MODEL, device="cpu"), plan)
             quantized.save(str(scratch / "q"))
             head_bytes = head_sizes[label] = folder_bytes(next((scratch / "q").glob("2_*")))
-            q_queries, q_experts = apply_tail(quantized, pooled_queries, "query")
-            q_docs, d_experts = apply_tail(quantized, pooled_docs, "document")
+            q_queries, q_experts = tail(quantized, pooled_queries, "query")
+            q_docs, d_experts = tail(quantized, pooled_docs, "document")
             result = score(q_queries, q_docs, qids, dids, dataset.qrels)
             rows.append(
-                row(label, result, base, model_bytes=backbone + head_bytes, head_bytes=head_bytes, **common,
+                row(
+                    label,
+                    result,
+                    base,
+                    model_bytes=backbone + head_bytes,
+                    head_bytes=head_bytes,
+                    **common,
                     average_bits=round(plan["average_bits"], 3),
                     docs_top_expert_changed=float(np.mean(d_experts != doc_experts)),
-                    queries_top_expert_changed=float(np.mean(q_experts != query_experts)))
-            )  # fmt: skip
+                    queries_top_expert_changed=float(np.mean(q_experts != query_experts)),
+                )
+            )
             print(rows[-1], flush=True)
 
         for label, index_type, params, rescores in INDEXES:
-            rows += index_rows(label, index_type, params, rescores, query_vectors, doc_vectors, qids, dids, dataset,
-                               base, scratch, backbone + fp32_head, fp32_head)  # fmt: skip
+            rows += index_rows(
+                label,
+                index_type,
+                params,
+                rescores,
+                query_vectors,
+                doc_vectors,
+                qids,
+                dids,
+                dataset,
+                base,
+                scratch,
+                backbone + fp32_head,
+                fp32_head,
+            )
             print(rows[-len(rescores) :], flush=True)
 
     if part == "fp32":
@@ -178,16 +219,23 @@ def main() -> None:
         for name in encoders["quality"]:
             if name == "fp32" or not (VECTORS / f"scifact_{name}_corpus.npy").exists():
                 continue
-            e_docs, e_doc_experts = apply_tail(model, np.load(VECTORS / f"scifact_{name}_corpus.npy"), "document")
-            e_queries, e_query_experts = apply_tail(model, np.load(VECTORS / f"scifact_{name}_queries.npy"), "query")
+            e_docs, e_doc_experts = tail(model, np.load(VECTORS / f"scifact_{name}_corpus.npy"), "document")
+            e_queries, e_query_experts = tail(model, np.load(VECTORS / f"scifact_{name}_queries.npy"), "query")
             result = score(e_queries, e_docs, qids, dids, dataset.qrels)
             rows.append(
-                row(f"encoder {name}", result, base, model_bytes=sizes[name] + fp32_head, head_bytes=fp32_head,
-                    index_ram_b_per_doc=1536, index_disk_b_per_doc=1536,
+                row(
+                    f"encoder {name}",
+                    result,
+                    base,
+                    model_bytes=sizes[name] + fp32_head,
+                    head_bytes=fp32_head,
+                    index_ram_b_per_doc=1536,
+                    index_disk_b_per_doc=1536,
                     encode_speed_ratio=round(ratios[name], 3),
                     docs_top_expert_changed=float(np.mean(e_doc_experts != doc_experts)),
-                    queries_top_expert_changed=float(np.mean(e_query_experts != query_experts)))
-            )  # fmt: skip
+                    queries_top_expert_changed=float(np.mean(e_query_experts != query_experts)),
+                )
+            )
             print(rows[-1], flush=True)
 
     ready = [n for n in ("onnx-int8", "torch-int8") if sizes[n] and (VECTORS / f"scifact_{n}_corpus.npy").exists()]
@@ -195,15 +243,27 @@ def main() -> None:
     if best is not None:
         plan = "experts mixed 4 bits (sensitivity x frequency)"
         quantized = quantize_head(load_model(MODEL, device="cpu"), plans[plan])
-        c_docs, c_doc_experts = apply_tail(quantized, np.load(VECTORS / f"scifact_{best}_corpus.npy"), "document")
-        c_queries, c_query_experts = apply_tail(quantized, np.load(VECTORS / f"scifact_{best}_queries.npy"), "query")
+        c_docs, c_doc_experts = tail(quantized, np.load(VECTORS / f"scifact_{best}_corpus.npy"), "document")
+        c_queries, c_query_experts = tail(quantized, np.load(VECTORS / f"scifact_{best}_queries.npy"), "query")
         label = f"combined: encoder {best} + {plan} + opq48 (48 B)"
-        rows += index_rows(label, "opq", {"pq_m": 48}, [4], c_queries, c_docs, qids, dids, dataset, base,
-                              scratch, sizes[best] + head_sizes[plan], head_sizes[plan],
-                              encode_speed_ratio=round(ratios[best], 3),
-                              docs_top_expert_changed=float(np.mean(c_doc_experts != doc_experts)),
-                              queries_top_expert_changed=float(np.mean(c_query_experts != query_experts)),
-                              )  # fmt: skip
+        rows += index_rows(
+            label,
+            "opq",
+            {"pq_m": 48},
+            [4],
+            c_queries,
+            c_docs,
+            qids,
+            dids,
+            dataset,
+            base,
+            scratch,
+            sizes[best] + head_sizes[plan],
+            head_sizes[plan],
+            encode_speed_ratio=round(ratios[best], 3),
+            docs_top_expert_changed=float(np.mean(c_doc_experts != doc_experts)),
+            queries_top_expert_changed=float(np.mean(c_query_experts != query_experts)),
+        )
         print(rows[-1], flush=True)
 
     write_record(rows, plans)
@@ -215,12 +275,25 @@ def write_record(rows: list[dict], plans: dict) -> None:
     write_atomic(RESULTS / "quant_table.md", markdown(rows))
 
 
-def index_rows(label, index_type, params, rescores, queries, docs, qids, dids, dataset, base, scratch, model_bytes,
-               head_bytes, **extra):  # fmt: skip
+def index_rows(
+    label,
+    index_type,
+    params,
+    rescores,
+    queries,
+    docs,
+    qids,
+    dids,
+    dataset,
+    base,
+    scratch,
+    model_bytes,
+    head_bytes,
+    **extra,
+):
     """Build, save and reload (vectors memory-mapped) an index; score it at each re-score multiplier and measure
     its bytes per document: RAM (codes; codebooks apart) and disk (the index folder, float vectors included)."""
-    built = DenseIndex(docs.shape[1], index_type, use_gpu=False, **params)
-    built.build(unit_rows(docs), dids, show_progress=False)
+    built = build_index(unit_rows(docs), dids, index_type, params, use_gpu=False, show_progress=False)
     folder = built.save(scratch / f"index-{index_type}")
     loaded = DenseIndex.load(folder, use_gpu=False)
     sizes = loaded.bytes_per_vector()
@@ -232,11 +305,24 @@ def index_rows(label, index_type, params, rescores, queries, docs, qids, dids, d
             loaded.params["rescore"] = rescore
             name += f", re-score top {rescore * (TOP_K + 1)}"
         result = score(queries, loaded, qids, dids, dataset.qrels)
-        rows.append(row(name, result, base, model_bytes=model_bytes, head_bytes=head_bytes,
-                        index_ram_b_per_doc=round(ram, 1), index_ram_fixed_b_per_doc=round(sizes["index"] - ram, 1),
-                        index_disk_b_per_doc=round(folder_bytes(folder) / len(loaded), 1),
-                        **{"encode_speed_ratio": 1.0, "docs_top_expert_changed": 0.0,
-                           "queries_top_expert_changed": 0.0, **extra}))  # fmt: skip
+        rows.append(
+            row(
+                name,
+                result,
+                base,
+                model_bytes=model_bytes,
+                head_bytes=head_bytes,
+                index_ram_b_per_doc=round(ram, 1),
+                index_ram_fixed_b_per_doc=round(sizes["index"] - ram, 1),
+                index_disk_b_per_doc=round(folder_bytes(folder) / len(loaded), 1),
+                **{
+                    "encode_speed_ratio": 1.0,
+                    "docs_top_expert_changed": 0.0,
+                    "queries_top_expert_changed": 0.0,
+                    **extra,
+                },
+            )
+        )
     return rows
 
 

@@ -90,8 +90,10 @@ def markdown(rows: list[dict], corpus: str) -> str:
     lines = [MARK, "", title, "", note, "", header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         delta = "-" if r["delta_points"] is None else f"{r['delta_points']:+.2f}"
-        lines.append(f"| {r['setting']} | {r['average_bits']} | {r['ndcg@10']:.4f} | {delta} | {r['recall@100']:.4f} "
-                     f"| {r['doc_cosine_to_fp32']:.5f} | {r['model_bytes']:,} | {r['expert_bytes']:,} |")  # fmt: skip
+        lines.append(
+            f"| {r['setting']} | {r['average_bits']} | {r['ndcg@10']:.4f} | {delta} | {r['recall@100']:.4f} "
+            f"| {r['doc_cosine_to_fp32']:.5f} | {r['model_bytes']:,} | {r['expert_bytes']:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -126,22 +128,24 @@ def main() -> None:
             model.save(str(scratch / "q"))
         tag = "fp32" if arguments is None else "_".join(f"{k}{v}" for k, v in arguments.items())
         q, d = encode(model, tag, queries, texts)
-        result = evaluate_embeddings(q, d, qids, dids, dataset.qrels, 100, "flat", use_gpu=False)
+        result = evaluate_embeddings(q, d, qids, dids, dataset.qrels, top_k=100, use_gpu=False)
         ndcg = result["metrics"]["nDCG@10"]
         per_query[label] = {q: v["nDCG@10"] for q, v in query_scores(dataset.qrels, result["run"]).items()}
         if base is None:
             base, base_docs = ndcg, d
-        rows.append({
-            "setting": label,
-            "average_bits": 32 if arguments is None else round(plans[label]["average_bits"], 3),
-            "ndcg@10": round(ndcg, 4),
-            "delta_points": None if arguments is None else round(100 * (ndcg - base), 2),
-            "recall@100": round(result["metrics"]["Recall@100"], 4),
-            "doc_cosine_to_fp32": round(float(np.mean(np.sum(unit(d) * unit(base_docs), axis=1))), 5),
-            "model_bytes": folder_bytes(scratch / "q"),
-            "expert_bytes": expert_bytes(model),
-            "max_seq_length": model.max_seq_length,
-        })  # fmt: skip
+        rows.append(
+            {
+                "setting": label,
+                "average_bits": 32 if arguments is None else round(plans[label]["average_bits"], 3),
+                "ndcg@10": round(ndcg, 4),
+                "delta_points": None if arguments is None else round(100 * (ndcg - base), 2),
+                "recall@100": round(result["metrics"]["Recall@100"], 4),
+                "doc_cosine_to_fp32": round(float(np.mean(np.sum(unit(d) * unit(base_docs), axis=1))), 5),
+                "model_bytes": folder_bytes(scratch / "q"),
+                "expert_bytes": expert_bytes(model),
+                "max_seq_length": model.max_seq_length,
+            }
+        )
         print(rows[-1], flush=True)
         shutil.rmtree(scratch / "q")
         write_record(cli, rows, plans, len(docs), per_query)
@@ -169,10 +173,15 @@ def write_record(
         for label, plan in plans.items()
         if "mixed" in label
     }
-    record = {"model": cli.model, "calibration": f"scifact:train, {cli.corpus_sample} docs",
-              "corpus": f"300 SciFact test queries, {docs} of its documents (all judged relevant, random others)",
-              "rows": rows, "mixed_vs_uniform_ndcg@10": pairs, "mixed_bits_by_layer": bits_by_layer,
-              "plans": plans}  # fmt: skip
+    record = {
+        "model": cli.model,
+        "calibration": f"scifact:train, {cli.corpus_sample} docs",
+        "corpus": f"300 SciFact test queries, {docs} of its documents (all judged relevant, random others)",
+        "rows": rows,
+        "mixed_vs_uniform_ndcg@10": pairs,
+        "mixed_bits_by_layer": bits_by_layer,
+        "plans": plans,
+    }
     if cli.docs != DEFAULT_DOCS:  # another corpus size: its own file, the tables keep the default run's rows
         write_atomic(RESULTS / f"quant_upcycled_{cli.docs}docs.json", json.dumps(record, indent=1))
         return

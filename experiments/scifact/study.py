@@ -207,8 +207,9 @@ def main() -> None:
     parser.add_argument("--out", default="out/study", help="folder of the individual runs")
     parser.add_argument("--full", action="store_true", help="also run the --train full rows")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--rows-only", action="store_true",
-                        help="only (re)write experiments/scifact/rows/*.json from the results file")  # fmt: skip
+    parser.add_argument(
+        "--rows-only", action="store_true", help="only (re)write experiments/scifact/rows/*.json from the results file"
+    )
     cli = parser.parse_args()
     if cli.rows_only:
         write_row_files(json.loads((RESULTS / "scifact_study.json").read_text())["rows"], cli.threads)

@@ -91,15 +91,43 @@ def row_table(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+HEADS = (" + SB-MoE head", " + dense head")
+
+
+def head_against_plain(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each full fine-tuning row with a head against the same row without one (the paper's claim: the head beats
+    plain fine-tuning): difference, seeds x queries interval, t-test on per-query seed means; Holm over the cells."""
+    out: dict[str, Any] = {}
+    for name, head_runs in runs.items():
+        plain = next((name.replace(h, "") for h in HEADS if h in name), None)
+        if plain not in runs:
+            continue
+        out[name] = {"rival": plain, "eval": {}}
+        for spec in head_runs[0]["eval"]:
+            queries = sorted(head_runs[0]["eval"][spec]["per_query"])
+            a, b = (
+                [[r["eval"][spec]["per_query"][q] for q in queries] for r in rs] for rs in (head_runs, runs[plain])
+            )
+            boot = hierarchical_bootstrap(np.array(a), np.array(b), resamples=10_000)
+            t = paired_test(*(dict(zip(queries, np.mean(x, axis=0).tolist(), strict=True)) for x in (a, b)))
+            out[name]["eval"][spec] = {"seeds": [len(a), len(b)], **boot, "p_ttest": t["p_ttest"]}
+    cells = [(name, spec) for name, row in out.items() for spec in row["eval"]]
+    for (name, spec), p in zip(cells, holm([out[n]["eval"][s]["p_ttest"] for n, s in cells]), strict=True):
+        out[name]["eval"][spec]["p_holm"] = p
+    return out
+
+
 def write_report(rows: dict[str, dict[str, Any]], grids: dict[str, list[float]]) -> dict[str, Any]:
     """Write ``results/training_fixes.{json,md,png}`` from the finished row files; rows without runs are left out."""
-    table = {name: row_table(name, runs) for name in rows if (runs := seed_runs(name, grids[name]))}
+    runs = {name: found for name in rows if (found := seed_runs(name, grids[name]))}
+    table = {name: row_table(name, found) for name, found in runs.items()}
     cells = [(name, spec) for name, row in table.items() for spec in row["eval"]]
     adjusted = holm([table[n]["eval"][s]["p_ttest"] for n, s in cells])
     for (name, spec), p in zip(cells, adjusted, strict=True):
         table[name]["eval"][spec]["p_holm"] = p
-    write_atomic(RESULTS / "training_fixes.json", json.dumps(table, indent=1))
-    write_atomic(RESULTS / "training_fixes.md", markdown(table))
+    rivals = head_against_plain(runs)
+    write_atomic(RESULTS / "training_fixes.json", json.dumps({**table, "head_against_plain": rivals}, indent=1))
+    write_atomic(RESULTS / "training_fixes.md", markdown(table) + rival_markdown(rivals))
     if table:
         plot(table, RESULTS / "training_fixes.png")
     return table
@@ -130,6 +158,26 @@ def markdown(table: dict[str, Any]) -> str:
             )
     lines += ["", "Model selection (per seed): " + "; ".join(f"{n}: {r['kept']}" for n, r in table.items()), ""]
     return "\n".join(lines)
+
+
+def rival_markdown(rivals: dict[str, Any]) -> str:
+    """The head-against-plain table (empty while no pair has runs)."""
+    if not rivals:
+        return ""
+    lines = [
+        "## Full fine-tuning with a head against the same fine-tuning without one",
+        "",
+        "| row | against | eval | seeds | delta [95% interval] | p (t) | p (Holm) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rivals.items():
+        for spec, c in row["eval"].items():
+            lines.append(
+                f"| {name} | {row['rival']} | {spec} | {c['seeds'][0]} vs {c['seeds'][1]} | "
+                f"{100 * c['delta']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}] | "
+                f"{c['p_ttest']:.3g} | {c['p_holm']:.3g} |"
+            )
+    return "\n".join([*lines, ""])
 
 
 def plot(table: dict[str, Any], path: Path) -> None:

@@ -28,9 +28,9 @@ from rich.table import Table
 from sbmoe.commands.flags import new_parser
 from sbmoe.data import load_dataset
 from sbmoe.files import write_atomic
-from sbmoe.model import find_head, load_model
+from sbmoe.model import load_model
 from sbmoe.paths import cache_dir
-from sbmoe.retrieval.encode import pooled_features
+from sbmoe.retrieval.encoder import Encoder
 from sbmoe.retrieval.retriever import Retriever
 from sbmoe.training.arguments import FinetuneArguments
 from sbmoe.training.finetune import run
@@ -154,10 +154,9 @@ def movement(out: str, data_dir: str | None) -> dict[str, float]:
     moved = {}
     for name, folder in ((DENSE, "dense"), (SBMOE, "sbmoe")):
         model = load_model(f"{out}/{folder}")
-        pooled = pooled_features(model, list(dataset.queries.values()), "queries")
-        with torch.no_grad():
-            head = find_head(model).eval()
-            embedded = head({"sentence_embedding": pooled, "task": "query"})["sentence_embedding"]
+        encoder = Encoder(model)
+        pooled = encoder.pooled(list(dataset.queries.values()), "queries")
+        embedded = torch.from_numpy(encoder.tail(pooled, "query").vectors)
         moved[name] = torch.nn.functional.cosine_similarity(embedded, pooled).mean().item()
     return moved
 

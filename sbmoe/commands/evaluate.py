@@ -14,19 +14,17 @@ from typing import Any
 from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, setup_logging, slug
 from sbmoe.commands.flags import new_parser
 from sbmoe.data import RetrievalDataset, load_dataset
-from sbmoe.evaluation.coverage import coverage, coverage_warnings
-from sbmoe.evaluation.evaluate import evaluate_model
-from sbmoe.evaluation.metrics import DEFAULT_METRICS, evaluate_run, parse_metric
+from sbmoe.evaluation.evaluate import evaluate_model, score_run
+from sbmoe.evaluation.metrics import DEFAULT_METRICS, parse_metric
+from sbmoe.evaluation.report import markdown_table
 from sbmoe.evaluation.runs import read_trec_run
 from sbmoe.files import write_atomic
 from sbmoe.model import load_any_model
 from sbmoe.retrieval.cache import model_fingerprint
-from sbmoe.retrieval.faiss_types import check_index_params
-from sbmoe.retrieval.index import INDEX_TYPES
+from sbmoe.retrieval.faiss_types import INDEX_TYPES, check_index_params
 
 logger = logging.getLogger("sbmoe.evaluate")
 
-TABLE_METRICS = ("nDCG@10", "MAP@100", "MRR@10", "Recall@100", "Recall@1000", "P@1", "Success@1", "Success@5")
 EXAMPLES = (
     "sbmoe evaluate --model minilm --datasets scifact",
     "sbmoe evaluate --model out/minilm-sbmoe --datasets scifact,scifact:test-unseen,irds:cranfield --index hnsw",
@@ -89,61 +87,6 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "sbmoe evaluate") 
     return args
 
 
-def score_run(
-    run: dict[str, dict[str, float]], dataset: RetrievalDataset, metrics: Sequence[str], keep_identical_ids: bool
-) -> dict[str, Any]:
-    """Score a run against ``dataset``'s qrels with the same metrics code as a model evaluation.
-
-    As in a model evaluation, only the dataset's queries count, and a document whose id equals the query id is
-    dropped unless ``keep_identical_ids``.
-    """
-    run = {
-        qid: {doc: score for doc, score in hits.items() if keep_identical_ids or doc != qid}
-        for qid, hits in run.items()
-        if qid in dataset.queries
-    }
-    counts = coverage(dataset, run)
-    warnings = coverage_warnings(dataset.name, dataset, counts, keep_identical_ids)
-    for line in warnings:
-        logger.warning(line)
-    return {
-        "dataset": dataset.name,
-        "split": dataset.split,
-        "num_queries": len(run),
-        "judged_queries": counts["judged"],
-        "answerable_queries": counts["answerable"],
-        "warnings": warnings,
-        "num_docs": None,
-        "relevance_level": dataset.relevance_level,
-        "metrics": evaluate_run(dataset.qrels, run, metrics, dataset.relevance_level),
-    }
-
-
-def markdown_table(source: str, results: Sequence[dict[str, Any]]) -> str:
-    """A markdown table of the main metrics, one row per dataset, with the index type and its parameters."""
-    names = [m for m in TABLE_METRICS if all(m in r["metrics"] for r in results)]
-    lines = [
-        f"| model | dataset | index | queries | docs | {' | '.join(names)} | encode s | search s |",
-        "|---|---|---|---:|---:|" + "---:|" * len(names) + "---:|---:|",
-    ]
-    for r in results:
-        values = " | ".join(f"{r['metrics'][m]:.4f}" for m in names)
-        index = r.get("index") or {"type": "run file", "params": {}}
-        params = ",".join(f"{k}={v}" for k, v in index["params"].items() if v is not None)
-        timings = r.get("timings", {})
-        encode = f"{timings['encode_corpus_s']:.1f}" if "encode_corpus_s" in timings else "–"
-        encode += " (cached)" if r.get("corpus_from_cache") else ""
-        search = f"{timings['search_s']:.2f}" if "search_s" in timings else "–"
-        judged = r.get("judged_queries", r["num_queries"])
-        queries = f"{r['num_queries']}" + (f" of {judged}" if r["num_queries"] != judged else "")
-        lines.append(
-            f"| {source} | {r['dataset']} ({r['split']}) | {index['type']}{f' {params}' if params else ''} | "
-            f"{queries} | {r['num_docs'] if r['num_docs'] is not None else '–'} | {values} | {encode} | "
-            f"{search} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: Sequence[str] | None = None, prog: str = "sbmoe evaluate") -> int:
     """Run the command; returns the exit code (0 ok, 1 data/model error; argparse exits with 2 on bad flags)."""
     args = parse_args(argv, prog)
@@ -155,7 +98,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe evaluate") -> int
         check_overwrite(output, settings, args.overwrite)
         if args.run:
             run = read_trec_run(args.run)
-            results = [score_run(run, d, args.metric_names, args.keep_identical_ids) for d in datasets]
+            results = [
+                score_run(run, d, metrics=args.metric_names, ignore_identical_ids=not args.keep_identical_ids)
+                for d in datasets
+            ]
             source, report = args.run, {"run": str(args.run)}
         else:
             model = load_any_model(args.model, args.device)
@@ -216,14 +162,14 @@ def _evaluate(model: Any, dataset: RetrievalDataset, args: argparse.Namespace) -
     result = evaluate_model(
         model,
         dataset,
-        args.top_k,
-        args.index,
-        args.index_params,
-        args.batch_size,
-        args.metric_names,
-        not args.no_cache,
-        args.cache_dir,
-        not args.keep_identical_ids,
+        top_k=args.top_k,
+        index=args.index,
+        index_params=args.index_params,
+        batch_size=args.batch_size,
+        metrics=args.metric_names,
+        cache=not args.no_cache,
+        cache_dir=args.cache_dir,
+        ignore_identical_ids=not args.keep_identical_ids,
         save_index=Path(args.save_index) / slug(dataset.name) if args.save_index else None,
         model_name=args.model,
         show_progress=not args.quiet,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from sbmoe.commands.common import USER_ERRORS, fail, setup_logging
 from sbmoe.commands.flags import FlagParser, new_parser
+from sbmoe.evaluation.report import finetune_table
 from sbmoe.training.arguments import FINETUNE_GROUPS, FinetuneArguments
 from sbmoe.training.finetune import run
 from sbmoe.training.losses import TrainingDivergedError
@@ -56,22 +57,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe finetune") -> int
         return fail("finetune", err)
     if record.get("rank"):  # under torchrun only rank 0 evaluates, saves and reports
         return 0
-    print(results_table(record), end="")
+    print(finetune_table(record), end="")
     output = args.training.output_dir
     saved = f"model and run.json saved to {output}" if args.training.save_model else f"run.json in {output}"
     print(f"{saved} ({record['seconds']:.0f} s)")
     return 0
-
-
-def results_table(record: dict) -> str:
-    """Each eval set's metrics: zero-shot backbone, fine-tuned model, and the difference."""
-    lines = []
-    for spec, result in record["eval"].items():
-        base = record.get("zero_shot", {}).get(spec, {}).get("metrics", {})
-        lines.append(f"{spec} ({result['num_queries']} queries)")
-        for name, value in result["metrics"].items():
-            line = f"  {name:<11} fine-tuned {value:.4f}"
-            if name in base:
-                line = f"  {name:<11} zero-shot {base[name]:.4f}  fine-tuned {value:.4f}  {value - base[name]:+.4f}"
-            lines.append(line)
-    return "\n".join(lines) + ("\n" if lines else "")

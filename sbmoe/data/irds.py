@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from sbmoe.data.dataset import DataError, Doc, RetrievalDataset, select_queries
 from sbmoe.paths import cache_dir as default_cache_dir
@@ -57,6 +58,20 @@ def _import_ir_datasets(home: Path) -> ModuleType:
     return module
 
 
+def irds_dataset(dataset_id: str, data_dir: Path) -> Any:
+    """``ir_datasets.load(dataset_id)`` (no ``irds:`` prefix) with the home of :func:`irds_home`, so ir-datasets
+    reads the shipped archives and writes its caches under the cache folder, never beside the data.
+
+    Raises:
+        DataError: not an ir-datasets id, or ir_datasets already imported with another home.
+    """
+    ir_datasets = _import_ir_datasets(irds_home(data_dir))
+    try:
+        return ir_datasets.load(dataset_id)
+    except KeyError as err:
+        raise DataError(f"irds:{dataset_id}: not an ir-datasets id (see https://ir-datasets.com)") from err
+
+
 def missing_collection(dataset_id: str, home: Path) -> str | None:
     """For MS MARCO passage ids: a message naming the file ir-datasets expects when the collection is absent."""
     if not dataset_id.startswith("msmarco-passage"):
@@ -98,11 +113,8 @@ def load_irds(dataset_id: str, data_dir: Path) -> RetrievalDataset:
     message = missing_collection(dataset_id, home)
     if message:
         raise DataError(message)
+    dataset = irds_dataset(dataset_id, data_dir)
     ir_datasets = _import_ir_datasets(home)
-    try:
-        dataset = ir_datasets.load(dataset_id)
-    except KeyError as err:
-        raise DataError(f"irds:{dataset_id}: not an ir-datasets id (see https://ir-datasets.com)") from err
     for part in ("queries", "qrels", "docs"):
         if not getattr(dataset, f"has_{part}")():
             raise DataError(f"irds:{dataset_id}: has no {part}; a retrieval evaluation needs docs, queries and qrels")

@@ -6,10 +6,13 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sbmoe.data.beir import load_dataset
 from sbmoe.data.dataset import DataError, Problem, RetrievalDataset
+from sbmoe.data.irds import irds_dataset
 from sbmoe.data.textfile import json_lines
+from sbmoe.paths import data_dir as default_data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +69,10 @@ def load_train_set(spec: str, data_dir: str | Path | None = None) -> TrainSet:
     """
     if spec.endswith(".jsonl"):
         return _load_jsonl(Path(spec))
-    if spec.startswith("irds:") and _irds_has_docpairs(spec):
-        return _load_irds_docpairs(spec)
+    if spec.startswith("irds:"):
+        dataset = irds_dataset(spec.removeprefix("irds:"), default_data_dir(data_dir))
+        if dataset.has_docpairs():
+            return _irds_docpairs(dataset)
     name, _, split = spec.rpartition(":")
     if not (name or spec.startswith("irds:")):
         raise DataError(f"training data {spec!r}: expected NAME:SPLIT, irds:<id> or a .jsonl file")
@@ -158,17 +163,8 @@ def _why_empty(dataset: RetrievalDataset, docs: dict[str, str]) -> str:
     return "every query with a judged document has blank text"
 
 
-def _irds_has_docpairs(spec: str) -> bool:
-    import ir_datasets
-
-    return ir_datasets.load(spec.removeprefix("irds:")).has_docpairs()
-
-
-def _load_irds_docpairs(spec: str) -> TrainSet:
-    """(query, positive, negative) triples of an ir_datasets id with docpairs (texts from its docs store)."""
-    import ir_datasets
-
-    dataset = ir_datasets.load(spec.removeprefix("irds:"))
+def _irds_docpairs(dataset: Any) -> TrainSet:
+    """(query, positive, negative) triples of an ir-datasets dataset with docpairs (texts from its docs store)."""
     queries = {q.query_id: q.text for q in dataset.queries_iter()}
     store = dataset.docs_store()
     examples = [Example(p.query_id, p.doc_id_a, [p.doc_id_b]) for p in dataset.docpairs_iter()]

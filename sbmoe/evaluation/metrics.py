@@ -43,8 +43,7 @@ def parse_metric(name: str) -> tuple[str, int]:
     match = PATTERN.match(name.strip())
     if not match or int(match.group(2)) < 1:
         raise ValueError(
-            f"unknown metric {name!r}: expected nDCG@k, MAP@k, MRR@k, Recall@k, P@k or Success@k "
-            "with k >= 1"
+            f"unknown metric {name!r}: expected nDCG@k, MAP@k, MRR@k, Recall@k, P@k or Success@k with k >= 1"
         )
     return match.group(1).lower(), int(match.group(2))
 

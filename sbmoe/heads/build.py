@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import torch
 
+from sbmoe.heads.base import PooledHead
 from sbmoe.heads.config import HeadConfig
 from sbmoe.heads.sbmoe_head import SBMoEHead
 from sbmoe.heads.stacked import StackedMoEHead
@@ -14,20 +15,21 @@ from sbmoe.heads.stacked import StackedMoEHead
 
 def resolve_head(dim: int, config: HeadConfig) -> HeadConfig:
     """``config`` as the head module holds it: identity init only for learned, query-only and dense heads, a dense
-    head as one expert (of :func:`dense_hidden` units for ``dense_size`` ``total``), a stacked head's ``topk``
-    inference, and the expert width filled in. Resolving a resolved config changes nothing."""
+    head as one expert (of :func:`dense_hidden` units for ``dense_size`` ``total``), a stacked head's fixed
+    ``topk`` inference, residual and no expert dropout, and the expert width filled in. Resolving a resolved config
+    changes nothing."""
     identity = config.identity_init and (config.routing == "learned" or config.query_only or config.head == "dense")
     config = replace(config, identity_init=identity)
     if config.head == "dense":
         hidden = dense_hidden(dim, config) if config.dense_size == "total" else config.expert_hidden
         config = replace(config, head="sbmoe", num_experts=1, top_k=1, routing="learned", inference="soft")
         config = replace(config, expert_hidden=hidden, dense_size="expert", expert_dropout=0.0)
-    if config.head_layers:
-        config = replace(config, inference="topk")
+    if config.head_layers:  # what a stack always does (see StackedMoEHead)
+        config = replace(config, inference="topk", residual=True, expert_dropout=0.0)
     return replace(config, expert_hidden=config.expert_hidden or dim // 2)
 
 
-def build_head(dim: int, config: HeadConfig, normalize_output: bool) -> SBMoEHead | None:
+def build_head(dim: int, config: HeadConfig, normalize_output: bool) -> PooledHead | None:
     """The head ``config`` describes on ``dim``-wide pooled vectors (None for ``head`` ``none``)."""
     if config.head == "none":
         return None

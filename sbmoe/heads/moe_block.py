@@ -20,7 +20,8 @@ split one feed-forward layer into ``s`` slices, so the chosen slices add up to t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -39,6 +40,22 @@ class Routing(NamedTuple):
     probs: Tensor
     aux_loss: Tensor
     z_loss: Tensor
+
+
+@dataclass(eq=False)
+class BlockLinks:
+    """A block's place among the other blocks, held outside ``nn.Module`` registration (as module attributes the
+    other blocks would register under this one too, so their parameters would count and save twice).
+
+    Attributes:
+        group: The blocks of its ReXMoE group (itself included), in candidate order.
+        position: Its index in ``group``.
+        next: The block after it in depth order (whose routing it plans with pre-gating), None for the last.
+    """
+
+    group: tuple[MoEBlock, ...]
+    position: int = 0
+    next: MoEBlock | None = None
 
 
 class MoEBlock(nn.Module):
@@ -76,11 +93,12 @@ class MoEBlock(nn.Module):
         self.pregate = False
         self.aux_loss: Tensor = torch.zeros(())
         self.z_loss: Tensor = torch.zeros(())
-        self.expert_counts = torch.zeros(num_experts, dtype=torch.long)
         self.last_routing: Routing | None = None
         self.last_decided_by: int = 0
         self.index = 0
-        self._links: dict[str, object] = {"group": (self,), "next": None, "plan": None, "position": 0, "on_plan": None}
+        self.links = BlockLinks(group=(self,))
+        self.plan: Routing | None = None  # this batch's routing, planned by the previous block (pre-gating)
+        self.on_plan: Callable[[MoEBlock, Routing], None] | None = None  # told of each plan made for the next block
 
     @property
     def reuse_scale(self) -> nn.Parameter | None:
@@ -95,7 +113,7 @@ class MoEBlock(nn.Module):
     @property
     def group(self) -> tuple[MoEBlock, ...]:
         """The blocks of this block's ReXMoE group (itself included), in candidate order."""
-        return self._links["group"]  # type: ignore[return-value]
+        return self.links.group
 
     @property
     def candidates(self) -> int:
@@ -104,7 +122,7 @@ class MoEBlock(nn.Module):
 
     def candidate_ranks(self) -> Tensor:
         """Each candidate's PSR rank: own experts 0..N-1, then the next block's in cyclic order, and so on."""
-        position, size = self._links["position"], len(self.group)
+        position, size = self.links.position, len(self.group)
         owner = torch.arange(self.candidates) // self.num_experts
         return ((owner - position) % size) * self.num_experts + torch.arange(self.candidates) % self.num_experts
 
@@ -118,7 +136,7 @@ class MoEBlock(nn.Module):
     def foreign_candidates(self) -> Tensor:
         """The candidate index of each foreign slot: slot ``(d - 1) * N + e`` is expert e of the group member d
         places after this block (cyclic), so slots come in PSR rank order."""
-        position, size, n = self._links["position"], len(self.group), self.num_experts
+        position, size, n = self.links.position, len(self.group), self.num_experts
         slots = torch.arange((size - 1) * n)
         return ((position + 1 + slots // n) % size) * n + slots % n
 
@@ -127,7 +145,7 @@ class MoEBlock(nn.Module):
         experts' choice, then, in a group, the foreign candidates' choice with gates times ``reuse_scale``."""
         logits = self.router(x)
         own = self._choose(logits, self.top_k)
-        indices = own.indices + self._links["position"] * self.num_experts  # type: ignore[operator]
+        indices = own.indices + self.links.position * self.num_experts
         weights, aux_loss = own.weights, own.aux_loss
         foreign = self._route_foreign(logits)
         if foreign is not None:
@@ -172,28 +190,20 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        planned: Routing | None = self._links["plan"]  # type: ignore[assignment]
-        self._links["plan"] = None
+        planned, self.plan = self.plan, None
         if planned is not None and planned.indices.shape[0] == flat.shape[0]:
             routing = planned
         else:
             routing, self.last_decided_by = self.route(flat), self.index
-        nxt: MoEBlock | None = self._links["next"]  # type: ignore[assignment]
+        nxt = self.links.next
         if self.pregate and nxt is not None:
-            nxt._links["plan"], nxt.last_decided_by = nxt.route(flat), self.index
-            listener = self._links["on_plan"]
-            if listener is not None:
-                listener(nxt, nxt._links["plan"])
+            plan = nxt.route(flat)
+            nxt.plan, nxt.last_decided_by = plan, self.index
+            if self.on_plan is not None:
+                self.on_plan(nxt, plan)
         self.aux_loss, self.z_loss, self.last_routing = routing.aux_loss, routing.z_loss, routing
-        if not torch.is_grad_enabled():
-            top = routing.indices.gather(-1, routing.weights.abs().argmax(dim=-1, keepdim=True))[:, 0]
-            self.expert_counts += torch.bincount(top.cpu(), minlength=self.candidates)
         banks = [block.experts for block in self.group]
         return combine_experts(banks, flat, routing.indices, routing.weights).view_as(x)
-
-    def reset_routing_stats(self) -> None:
-        """Zero the top-1 counters that :meth:`forward` fills while encoding."""
-        self.expert_counts.zero_()
 
 
 def link_blocks(blocks: Sequence[MoEBlock], reuse_group: int = 1, pregate: bool = False) -> None:
@@ -208,12 +218,11 @@ def link_blocks(blocks: Sequence[MoEBlock], reuse_group: int = 1, pregate: bool 
     for start in range(0, len(blocks), reuse_group):
         group = tuple(blocks[start : start + reuse_group])
         for position, block in enumerate(group):
-            block._links.update(group=group, position=position)
-            block.expert_counts = torch.zeros(block.candidates, dtype=torch.long)
+            block.links.group, block.links.position = group, position
             block.router.enable_reuse(len(group) - 1)
     for index, block in enumerate(blocks):
         block.index, block.pregate = index, pregate
-        block._links["next"] = blocks[index + 1] if index + 1 < len(blocks) else None
+        block.links.next = blocks[index + 1] if index + 1 < len(blocks) else None
 
 
 def moe_blocks(module: nn.Module) -> list[MoEBlock]:
@@ -228,23 +237,6 @@ def set_psr(module: nn.Module, schedule: str | None = None, progress: float | No
             block.psr = schedule
         if progress is not None:
             block.progress = float(progress)
-
-
-def block_utilization(block: MoEBlock) -> dict[str, object]:
-    """Top-1 shares of a block's candidates since the last reset (candidate ``g * N + e``: expert e of group
-    member g; a token's top-1 is its candidate of largest weight, foreign gates times the reuse scale), the share
-    that went to the block's own experts, and the reuse scale (None outside a group)."""
-    counts = block.expert_counts.float()
-    total = counts.sum().item()
-    shares = (counts / total).tolist() if total else [0.0] * len(counts)
-    own = block._links["position"] * block.num_experts  # type: ignore[operator]
-    scale = None if block.reuse_scale is None else block.reuse_scale.item()
-    return {
-        "shares": shares,
-        "own_share": sum(shares[own : own + block.num_experts]),
-        "total": int(total),
-        "reuse_scale": scale,
-    }
 
 
 def active_parameters(module: nn.Module) -> int:

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from sentence_transformers.base.modules.module import Module
 from torch import Tensor, nn
 
-from sbmoe.heads.config import HEAD_FIELDS, HeadConfig
+from sbmoe.heads.base import PooledHead
+from sbmoe.heads.config import HeadConfig
 from sbmoe.heads.experts import ExpertBank, FeedForwardExpert
 from sbmoe.heads.routing import Router, load_balancing_loss, router_z_loss, top_k_gates
 
@@ -35,7 +35,7 @@ class Expert(FeedForwardExpert):
         super().__init__(dim, hidden, "relu")
 
 
-class SBMoEHead(Module):
+class SBMoEHead(PooledHead):
     """Mixture-of-Experts block applied to ``features["sentence_embedding"]``, built from a :class:`HeadConfig`
     (a resolved one: see :func:`sbmoe.heads.build.resolve_head`; ``build_model`` resolves it).
 
@@ -58,8 +58,6 @@ class SBMoEHead(Module):
         normalize_output: L2-normalise the head's output (for cosine similarity).
     """
 
-    forward_kwargs = {"task"}
-
     config_keys: list[str] = [
         "in_features",
         "num_experts",
@@ -75,7 +73,6 @@ class SBMoEHead(Module):
         "strength",
         "expert_dropout",
     ]
-    config_file_name = "sbmoe_config.json"
 
     def __init__(self, in_features: int, config: HeadConfig | None = None, normalize_output: bool = False):
         super().__init__()
@@ -100,12 +97,6 @@ class SBMoEHead(Module):
         self.router = Router(in_features, self.num_experts, self.noise, hidden=in_features // 2)
         self.aux_loss: Tensor = torch.zeros(())
         self.z_loss: Tensor = torch.zeros(())
-        self.expert_counts = torch.zeros(self.num_experts, dtype=torch.long)
-
-    @property
-    def config(self) -> HeadConfig:
-        """The head's options as they are now (``strength`` included, which ``--tune-strength`` sets)."""
-        return HeadConfig(**{name: getattr(self, name) for name in HEAD_FIELDS if name in self.config_keys})
 
     def _selected_k(self) -> int:
         """How many experts each input uses in the current mode (train/eval)."""
@@ -141,11 +132,8 @@ class SBMoEHead(Module):
         if self.normalize_output:
             y = F.normalize(y, dim=-1)
         self.aux_loss = load_balancing_loss(probs, dispatch)
-        expert_index = probs.argmax(dim=-1)
-        if not torch.is_grad_enabled():
-            self.expert_counts += torch.bincount(expert_index, minlength=self.num_experts).cpu()
         features["sentence_embedding"] = y
-        features["expert_index"] = expert_index
+        features["expert_index"] = probs.argmax(dim=-1)
         features["router_probs"] = probs
         return features
 
@@ -164,36 +152,3 @@ class SBMoEHead(Module):
         if self.residual:
             y = y + x
         return y
-
-    def reset_routing_stats(self) -> None:
-        """Zero the per-expert counters that :meth:`forward` fills while encoding."""
-        self.expert_counts.zero_()
-
-    def routing_stats(self) -> dict[str, Any]:
-        """Inputs routed to each expert (by top-1 choice) since the last reset, their shares and entropy."""
-        counts = self.expert_counts.tolist()
-        total = sum(counts)
-        shares = [c / total if total else 0.0 for c in counts]
-        entropy = -sum(s * torch.log(torch.tensor(s)).item() for s in shares if s > 0)
-        return {"counts": counts, "shares": shares, "entropy": entropy, "total": total}
-
-    def get_embedding_dimension(self) -> int:
-        return self.in_features
-
-    def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        self.save_config(output_path)
-        self.save_torch_weights(output_path, safe_serialization=safe_serialization)
-
-    @classmethod
-    def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> SBMoEHead:
-        hub_kwargs = {k: kwargs[k] for k in ("token", "cache_folder", "revision", "local_files_only") if k in kwargs}
-        saved = cls.load_config(model_name_or_path, subfolder=subfolder, **hub_kwargs)
-        head = cls(**cls.init_arguments(saved))
-        return cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=head, **hub_kwargs)
-
-    @staticmethod
-    def init_arguments(saved: dict[str, Any]) -> dict[str, Any]:
-        """The constructor's arguments from a saved config (``sbmoe_config.json``): its :class:`HeadConfig` fields
-        as ``config``, the rest (``in_features``, ``normalize_output``, a subclass's own keys) as they are."""
-        options = {k: v for k, v in saved.items() if k in HEAD_FIELDS}
-        return {**{k: v for k, v in saved.items() if k not in options}, "config": HeadConfig(**options)}

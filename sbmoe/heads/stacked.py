@@ -3,39 +3,60 @@
 Layer l computes ``x_{l+1} = x_l + MoE_l(x_l)`` with token-routed experts (:class:`~sbmoe.heads.moe_block.MoEBlock`,
 ReLU experts of ``expert_hidden`` units, top-k gates renormalised); the head returns
 ``x_0 + strength * scale * (x_L - x_0)`` (``scale`` the ReZero scalar with ``identity_init``, else 1), normalised
-when asked. It trains on cached pooled vectors like the SB-MoE head, whose options, saving and loading it shares.
+when asked. It trains on cached pooled vectors like the SB-MoE head, whose configuration it takes and whose saving and
+loading (:class:`~sbmoe.heads.base.PooledHead`) it shares.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sbmoe.heads.base import PooledHead
 from sbmoe.heads.config import HeadConfig
-from sbmoe.heads.moe_block import MoEBlock, block_utilization, link_blocks, set_psr
-from sbmoe.heads.sbmoe_head import SBMoEHead
+from sbmoe.heads.moe_block import MoEBlock, link_blocks, set_psr
+from sbmoe.heads.usage import top_candidate
 
 
-class StackedMoEHead(SBMoEHead):
-    """``config.head_layers`` MoE layers after pooling.
+class StackedMoEHead(PooledHead):
+    """``config.head_layers`` MoE layers after pooling, built from a :class:`~sbmoe.heads.config.HeadConfig`.
 
     The config's ``head_layers`` is L, the layers of the stack; ``reuse_group`` r, layers per ReXMoE group (each
     layer's router scores the r * N experts of its group); ``psr`` the progressive scaling routing while training;
-    ``pregate``: layer l's router input is layer l-1's input (the first layer gates itself). Its other options are
-    :class:`SBMoEHead`'s (``num_experts`` N per layer, ...); ``routing`` is ``learned`` and ``inference`` ``topk``
-    (the training selection), whatever the config says.
+    ``pregate``: layer l's router input is layer l-1's input (the first layer gates itself). It reads the SB-MoE
+    head's ``num_experts`` (N per layer), ``top_k``, ``expert_hidden``, ``noise``, ``identity_init``, ``query_only``
+    and ``strength``; the stack always routes ``learned`` with ``topk`` inference, adds its input back and hides no
+    experts, whatever the config's ``routing``, ``inference``, ``residual`` and ``expert_dropout`` say.
+
+    Args:
+        in_features: Embedding size H of the backbone's pooled output.
+        config: The head's options (default: :class:`HeadConfig`'s, with two layers).
+        normalize_output: L2-normalise the head's output (for cosine similarity).
     """
 
-    config_keys: list[str] = [*SBMoEHead.config_keys, "head_layers", "reuse_group", "psr", "pregate"]
+    routing = "learned"
+    inference = "topk"
+    residual = True
+    expert_dropout = 0.0
+    config_keys: list[str] = [
+        *("in_features", "num_experts", "top_k", "expert_hidden", "noise", "normalize_output", "identity_init"),
+        *("query_only", "strength", "head_layers", "reuse_group", "psr", "pregate"),
+    ]
 
     def __init__(self, in_features: int, config: HeadConfig | None = None, normalize_output: bool = False):
-        config = replace(config or HeadConfig(head_layers=2), routing="learned", inference="topk")
-        super().__init__(in_features, config, normalize_output)
-        del self.experts, self.router
+        super().__init__()
+        config = config or HeadConfig(head_layers=2)
+        if in_features < 2:
+            raise ValueError(f"in_features must be >= 2, got {in_features}")
+        self.in_features, self.normalize_output = in_features, normalize_output
+        self.num_experts, self.top_k = config.num_experts, config.top_k
+        self.expert_hidden = config.expert_hidden or in_features // 2
+        self.noise, self.identity_init, self.query_only = config.noise, config.identity_init, config.query_only
+        self.strength = float(config.strength)
+        self.expert_scale = nn.Parameter(torch.zeros(())) if self.identity_init else None
         self.head_layers, self.reuse_group = config.head_layers, config.reuse_group
         self.psr, self.pregate = config.psr, config.pregate
         self.layers = nn.ModuleList(
@@ -44,6 +65,8 @@ class StackedMoEHead(SBMoEHead):
         )
         link_blocks(list(self.layers), self.reuse_group, self.pregate)
         set_psr(self, self.psr)
+        self.aux_loss: Tensor = torch.zeros(())
+        self.z_loss: Tensor = torch.zeros(())
 
     def forward(self, features: dict[str, Tensor | Any], **kwargs) -> dict[str, Tensor | Any]:
         x0 = h = features["sentence_embedding"]
@@ -62,12 +85,5 @@ class StackedMoEHead(SBMoEHead):
         features["sentence_embedding"] = y
         features["expert_index"] = first.indices[:, 0]
         features["router_probs"] = first.probs
+        features["layer_choices"] = torch.stack([top_candidate(b.last_routing) for b in self.layers], dim=-1)
         return features
-
-    def reset_routing_stats(self) -> None:
-        for layer in self.layers:
-            layer.reset_routing_stats()
-
-    def routing_stats(self) -> dict[str, Any]:
-        """Per layer: top-1 shares over the layer's candidates and the share kept on its own experts."""
-        return {"layers": [block_utilization(layer) for layer in self.layers]}

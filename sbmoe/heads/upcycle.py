@@ -22,10 +22,11 @@ import torch
 from safetensors.torch import load_file
 from sentence_transformers.sentence_transformer.modules import Transformer
 from torch import nn
-from transformers.utils import logging as hf_logging
 
 from sbmoe.heads.config import MoELayers, MoELayersConfig
-from sbmoe.heads.moe_block import MoEBlock, block_utilization, link_blocks, moe_blocks, set_psr
+from sbmoe.heads.moe_block import MoEBlock, link_blocks, moe_blocks, set_psr
+from sbmoe.heads.usage import RoutingRecorder
+from sbmoe.quiet import quiet_loading
 
 
 def moe_layer_indices(spec: MoELayers, num_layers: int) -> list[int]:
@@ -127,13 +128,8 @@ class MoETransformer(Transformer):
     def __init__(self, model_name_or_path: str, *, moe: MoELayersConfig, **kwargs: Any) -> None:
         weights = Path(model_name_or_path) / "model.safetensors"
         saved = weights.is_file() and _holds_experts(weights)
-        verbosity = hf_logging.get_verbosity()
-        if saved:  # the dense architecture's load report would list every expert weight as unexpected
-            hf_logging.set_verbosity_error()
-        try:
+        with quiet_loading(load_report=not saved):  # the dense architecture's report would list every expert weight
             super().__init__(model_name_or_path, **kwargs)
-        finally:
-            hf_logging.set_verbosity(verbosity)
         self.moe = moe
         upcycle_encoder(self.auto_model, moe)
         if saved:
@@ -152,10 +148,15 @@ class MoETransformer(Transformer):
     def get_config_dict(self) -> dict[str, Any]:
         return {**super().get_config_dict(), "moe": asdict(self.moe)}
 
-    def expert_utilization(self) -> list[dict[str, Any]]:
-        """Per MoE layer: its layer index and :func:`~sbmoe.heads.moe_block.block_utilization`."""
+    def recorder(self) -> RoutingRecorder:
+        """A :class:`~sbmoe.heads.usage.RoutingRecorder` over this encoder's MoE layers, in depth order."""
+        return RoutingRecorder(moe_blocks(self.auto_model))
+
+    def expert_utilization(self, recorder: RoutingRecorder) -> list[dict[str, Any]]:
+        """Per MoE layer: its layer index and :func:`~sbmoe.heads.usage.block_utilization` of ``recorder``'s counts
+        (a :meth:`recorder` of this encoder)."""
         owner = {id(layer.intermediate): i for i, layer in enumerate(self.auto_model.encoder.layer)}
-        return [{"layer": owner[id(b)], **block_utilization(b)} for b in moe_blocks(self.auto_model)]
+        return [{"layer": owner[id(b)], **u} for b, u in zip(recorder.blocks, recorder.utilization(), strict=True)]
 
 
 def _holds_experts(weights: Path) -> bool:

@@ -8,7 +8,6 @@ model whose backbone reloads as an :class:`OnnxTransformer`, running through the
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +18,8 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Transformer
 from torch import Tensor, nn
+
+from sbmoe.files import sha256_file
 
 ENCODERS = ("fp32", "torch-int8", "onnx-fp32", "onnx-int8")
 ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -80,9 +81,15 @@ def export_onnx(model: SentenceTransformer, folder: str | os.PathLike, int8: boo
 
     with torch.no_grad():
         torch.onnx.export(
-            Wrapped(), args, str(path), input_names=names, output_names=["last_hidden_state"],
-            dynamic_axes=axes, opset_version=17, dynamo=False,
-        )  # fmt: skip
+            Wrapped(),
+            args,
+            str(path),
+            input_names=names,
+            output_names=["last_hidden_state"],
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,
+        )
     if not int8:
         return path
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -145,8 +152,7 @@ class OnnxTransformer(Transformer):
     def use_onnx(self, path: Path) -> None:
         """Run the encoder through ``path`` (in place), dropping the float encoder."""
         self.onnx_file, self.onnx_path = path.name, path
-        with path.open("rb") as f:
-            self.onnx_digest = hashlib.file_digest(f, "blake2b").hexdigest()[:32]
+        self.onnx_digest = sha256_file(path)[:32]
         if not isinstance(self.model, OrtEncoder):
             self.model = OrtEncoder(path, self.model.config)
 
@@ -166,7 +172,7 @@ class OnnxTransformer(Transformer):
 def save_with_onnx_encoder(model: SentenceTransformer, folder: str | os.PathLike, int8: bool = True) -> Path:
     """Save ``model`` to ``folder`` with its backbone exported to ONNX (dynamic int8 with ``int8``); the folder
     reloads with :func:`sbmoe.model.load_model` as a model whose backbone runs through ONNX Runtime. ``model``'s
-    first module becomes that :class:`OnnxTransformer` (in place).
+    first module is replaced by that :class:`OnnxTransformer` (loaded from the folder).
 
     Raises:
         ValueError: a backbone other than a plain Transformer (MoE encoder layers route each token by its values,
@@ -178,7 +184,10 @@ def save_with_onnx_encoder(model: SentenceTransformer, folder: str | os.PathLike
     path = export_onnx(model, folder, int8)
     if int8:
         (folder / "model.onnx").unlink()  # the float export the int8 file was made from
-    model[0].__class__ = OnnxTransformer  # same state, plus the ONNX session
-    model[0].use_onnx(path)
+    dense = model[0]
+    dense.model.config.save_pretrained(folder)  # what OnnxTransformer reads beside the ONNX file
+    dense.processor.save_pretrained(folder)
+    dense.save_config(str(folder))
+    model[0] = OnnxTransformer.load(str(folder), init_defaults={"onnx_file": path.name})
     model.save(str(folder))
     return folder

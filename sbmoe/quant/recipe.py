@@ -27,7 +27,7 @@ from sbmoe.quant.calibrate import LinearStats, capture_inputs, head_frequencies,
 from sbmoe.quant.head import QuantizedSBMoEHead
 from sbmoe.quant.linear import BIT_WIDTHS, expert_linears
 from sbmoe.quant.transformer import QuantizedMoETransformer
-from sbmoe.retrieval.encode import pooled_features
+from sbmoe.retrieval.encoder import Encoder
 
 DEFAULT_GROUP = 128
 
@@ -65,9 +65,10 @@ def calibration_vectors(
     whole, once, for all of them).
     """
     queries, corpus, rows = calibration_data(spec, corpus_sample, seed)
-    parts = [pooled_features(model, corpus, "corpus", cache_dir)[torch.from_numpy(rows)]] if len(rows) else []
+    encoder = Encoder(model, cache_dir)
+    parts = [encoder.pooled(corpus, "corpus")[torch.from_numpy(rows)]] if len(rows) else []
     if queries:
-        parts.append(pooled_features(model, queries, "queries", cache_dir))
+        parts.append(encoder.pooled(queries, "queries"))
     return torch.cat(parts)
 
 
@@ -77,11 +78,10 @@ def calibrate_head(model: SBMoEModel, pooled: Tensor, group_size: int | None = D
     head = find_head(model)
     if head is None:
         raise ValueError("the model has no SB-MoE head: there are no experts to quantize")
-    head.eval()
     names = [name for name, _ in expert_linears(head)]
-    x = pooled.to(model.device)
-    inputs = capture_inputs(head, lambda: head({"sentence_embedding": x}, task="query"), names)
-    return linear_stats(head, inputs, {"": head_frequencies(head, x)}, group_size)
+    encoder = Encoder(model)
+    inputs = capture_inputs(head, lambda: encoder.tail(pooled, "query"), names)
+    return linear_stats(head, inputs, {"": head_frequencies(head, pooled.to(model.device))}, group_size)
 
 
 def layer_expert_names(model: SBMoEModel) -> list[str]:

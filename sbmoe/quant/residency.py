@@ -151,7 +151,7 @@ class ExpertResidency:
             block.experts = ResidentBank(self, block.index, block.num_experts, activation)
             block.register_forward_pre_hook(self._enter)
             if mode == "ahead":
-                block._links["on_plan"] = self._schedule
+                block.on_plan = self._schedule
 
     def _enter(self, block: MoEBlock, _args: Any) -> None:
         """A block starts: the experts ``run`` serves are its (the first block also drops any stale plan)."""
@@ -227,7 +227,7 @@ class ExpertResidency:
             self._worker = None
         self.mode = "on-demand"
         for block in self.blocks:
-            block._links["on_plan"] = None
+            block.on_plan = None
 
 
 def _nbytes(weights: ExpertWeights) -> int:

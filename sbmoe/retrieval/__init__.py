@@ -3,8 +3,11 @@
 :class:`Retriever` puts model, index and document store behind one object.
 """
 
-from sbmoe.retrieval.encode import encode_cached, pooled_features
-from sbmoe.retrieval.index import INDEX_TYPES, DenseIndex, IndexLoadError
+from sbmoe.errors import IndexLoadError
+from sbmoe.retrieval.build import build_index
+from sbmoe.retrieval.encoder import Encoded, Encoder
+from sbmoe.retrieval.faiss_types import INDEX_TYPES
+from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.retriever import Hit, Retriever
 from sbmoe.retrieval.store import DocStore
 
@@ -12,9 +15,10 @@ __all__ = [
     "INDEX_TYPES",
     "DenseIndex",
     "DocStore",
+    "Encoded",
+    "Encoder",
     "Hit",
     "IndexLoadError",
     "Retriever",
-    "encode_cached",
-    "pooled_features",
+    "build_index",
 ]

@@ -2,8 +2,8 @@
 document store.
 
 The corpus is encoded into resumable embedding shards (in chunks here, or in a Ray actor pool), then indexed shard
-by shard: memory holds a chunk plus the index, never the corpus. An ``ivf`` or ``ivfpq`` index is filled per shard
-on one quantizer and merged on disk, its lists left out of memory. A ``ram_budget`` without an index type picks the
+by shard (:func:`~sbmoe.retrieval.build.build_index`): memory holds a chunk plus the index, never the corpus. An
+``ivf`` or ``ivfpq`` index keeps its lists on disk, out of memory. A ``ram_budget`` without an index type picks the
 most exact type that fits (:func:`sbmoe.retrieval.index_settings.choose_index`).
 """
 
@@ -17,14 +17,14 @@ from typing import Any
 
 from sentence_transformers import SentenceTransformer
 
+from sbmoe.retrieval.build import build_index
 from sbmoe.retrieval.documents import Corpus, as_dataset
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.index_settings import IndexSettings, choose_index, parse_bytes
 from sbmoe.retrieval.ivf import IVF_TYPES
-from sbmoe.retrieval.sharded import index_on_disk
 from sbmoe.retrieval.shards import ShardSet
 from sbmoe.retrieval.store import DocStore
-from sbmoe.retrieval.stream import encode_to_shards, index_from_shards, store_from_shards
+from sbmoe.retrieval.stream import encode_to_shards, store_from_shards
 
 BACKENDS = ("local", "stream", "ray")
 
@@ -105,11 +105,11 @@ def index_of_shards(
     """The index of complete shards; ivf and ivfpq keep their lists on disk, in a folder beside the shards that
     goes with the index (saving links or copies the lists into the index folder)."""
     if index_type not in IVF_TYPES:
-        return index_from_shards(shard_set, index_type, params, use_gpu, show_progress)
+        return build_index(shard_set, None, index_type, params, use_gpu=use_gpu, show_progress=show_progress)
     folder = shard_set.folder
     work_dir = tempfile.mkdtemp(prefix=f".{folder.name}.lists-", dir=folder.parent)
     try:
-        dense = index_on_disk(shard_set, index_type, work_dir, params)
+        dense = build_index(shard_set, None, index_type, params, lists_dir=work_dir, show_progress=show_progress)
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise

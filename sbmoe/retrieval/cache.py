@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from sbmoe.data.dataset import texts_fingerprint
 from sbmoe.errors import DataError
-from sbmoe.files import remove_stale, replace_dir, scratch_name
+from sbmoe.files import remove_stale, replace_dir, scratch_name, sha256_file
 from sbmoe.paths import cache_dir as default_cache_dir
 from sbmoe.retrieval.text_vectors import TextVectors, text_key
 
@@ -45,8 +45,8 @@ TEXTS_DIR = "texts"  # each text's vector, one SQLite file per kind and model (s
 
 
 def model_fingerprint(model: SentenceTransformer) -> str:
-    """Hash of the model's modules (class, config, tokenizer, max length) and parameter values; routing counters
-    excluded. A tokenizer edited in place (vocabulary, normalisation, special tokens) changes it."""
+    """Hash of the model's modules (class, config, tokenizer, max length) and parameter values. A tokenizer edited
+    in place (vocabulary, normalisation, special tokens) changes it."""
     digest = hashlib.blake2b(digest_size=16)
     for name, module in model.named_children():
         config = module.get_config_dict() if hasattr(module, "get_config_dict") else {}
@@ -86,7 +86,7 @@ def cached_embeddings(
     """Encode ``items`` once and reuse the result from disk afterwards.
 
     Args:
-        model: Any SentenceTransformer (sbmoe passes the pooled backbone: see :mod:`sbmoe.retrieval.encode`).
+        model: Any SentenceTransformer (sbmoe passes the pooled backbone: see :mod:`sbmoe.retrieval.encoder`).
         items: A dataset (its corpus streams in chunks), or a list of texts or :class:`~sbmoe.data.Doc`.
         kind: ``corpus`` (``encode_document``) or ``queries`` (``encode_query``).
         cache_dir: Cache root (default :func:`sbmoe.paths.cache_dir`).
@@ -103,7 +103,7 @@ def cached_embeddings(
     data_fp = items.fingerprint if hasattr(items, "fingerprint") else texts_fingerprint(_texts(items))
     model_fp = model_fingerprint(model)
     folder = root / f"{kind}-{model_fp[:20]}-{data_fp[:20]}"
-    hit = _read(folder)
+    hit = read_entry(folder)
     if hit is not None:
         return hit[0], {**hit[1], "cached": True}
     root.mkdir(parents=True, exist_ok=True)
@@ -117,12 +117,12 @@ def cached_embeddings(
         finally:
             vectors.close()
         meta.update(model_fingerprint=model_fp, data_fingerprint=data_fp, kind=kind)
-        meta["checksum"] = file_checksum(tmp / "embeddings.npy")
+        meta["checksum"] = sha256_file(tmp / "embeddings.npy")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         _publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    hit = _read(folder)
+    hit = read_entry(folder)
     if hit is None:
         raise OSError(f"{folder}: the embedding cache entry just written does not read back")
     return hit[0], {**hit[1], "cached": False}
@@ -134,7 +134,7 @@ def _publish(tmp: Path, folder: Path) -> None:
     A valid entry is never replaced (a reader may have it open); a damaged one is swapped out in one step.
     """
     with _locked(folder.parent):
-        if folder.is_dir() and _read(folder) is not None:
+        if folder.is_dir() and read_entry(folder) is not None:
             logger.info("%s: another process wrote this entry meanwhile; keeping it", folder)
             return
         replace_dir(tmp, folder)
@@ -158,7 +158,7 @@ def _texts(items: Sequence[str] | Sequence[Doc]) -> list[str]:
     return [item if isinstance(item, str) else item.full_text for item in items]
 
 
-def _read(folder: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
+def read_entry(folder: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
     """A complete cache entry, or None (absent, or unreadable: then it is re-encoded with a warning)."""
     if not folder.is_dir():
         return None
@@ -167,7 +167,7 @@ def _read(folder: Path) -> tuple[np.ndarray, dict[str, Any]] | None:
         embeddings = np.load(folder / "embeddings.npy", mmap_mode="r")
         if embeddings.shape != (meta["count"], meta["dim"]):
             raise ValueError(f"shape {embeddings.shape} != ({meta['count']}, {meta['dim']}) in meta.json")
-        if file_checksum(folder / "embeddings.npy") != meta["checksum"]:
+        if sha256_file(folder / "embeddings.npy") != meta["checksum"]:
             raise ValueError("embeddings.npy does not match the checksum in meta.json")
     except (OSError, ValueError, KeyError) as err:
         logger.warning("%s: unreadable embedding cache entry (%s); encoding again", folder, err)
@@ -207,7 +207,7 @@ def _encode_to(
     start, row, encoded = time.perf_counter(), 0, 0
     unit = "doc" if kind == "corpus" else "query"
     bar = tqdm(total=len(wanted - known), desc=f"encode {kind}", unit=unit, disable=not show_progress)
-    with bar, _progress_per_batch(model, bar):
+    with bar, progress_per_batch(model, bar):
         for chunk in _chunks(items):
             texts = _texts(chunk)
             keys = [text_key(text) for text in texts]
@@ -234,7 +234,7 @@ def _encode_to(
 
 
 @contextmanager
-def _progress_per_batch(model: SentenceTransformer, bar: tqdm) -> Iterator[None]:
+def progress_per_batch(model: SentenceTransformer, bar: tqdm) -> Iterator[None]:
     """Advance ``bar`` by each encoder batch as the model returns it (a forward hook): per batch, not per call."""
 
     def count(module: Any, inputs: Any, output: dict[str, Any]) -> None:
@@ -245,12 +245,3 @@ def _progress_per_batch(model: SentenceTransformer, bar: tqdm) -> Iterator[None]
         yield
     finally:
         handle.remove()
-
-
-def file_checksum(path: Path) -> str:
-    """BLAKE2b of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()

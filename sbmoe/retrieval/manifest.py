@@ -64,6 +64,14 @@ def read_manifest(folder: Path, keys: set[str], written_by: str = "DenseIndex.sa
     return manifest
 
 
+def manifest_field(folder: Path, key: str) -> Any:
+    """``key`` of ``folder/manifest.json`` as it is now, or None when the file cannot be read (a writer's swap)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def inside(folder: Path, name: str) -> Path:
     """``folder / name`` for a relative path that stays inside ``folder``; IndexLoadError for any other name."""
     parts = PurePosixPath(name).parts

@@ -25,13 +25,15 @@ from sbmoe.errors import DataError, IndexLoadError
 from sbmoe.files import atomic_dir
 from sbmoe.model import find_head, load_any_model, load_model
 from sbmoe.retrieval.backends import build_sharded
+from sbmoe.retrieval.build import build_index
 from sbmoe.retrieval.cache import model_fingerprint
 from sbmoe.retrieval.documents import Corpus, as_dataset, unique_docs
-from sbmoe.retrieval.encode import encode_cached, unit_rows
+from sbmoe.retrieval.encoder import Encoder, unit_rows
 from sbmoe.retrieval.faiss_types import check_index_params
-from sbmoe.retrieval.index import METRIC, DenseIndex
+from sbmoe.retrieval.index import DenseIndex
+from sbmoe.retrieval.index_folder import METRIC
 from sbmoe.retrieval.index_settings import IndexSettings
-from sbmoe.retrieval.manifest import MANIFEST, REBUILD, check_files, read_manifest, write_manifest
+from sbmoe.retrieval.manifest import MANIFEST, REBUILD, check_files, manifest_field, read_manifest, write_manifest
 from sbmoe.retrieval.outcomes import Changes, Hit
 from sbmoe.retrieval.store import DocStore
 
@@ -66,6 +68,7 @@ class Retriever:
     def __init__(self, model: SentenceTransformer, index: DenseIndex, store: DocStore, model_spec: str | None = None):
         self.model, self.index, self.store, self.model_spec = model, index, store, model_spec
         self.head = find_head(model)
+        self.encoder = Encoder(model, show_progress=False)  # built once: searches reuse its pooled backbone
         self.cache_dir: str | os.PathLike | None = None
         self.index_choice: IndexSettings | None = None  # how :meth:`build` chose the type from a RAM budget
 
@@ -153,7 +156,7 @@ class Retriever:
         docs = unique_docs(dataset)
         spec, model = _model(model, device)
         dense = DenseIndex(model.get_embedding_dimension(), index or "flat", use_gpu, **(index_params or {}))
-        retriever = cls(model, dense, DocStore.temporary(), spec)
+        retriever = cls(model, dense, DocStore.temporary(), spec)  # empty: _replace builds the index
         retriever.cache_dir = cache_dir
         retriever._replace(docs, batch_size, show_progress)
         return retriever
@@ -211,14 +214,14 @@ class Retriever:
         """Index and store exactly ``docs`` (vectors through the per-document cache), same type and settings."""
         if not docs:
             raise DataError("no documents to index: the corpus is empty (or every id was deleted)")
-        embeddings, meta = encode_cached(self.model, docs, "corpus", self.cache_dir, batch_size, show_progress)
-        embeddings = unit_rows(embeddings) if self.model.similarity_fn_name == "cosine" else embeddings
+        encoded = Encoder(self.model, self.cache_dir, batch_size, show_progress).encode(docs, "corpus")
+        embeddings = unit_rows(encoded.vectors) if self.model.similarity_fn_name == "cosine" else encoded.vectors
         old = self.index
-        dim = embeddings.shape[1]
-        dense = DenseIndex(dim, old.index_type, old.use_gpu, old.model_name, old.model_hash, **old.requested)
-        dense.build(embeddings, [doc.id for doc in docs], show_progress=show_progress)
+        model = {"model_name": old.model_name, "model_hash": old.model_hash, "show_progress": show_progress}
+        ids = [doc.id for doc in docs]
+        dense = build_index(embeddings, ids, old.index_type, old.requested, use_gpu=old.use_gpu, **model)
         store = DocStore.temporary()
-        store.add(docs, meta["experts"])
+        store.add(docs, encoded.experts)
         self.index, self.store = dense, store
 
     def search(self, queries: str | Sequence[str], k: int = 10, batch_size: int = 64) -> list[list[Hit]]:
@@ -253,14 +256,10 @@ class Retriever:
 
     def encode_queries(self, texts: Sequence[str], batch_size: int = 64) -> tuple[np.ndarray, list[int] | None]:
         """Query embeddings (unit length for cosine models) and each query's top-1 expert (None without a head)."""
-        if self.head is None:
-            vectors = self.model.encode_query(list(texts), batch_size=batch_size, convert_to_numpy=True)
-            experts = None
-        else:
-            outputs = self.model.encode_query(list(texts), batch_size=batch_size, output_value=None)
-            vectors = np.stack([out["sentence_embedding"].float().cpu().numpy() for out in outputs])
-            experts = [int(out["expert_index"]) for out in outputs]
-        vectors = np.asarray(vectors, dtype=np.float32)
+        encoder = self.encoder if batch_size == self.encoder.batch_size else Encoder(self.model, batch_size=batch_size)
+        encoded = encoder.encode_texts(texts, "query")
+        experts = None if encoded.experts is None else encoded.experts.tolist()
+        vectors = encoded.vectors
         return (unit_rows(vectors) if self.model.similarity_fn_name == "cosine" else vectors), experts
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -306,10 +305,10 @@ class Retriever:
             try:
                 retriever = cls._open(folder, manifest, models, device, use_gpu, verify)
             except (IndexLoadError, OSError, sqlite3.Error):
-                if _generation(folder) == manifest["generation"]:
+                if manifest_field(folder, "generation") == manifest["generation"]:
                     raise
                 continue  # the folder was replaced while this load read it: read the new one
-            if _generation(folder) == manifest["generation"]:
+            if manifest_field(folder, "generation") == manifest["generation"]:
                 return retriever
         raise IndexLoadError(f"{folder}: rewritten during each of {LOAD_ATTEMPTS} loads; load it once the writer ends")
 
@@ -360,14 +359,6 @@ def _read_config(file: Path) -> dict[str, Any]:
     if not (spec is None or isinstance(spec, str)) or not isinstance(fingerprint, str):
         raise IndexLoadError(f"{file}: model spec or fingerprint of the wrong type: {REBUILD}")
     return config
-
-
-def _generation(folder: Path) -> str | None:
-    """The generation number in ``folder``'s manifest now (None when it cannot be read)."""
-    try:
-        return json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("generation")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _model(model: SentenceTransformer | str, device: str | None) -> tuple[str | None, SentenceTransformer]:

@@ -1,6 +1,7 @@
-"""Streaming indexing in bounded memory: corpus -> encoded in chunks -> embedding shards -> index built shard by shard.
+"""Streaming encoding in bounded memory: corpus -> encoded in chunks -> embedding shards, which
+:func:`sbmoe.retrieval.build.build_index` indexes shard by shard.
 
-Peak memory is one chunk being encoded, one shard being buffered, and the index; never the corpus. The shards
+Peak memory is one chunk being encoded and one shard being buffered; never the corpus. The shards
 (see :mod:`sbmoe.retrieval.shards`) make a killed run resumable: a rerun checks the ids of the shards already
 written against the corpus and encodes only the rest.
 """
@@ -19,34 +20,28 @@ from sbmoe.data.dataset import DataError, Doc, RetrievalDataset
 from sbmoe.model import find_head
 from sbmoe.retrieval.cache import model_fingerprint
 from sbmoe.retrieval.documents import iter_unique_docs
-from sbmoe.retrieval.encode import apply_tail, pooled_model, unit_rows
-from sbmoe.retrieval.index import TRAIN_SAMPLE, DenseIndex
+from sbmoe.retrieval.encoder import Encoder, unit_rows
 from sbmoe.retrieval.shards import ShardSet
 from sbmoe.retrieval.store import DocStore
 
 CHUNK = 2048  # documents per encode call
-ADD_BATCH = 65_536  # vectors per index add
 
 
 class ChunkEncoder:
     """Texts -> the embeddings :meth:`Retriever.build` indexes (unit rows for cosine models) and top-1 experts.
 
-    The same split as :func:`sbmoe.retrieval.encode.encode_cached`: the backbone up to pooling, then the tail.
+    The same split as :class:`sbmoe.retrieval.encoder.Encoder` (whose uncached path it is): the backbone up to
+    pooling, then the tail.
     """
 
     def __init__(self, model: SentenceTransformer, batch_size: int = 64):
-        self.model, self.batch_size = model, batch_size
-        self.pooled = pooled_model(model)
-        self.has_head = find_head(model) is not None
+        self.model = model
+        self.encoder = Encoder(model, batch_size=batch_size, show_progress=False)
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        pooled = self.pooled.encode_document(
-            list(texts), batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False
-        )
-        vectors, experts = apply_tail(self.model, pooled, "document")
-        if self.model.similarity_fn_name == "cosine":
-            vectors = unit_rows(vectors)
-        return vectors, experts
+        encoded = self.encoder.encode_texts(texts, "document")
+        vectors = unit_rows(encoded.vectors) if self.model.similarity_fn_name == "cosine" else encoded.vectors
+        return vectors, encoded.experts
 
 
 def open_shards(model: SentenceTransformer, folder: str | os.PathLike, shard_size: int) -> ShardSet:
@@ -97,27 +92,6 @@ def encode_to_shards(
             shards.append(vectors, batch, experts)
             bar.update(len(batch))
     return shards.finish()
-
-
-def index_from_shards(
-    shards: ShardSet,
-    index_type: str = "flat",
-    index_params: dict | None = None,
-    use_gpu: bool | str = "auto",
-    show_progress: bool = True,
-) -> DenseIndex:
-    """The index of complete ``shards``: trained on a sample, then filled shard by shard (in memory)."""
-    if not shards.complete or not len(shards):
-        raise DataError(f"{shards.folder}: the shard set is incomplete or empty; encode the corpus first")
-    dense = DenseIndex(shards.dim, index_type, use_gpu=use_gpu, **(index_params or {}))
-    dense.train(shards.sample(TRAIN_SAMPLE), total=len(shards))
-    with tqdm(total=len(shards), desc=f"index {index_type}", unit="vec", disable=not show_progress) as bar:
-        for shard, vectors in shards.iter_vectors():
-            ids = shards.ids(shard)
-            for start in range(0, shard.count, ADD_BATCH):
-                dense.add(np.asarray(vectors[start : start + ADD_BATCH]), ids[start : start + ADD_BATCH])
-            bar.update(shard.count)
-    return dense
 
 
 def store_from_shards(model: SentenceTransformer, shards: ShardSet) -> DocStore:

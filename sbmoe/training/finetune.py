@@ -19,12 +19,18 @@ from transformers import TrainerCallback, set_seed
 
 from sbmoe.data.trainset import load_train_sets
 from sbmoe.files import write_atomic
-from sbmoe.heads import SBMoEHead
 from sbmoe.heads.build import count_parameters
 from sbmoe.heads.moe_block import active_parameters
 from sbmoe.model import SBMoEModel, build_model, find_head
+from sbmoe.retrieval.encoder import Encoder
 from sbmoe.training.arguments import FinetuneArguments
-from sbmoe.training.evaluation_pass import dead_expert_warnings, evaluate, initial_routing, moe_utilization
+from sbmoe.training.evaluation_pass import (
+    dead_expert_warnings,
+    evaluate,
+    initial_routing,
+    load_eval_sets,
+    moe_utilization,
+)
 from sbmoe.training.frozen_bottom import frozen_bottom
 from sbmoe.training.full_trainer import train_full_mode
 from sbmoe.training.head_trainer import kmeans_router_init, train_head
@@ -35,20 +41,21 @@ logger = logging.getLogger(__name__)
 STRENGTHS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 
 
-def tune_strength(
-    head: SBMoEHead | None, prepared: PreparedData, cos: bool = True, weighting: str = "equal"
-) -> dict[str, Any]:
-    """Set ``head.strength`` to the value in :data:`STRENGTHS` with the best dev nDCG@10 (ties: the stronger head).
+def tune_strength(model: SBMoEModel, prepared: PreparedData, weighting: str = "equal") -> dict[str, Any]:
+    """Set the head's ``strength`` to the value in :data:`STRENGTHS` with the best dev nDCG@10 (ties: the stronger
+    head).
 
     Returns:
         ``{"chosen": strength, "dev_nDCG@10": {strength: score}}``.
     """
+    head = find_head(model)
     if head is None or not prepared.dev_queries:
         raise ValueError("--tune-strength needs a head and dev queries (--dev-queries > 0)")
+    encoder = Encoder(model)
     scores: dict[str, float] = {}
     for strength in STRENGTHS:
         head.strength = strength
-        scores[str(strength)] = dev_ndcg(head, prepared, cos, weighting)
+        scores[str(strength)] = dev_ndcg(encoder, prepared, weighting=weighting)["metrics"]["nDCG@10"]
     head.strength = max(STRENGTHS, key=lambda s: (scores[str(s)], s))
     return {"chosen": head.strength, "dev_nDCG@10": scores}
 
@@ -58,15 +65,19 @@ def train_head_mode(model: SBMoEModel, args: FinetuneArguments, prepared: Prepar
     head = find_head(model)
     if head is None:
         return {"note": "no head: nothing to train in head mode"}
-    cos = args.training.similarity == "cos"
-    dev = (lambda h: dev_ndcg(h, prepared, cos, args.data.dev_weighting)) if prepared.dev_queries else None
+    encoder = Encoder(model)
+
+    def dev(_head: object) -> float:
+        """Dev nDCG@10 of the model as it is now (``train_head`` passes the head it trains in place: the model's)."""
+        return dev_ndcg(encoder, prepared, weighting=args.data.dev_weighting)["metrics"]["nDCG@10"]
+
     result = train_head(
         head,
         prepared.anchors,
         prepared.docs,
         prepared.rows,
         args.training,
-        dev_score=dev,
+        dev_score=dev if prepared.dev_queries else None,
         checkpoint_dir=Path(args.training.output_dir) / "checkpoints" / "head",
         resume=args.training.resume,
         dev_name="dev nDCG@10",
@@ -145,13 +156,14 @@ def train_and_evaluate(
     output = Path(args.training.output_dir)
     sets = load_train_sets(args.data.train_data, args.data.data_dir, args.data.max_positives_per_query)
     initial = zero_shot_model(model, args)
-    zero_shot = evaluate(initial, args, {}, use_head=False)  # also checks every eval set before training
+    eval_sets = load_eval_sets(args)  # loaded once: every pass below takes them
+    zero_shot = evaluate(initial, args=args, eval_sets=eval_sets, routing_before={}, use_head=False)  # checks them
     prepared = prepare(initial, args, sets)  # vectors for mining (and the head): the initial model's
     head = find_head(model)
     cluster_shares = None
     if args.training.router_init == "kmeans" and head is not None and head.num_experts > 1:
         cluster_shares = kmeans_router_init(head, prepared.docs, seed=args.training.seed)
-    routing_before = initial_routing(model, args)
+    routing_before = initial_routing(model, args, eval_sets)
     set_seed(args.training.seed)
     if args.training.train == "head":
         history = train_head_mode(model, args, prepared)
@@ -172,21 +184,21 @@ def train_and_evaluate(
     }
     if rank:  # rank 0 evaluates, saves and writes run.json
         return {**record, "rank": rank, "eval": {}, "seconds": time.time() - start}
-    cos, weighting = args.training.similarity == "cos", args.data.dev_weighting
     if prepared.dev_queries and args.training.train == "full":  # the backbone moved: re-encode dev and the corpus
         reencode(model, prepared, args.data.cache_dir)
     if args.training.tune_strength:  # scores every strength on dev, 1.0 (the head as trained) included
-        record["strength"] = tune_strength(find_head(model), prepared, cos, weighting)
+        record["strength"] = tune_strength(model, prepared, args.data.dev_weighting)
         record["dev_nDCG@10"] = record["strength"]["dev_nDCG@10"][str(record["strength"]["chosen"])]
     elif prepared.dev_queries:
-        record["dev_nDCG@10"] = dev_ndcg(find_head(model), prepared, cos, weighting)
+        dev = dev_ndcg(Encoder(model), prepared, weighting=args.data.dev_weighting)
+        record["dev_nDCG@10"] = dev["metrics"]["nDCG@10"]
         record["kept_zero_shot"] = history.get("best_epoch", history.get("best_step")) == 0
     output.mkdir(parents=True, exist_ok=True)
     if args.training.save_model:
         model.training_data = args.data.train_data  # the model card names it
         model.save(str(output))
-    record["eval"] = evaluate(model, args, routing_before)
-    record["moe_utilization"] = moe_utilization(model, args)
+    record["eval"] = evaluate(model, args=args, eval_sets=eval_sets, routing_before=routing_before)
+    record["moe_utilization"] = moe_utilization(model, args, eval_sets)
     record["expert_warnings"] = dead_expert_warnings(record["eval"], record["moe_utilization"])
     for line in record["expert_warnings"]:
         logger.warning(line)

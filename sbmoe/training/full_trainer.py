@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from sbmoe.files import last_complete_checkpoint
-from sbmoe.heads import SBMoEHead
+from sbmoe.heads.base import PooledHead
 from sbmoe.heads.moe_block import moe_blocks, set_psr
 from sbmoe.model import SBMoEModel
 from sbmoe.training.arguments import FinetuneArguments
@@ -41,7 +41,7 @@ def train_full_mode(
     weights = parse_weights(args.data.train_weights, sizes)
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
-    head_name = next((name for name, module in model.named_children() if isinstance(module, SBMoEHead)), None)
+    head_name = next((name for name, module in model.named_children() if isinstance(module, PooledHead)), None)
     rates = {rf"^model\.{head_name}\.": settings.learning_rate} if head_name else {}
     if moe_blocks(model[0]):  # the MoE layers' fresh routers learn at the head's rate
         rates[r"\.intermediate\.router\."] = settings.learning_rate
@@ -70,9 +70,8 @@ def train_full_mode(
         logging_nan_inf_filter=False,
         report_to="none",
     )
-    similarity, temperature = settings.similarity, settings.temperature
     contrastive = QrelAwareInfoNCE(
-        similarity, temperature, prepared.relevant, len(prepared.docs), settings.symmetric_loss
+        settings.similarity, settings.temperature, prepared.relevant, len(prepared.docs), settings.symmetric_loss
     )
     loss = MoEContrastiveLoss(model, contrastive, prepared.rows, settings.aux_loss_weight, settings.z_loss_weight)
     selection = DevSelection(model, prepared, args) if prepared.dev_queries else None
@@ -123,7 +122,9 @@ class DevSelection(TrainerCallback):
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            score = dev_ndcg_full(self.model, self.prepared, self.args.data.dev_weighting)
+            score = dev_ndcg_full(self.model, self.prepared, weighting=self.args.data.dev_weighting)["metrics"][
+                "nDCG@10"
+            ]
         self.model.train(was_training)
         self.scores[step] = score
         candidate = step == 0 or step / max(max_steps, 1) >= self.opens_at

@@ -32,23 +32,6 @@ LOOP_SETTINGS = (
 )
 
 
-def embed(head: SBMoEHead | None, x: Tensor, task: str, normalize: bool = True, batch_size: int = 4096) -> Tensor:
-    """Apply ``head`` (eval mode, no gradient) to pooled vectors ``x`` of ``task`` (``query``/``document``).
-
-    With no head: ``x``, L2-normalised when ``normalize``.
-    """
-    if head is None:
-        return torch.nn.functional.normalize(x, dim=-1) if normalize else x
-    was_training = head.training
-    head.eval()
-    with torch.no_grad():
-        out = torch.cat(
-            [head({"sentence_embedding": b, "task": task})["sentence_embedding"] for b in x.split(batch_size)]
-        )
-    head.train(was_training)
-    return out
-
-
 def train_head(
     head: SBMoEHead,
     anchors: Tensor,

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 
 from sbmoe.heads import SBMoEHead
 from sbmoe.heads.moe_block import MoEBlock
-from sbmoe.heads.stacked import StackedMoEHead
 
 SIMILARITIES = {"cos": cos_sim, "dot": dot_score}
 
@@ -33,11 +32,7 @@ def check_finite(loss: Tensor, where: str) -> None:
 def routed_modules(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` that set ``aux_loss`` / ``z_loss`` on each forward: MoE blocks (in the encoder or a
     stacked head) and SB-MoE heads (a stacked head only averages its blocks', so it is not counted twice)."""
-    return [
-        m
-        for m in model.modules()
-        if isinstance(m, MoEBlock) or (isinstance(m, SBMoEHead) and not isinstance(m, StackedMoEHead))
-    ]
+    return [m for m in model.modules() if isinstance(m, MoEBlock | SBMoEHead)]
 
 
 def domain_experts(num_experts: int, num_domains: int) -> Tensor:

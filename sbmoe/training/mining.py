@@ -64,12 +64,10 @@ def mine_negatives(
         positives: Per anchor, the rows of every document judged relevant to it.
         settings: Range, margins, count and sampling.
     """
-    from sbmoe.retrieval.index import DenseIndex
+    from sbmoe.retrieval.rescore import exact_top_k
 
-    depth = min(doc_emb.shape[0], settings.negatives_depth + max((len(p) for p in positives), default=0))
-    index = DenseIndex(doc_emb.shape[1], "flat")
-    index.add(doc_emb.numpy().astype(np.float32))
-    scores, rows = index.search(query_emb.numpy().astype(np.float32), depth)
+    depth = settings.negatives_depth + max((len(p) for p in positives), default=0)
+    scores, rows = exact_top_k(query_emb.numpy(), doc_emb.numpy(), depth)
     rng = np.random.default_rng(0)  # fixed, not the run's seed: every run shares the draw
     mined = np.zeros((len(positives), settings.hard_negatives), dtype=np.int64)
     for i, pos in enumerate(positives):

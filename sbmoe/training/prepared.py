@@ -17,11 +17,9 @@ import torch
 from sbmoe.data.splits import dev_split
 from sbmoe.data.trainset import Example, TrainSet, cropped_span
 from sbmoe.evaluation.evaluate import evaluate_embeddings
-from sbmoe.heads import SBMoEHead
 from sbmoe.model import SBMoEModel
-from sbmoe.retrieval.encode import pooled_features
+from sbmoe.retrieval.encoder import Encoder, pooled_model
 from sbmoe.training.arguments import FinetuneArguments
-from sbmoe.training.head_trainer import embed
 from sbmoe.training.mining import cached_negatives
 
 logger = logging.getLogger(__name__)
@@ -127,14 +125,15 @@ def prepare_source(model: SBMoEModel, args: FinetuneArguments, name: str, data: 
     doc_texts = [data.docs[d] for d in doc_ids]
     counts = f"{len(doc_texts):,} documents and {len(anchor_texts):,} queries"
     logger.info("%s: backbone vectors of %s (encoded once, then reused from the cache)", name, counts)
-    anchors = pooled_features(model, anchor_texts, "queries", args.data.cache_dir)
-    docs = pooled_features(model, doc_texts, "corpus", args.data.cache_dir)
-    rows, relevant = _rows(args, examples, doc_row, anchors, docs, data.qrels)
+    encoder = Encoder(model, args.data.cache_dir)
+    anchors, docs = encoder.pooled(anchor_texts, "queries"), encoder.pooled(doc_texts, "corpus")
+    backbone = Encoder(pooled_model(model, normalize=args.training.similarity == "cos"))
+    rows, relevant = _rows(args, examples, doc_row, backbone, anchors, docs, data.qrels)
     source = Source(name, range(len(anchor_texts)), range(len(doc_ids)), len(rows), dev_split=split_summary)
     if dev_qrels:
         source.dev_ids = sorted(dev_qrels)
         source.dev_texts = [data.queries[q] for q in source.dev_ids]
-        source.dev_vectors = pooled_features(model, source.dev_texts, "queries", args.data.cache_dir)
+        source.dev_vectors = encoder.pooled(source.dev_texts, "queries")
         source.dev_qrels = dev_qrels
     sources = torch.zeros(len(rows), dtype=torch.long)
     return PreparedData(anchors, docs, doc_ids, rows, sources, anchor_texts, doc_texts, [source], relevant)
@@ -144,13 +143,14 @@ def _rows(
     args: FinetuneArguments,
     examples: list[tuple[int, Example]],
     doc_row: dict[str, int],
+    backbone: Encoder,
     anchors: torch.Tensor,
     docs: torch.Tensor,
     qrels: dict[str, dict[str, int]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[anchor, positive, negatives...]`` rows (given negatives first, then ones mined with the backbone alone,
-    never a document judged relevant to the anchor) and the ``(anchor, doc)`` pairs judged relevant."""
-    cos = args.training.similarity == "cos"
+    never a document judged relevant to the anchor) and the ``(anchor, doc)`` pairs judged relevant; ``backbone``
+    is the backbone alone, which the negatives are mined with."""
     positives: dict[int, set[int]] = {}
     for row, example in examples:
         judged = [doc_row[d] for d in qrels.get(example.query, {}) if d in doc_row]
@@ -158,7 +158,8 @@ def _rows(
     mined = np.zeros((len(anchors), 0), dtype=np.int64)
     if args.mining.hard_negatives:
         wanted = [positives.get(i, set()) for i in range(len(anchors))]
-        query_emb, doc_emb = embed(None, anchors, "query", cos), embed(None, docs, "document", cos)
+        query_emb = torch.from_numpy(backbone.tail(anchors, "query").vectors)
+        doc_emb = torch.from_numpy(backbone.tail(docs, "document").vectors)
         mined = cached_negatives(query_emb, doc_emb, wanted, args.mining)
     rows = []
     for row, example in examples:
@@ -172,36 +173,45 @@ def _rows(
     return torch.tensor([r[:width] for r in rows]), relevant.reshape(-1, 2)
 
 
-Encoder = Callable[["Source"], tuple[np.ndarray, np.ndarray]]
+SourceEncoder = Callable[["Source"], tuple[np.ndarray, np.ndarray]]
 
 
-def dev_score(prepared: PreparedData, encode: Encoder, weighting: str = "equal") -> float:
-    """nDCG@10 of each source's dev queries against its own corpus, as the mean over sources (``equal``) or over
-    all dev queries (``queries``); ``encode(source)`` gives the source's dev query and document embeddings."""
-    scores, sizes = [], []
+def dev_score(prepared: PreparedData, *, encode: SourceEncoder, weighting: str = "equal") -> dict[str, Any]:
+    """nDCG@10 of each source's dev queries against its own corpus; ``encode(source)`` gives the source's dev query
+    and document embeddings.
+
+    Returns:
+        ``{"metrics": {"nDCG@10": mean over sources (``equal``) or over all dev queries (``queries``)},
+        "num_queries", "sources": {name: {"metrics", "per_query", "num_queries", "num_docs"}}}`` (each source's
+        part as :func:`~sbmoe.evaluation.evaluate.evaluate_embeddings` gives it).
+    """
+    scores, sizes, sources = [], [], {}
     for source in prepared.sources:
         if not source.dev_ids:
             continue
         queries, docs = encode(source)
         doc_ids = prepared.doc_ids[source.docs.start : source.docs.stop]
-        qrels = source.dev_qrels
-        result = evaluate_embeddings(queries, docs, source.dev_ids, doc_ids, qrels, top_k=100, metrics=("nDCG@10",))
+        result = evaluate_embeddings(
+            queries, docs, source.dev_ids, doc_ids, source.dev_qrels, top_k=100, metrics=("nDCG@10",)
+        )
+        sources[source.name] = {key: result[key] for key in ("metrics", "per_query", "num_queries", "num_docs")}
         scores.append(result["metrics"]["nDCG@10"])
         sizes.append(len(source.dev_ids))
-    return float(np.average(scores, weights=sizes if weighting == "queries" else None))
+    mean = float(np.average(scores, weights=sizes if weighting == "queries" else None))
+    return {"metrics": {"nDCG@10": mean}, "num_queries": sum(sizes), "sources": sources}
 
 
-def dev_ndcg(head: SBMoEHead | None, prepared: PreparedData, cos: bool = True, weighting: str = "equal") -> float:
-    """:func:`dev_score` of ``head`` on the cached backbone vectors (no head: the backbone itself)."""
+def dev_ndcg(encoder: Encoder, prepared: PreparedData, *, weighting: str = "equal") -> dict[str, Any]:
+    """:func:`dev_score` of ``encoder``'s model on the cached backbone vectors (its tail run on them)."""
 
     def encode(source: Source) -> tuple[np.ndarray, np.ndarray]:
         docs = prepared.docs[source.docs.start : source.docs.stop]
-        return embed(head, source.dev_vectors, "query", cos).numpy(), embed(head, docs, "document", cos).numpy()
+        return encoder.tail(source.dev_vectors, "query").vectors, encoder.tail(docs, "document").vectors
 
-    return dev_score(prepared, encode, weighting)
+    return dev_score(prepared, encode=encode, weighting=weighting)
 
 
-def dev_ndcg_full(model: SBMoEModel, prepared: PreparedData, weighting: str = "equal") -> float:
+def dev_ndcg_full(model: SBMoEModel, prepared: PreparedData, *, weighting: str = "equal") -> dict[str, Any]:
     """:func:`dev_score` of the whole model as it is now (full fine-tuning: every text is encoded anew)."""
 
     def encode(source: Source) -> tuple[np.ndarray, np.ndarray]:
@@ -209,15 +219,14 @@ def dev_ndcg_full(model: SBMoEModel, prepared: PreparedData, weighting: str = "e
         queries = model.encode_query(source.dev_texts, batch_size=64, convert_to_numpy=True)
         return queries, model.encode_document(texts, batch_size=64, convert_to_numpy=True)
 
-    return dev_score(prepared, encode, weighting)
+    return dev_score(prepared, encode=encode, weighting=weighting)
 
 
 def reencode(model: SBMoEModel, prepared: PreparedData, cache_dir: str | None) -> None:
     """After full fine-tuning moved the backbone: encode the documents and dev queries again, per source."""
-    prepared.docs = torch.cat(
-        [pooled_features(model, prepared.doc_texts[s.docs.start : s.docs.stop], "corpus", cache_dir)
-         for s in prepared.sources]
-    )  # fmt: skip
+    encoder = Encoder(model, cache_dir)
+    parts = [encoder.pooled(prepared.doc_texts[s.docs.start : s.docs.stop], "corpus") for s in prepared.sources]
+    prepared.docs = torch.cat(parts)
     for source in prepared.sources:
         if source.dev_ids:
-            source.dev_vectors = pooled_features(model, source.dev_texts, "queries", cache_dir)
+            source.dev_vectors = encoder.pooled(source.dev_texts, "queries")
