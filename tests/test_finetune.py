@@ -290,7 +290,7 @@ def test_each_eval_set_is_loaded_once_per_run(
     monkeypatch.setattr(evaluation_pass, "load_dataset", counted)
     args = make_args(tiny_bert, toy_beir, tmp_path, epochs=2, dev_queries=4)
     record = run(args)
-    assert loads == [args.eval_data]
-    result = record["eval"][args.eval_data]
-    assert set(result["per_query"]) == set(result["metrics"]) and record["zero_shot"][args.eval_data]["per_query"]
+    assert loads == [args.data.eval_data]
+    result = record["eval"][args.data.eval_data]
+    assert set(result["per_query"]) == set(result["metrics"]) and record["zero_shot"][args.data.eval_data]["per_query"]
     assert result["num_queries"] == len(result["per_query"]["nDCG@10"]) == 8
