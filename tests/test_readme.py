@@ -99,7 +99,7 @@ def test_every_evaluate_finetune_and_quantize_example_parses() -> None:
 
 
 def test_moe_layers_example_builds_what_it_says() -> None:
-    code = block("python", "MoELayersConfig as MoE")
+    code = block("python", "moe=sbmoe.MoELayersConfig")
     names: dict = {}
     exec(compile("import sbmoe\n" + code, str(README), "exec"), names)
     model = names["model"]
