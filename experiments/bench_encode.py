@@ -23,6 +23,7 @@ import torch
 import sbmoe
 from sbmoe.data import load_dataset
 from sbmoe.files import write_atomic
+from sbmoe.heads import HeadConfig
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -61,8 +62,8 @@ def main() -> None:
     args = parser.parse_args()
 
     texts = first_documents(args.docs, args.data_dir)
-    plain = sbmoe.build_model("minilm", head=False).eval()
-    headed = sbmoe.build_model("minilm", num_experts=6).eval()
+    plain = sbmoe.build_model("minilm").eval()
+    headed = sbmoe.build_model("minilm", HeadConfig(num_experts=6)).eval()
     encode = {
         "plain": lambda: plain.encode(texts, batch_size=args.batch_size),
         "head": lambda: headed.encode(texts, batch_size=args.batch_size),
@@ -75,7 +76,7 @@ def main() -> None:
         rounds.append({**seconds, "ratio": seconds["head"] / seconds["plain"]})
         print(f"round {r}: plain {seconds['plain']:.1f}s head {seconds['head']:.1f}s ratio {rounds[-1]['ratio']:.3f}")
 
-    pooled_model = sbmoe.build_model("minilm", head=False, normalize=False).eval()
+    pooled_model = sbmoe.build_model("minilm", normalize=False).eval()
     pooled = torch.as_tensor(pooled_model.encode(texts, batch_size=args.batch_size))
     head_seconds = head_alone_seconds(headed.head, pooled, args.batch_size, repeats=20)
     head_median = statistics.median(head_seconds)

@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     texts = [doc.full_text for doc in islice(load_dataset("scifact").iter_docs(), args.docs)]
     chunks = [texts[i : i + CHUNK] for i in range(0, len(texts), CHUNK)]
-    model = build_model("minilm", head=False).eval()
+    model = build_model("minilm").eval()
     model.encode_document(texts[:64], batch_size=args.batch_size)  # warm-up
     pairs, identical = [], True
     for r in range(args.rounds):

@@ -179,7 +179,7 @@ def main() -> None:
     args = parser.parse_args()
     load_before = os.getloadavg()
     faiss.omp_set_num_threads(args.threads)
-    model = build_model("minilm", head=False)
+    model = build_model("minilm")
     test, train = load_dataset("scifact"), load_dataset("scifact", split="train")
     encoder = Encoder(model)
     docs = encoder.encode(test, "corpus").vectors

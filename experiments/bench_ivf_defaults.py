@@ -2,7 +2,7 @@
 
     .venv/bin/python experiments/bench_ivf_defaults.py   # writes experiments/results/ivf_defaults.json
 
-Real rows: all-MiniLM-L6-v2 (``build_model("minilm", head=False)``) evaluated through ``evaluate_model`` on SciFact
+Real rows: all-MiniLM-L6-v2 (``build_model("minilm")``) evaluated through ``evaluate_model`` on SciFact
 (5,183 documents, 300 test queries) and on a slice of it (the first 40 test queries, their relevant documents and
 others up to 300, as ``tests/conftest.py`` builds it): flat, IVF with the old defaults (nlist = min(4 sqrt(n), n / 39),
 nprobe = nlist / 8), and IVF with the current defaults (below 16,384 vectors: exact search, recorded as
@@ -123,7 +123,7 @@ def overlap(found: np.ndarray, truth: np.ndarray, k: int) -> float:
 def main() -> None:
     """Evaluate the real cases, measure the synthetic ones, write the JSON report."""
     faiss.omp_set_num_threads(1)
-    model = build_model("minilm", head=False)
+    model = build_model("minilm")
     scifact = load_dataset("scifact")
     real = real_rows(model, scifact) + real_rows(model, slice_of(scifact, 40, 300))
     encoder = Encoder(model, show_progress=False)

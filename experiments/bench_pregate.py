@@ -41,6 +41,7 @@ import torch  # noqa: E402
 
 from sbmoe.data import load_dataset  # noqa: E402
 from sbmoe.files import write_atomic  # noqa: E402
+from sbmoe.heads import MoELayersConfig  # noqa: E402
 from sbmoe.model import build_model  # noqa: E402
 from sbmoe.quant.residency import ExpertResidency  # noqa: E402
 
@@ -58,8 +59,8 @@ def documents(count: int) -> list[str]:
 def model_in_mode(experts: int, mode: str, cli: argparse.Namespace) -> tuple[Any, ExpertResidency | None]:
     """MiniLM-L6, every layer upcycled (top-2, pre-gated), its experts resident or under an ExpertResidency."""
     torch.manual_seed(0)
-    options = {"moe_layers": "all", "num_experts": experts, "top_k": 2, "pregate": True}
-    model = build_model(**options, max_seq_length=128, device=cli.device).eval()
+    moe = MoELayersConfig("all", num_experts=experts, top_k=2, pregate=True)
+    model = build_model(moe=moe, max_seq_length=128, device=cli.device).eval()
     if mode == "resident":
         return model, None
     residency = ExpertResidency(model, mode, "packed", cli.bits, cli.group_size, lookahead=cli.lookahead)

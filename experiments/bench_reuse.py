@@ -23,6 +23,7 @@ import torch  # noqa: E402
 
 from sbmoe.evaluation import evaluate_model  # noqa: E402
 from sbmoe.files import write_atomic  # noqa: E402
+from sbmoe.heads import HeadConfig  # noqa: E402
 from sbmoe.model import build_model  # noqa: E402
 
 OUTPUT = REPO / "experiments" / "results" / "bench_reuse.json"
@@ -35,9 +36,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     models = {
-        "plain MiniLM": build_model("minilm", head=False),
-        "MiniLM + SB-MoE head, 6 experts (random init)": build_model("minilm", num_experts=6),
-        "MiniLM + SB-MoE head, 3 experts top-1 (random init)": build_model("minilm", num_experts=3, inference="top1"),
+        "plain MiniLM": build_model("minilm"),
+        "MiniLM + SB-MoE head, 6 experts (random init)": build_model("minilm", HeadConfig(num_experts=6)),
+        "MiniLM + SB-MoE head, 3 experts top-1 (random init)": build_model(
+            "minilm", HeadConfig(num_experts=3, inference="top1")
+        ),
     }
     rows = []
     for name, model in models.items():

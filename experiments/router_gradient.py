@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sbmoe.files import write_atomic
+from sbmoe.heads import HeadConfig
 from sbmoe.heads.sbmoe_head import SBMoEHead
 
 OUTPUT = Path(__file__).parent / "results" / "router_gradient.json"
@@ -22,7 +23,7 @@ OUTPUT = Path(__file__).parent / "results" / "router_gradient.json"
 def router_grad_norm(routing: str, dim: int = 384, seed: int = 0) -> float:
     """Norm of the router's gradient for a random linear loss on a random batch, in training mode."""
     torch.manual_seed(seed)
-    head = SBMoEHead(dim, num_experts=6, routing=routing).double().train()
+    head = SBMoEHead(dim, HeadConfig(num_experts=6, routing=routing)).double().train()
     x = torch.randn(64, dim, dtype=torch.float64)
     (head({"sentence_embedding": x})["sentence_embedding"] * torch.randn_like(x)).sum().backward()
     return sum(p.grad.norm().item() ** 2 for p in head.router.parameters() if p.grad is not None) ** 0.5

@@ -9,6 +9,8 @@ _LAZY = {
     "HUB_IDS": "sbmoe.backbones",
     "BackboneUnavailableError": "sbmoe.backbones",
     "resolve_backbone": "sbmoe.backbones",
+    "HeadConfig": "sbmoe.heads",
+    "MoELayersConfig": "sbmoe.heads",
     "SBMoEHead": "sbmoe.heads",
     "load_balancing_loss": "sbmoe.heads",
     "StackedMoEHead": "sbmoe.heads.stacked",

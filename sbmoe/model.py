@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import pickle
 from collections.abc import Mapping, Sequence
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,15 @@ from sbmoe.data.dataset import beir_text
 from sbmoe.errors import ModelLoadError
 from sbmoe.heads import SBMoEHead
 from sbmoe.heads.base import PooledHead
-from sbmoe.heads.stacked import StackedMoEHead
-from sbmoe.heads.upcycle import MoELayers, MoETransformer, expert_plan
+from sbmoe.heads.build import build_head
+from sbmoe.heads.config import HeadConfig, MoELayersConfig
+from sbmoe.heads.upcycle import MoETransformer, expert_plan
 from sbmoe.model_folder import DEFAULT_ROUTE, TaskRouter, routed_module, with_sbmoe_section
 from sbmoe.quiet import quiet_loading
 
 Document = Mapping[str, str]
 PLAIN_SUFFIX = "-plain"
 LEGACY_HEAD_REF = "sbmoe.head.SBMoEHead"  # models saved before the heads/ package
-HEAD_ARGS = ("num_experts", "routing", "top_k", "inference")  # build_model's own head arguments
-HEAD_OPTIONS = tuple(k for k in SBMoEHead.config_keys if k not in ("in_features", "normalize_output", *HEAD_ARGS))
 
 
 class OwnModuleClasses(dict):
@@ -140,82 +138,50 @@ def find_head(model: torch.nn.Module) -> PooledHead | None:
 
 def build_model(
     backbone: str = OFFLINE_DEFAULT,
-    num_experts: int | None = None,
-    routing: str | None = None,
-    top_k: int | None = None,
-    inference: str | None = None,
-    head: bool | None = None,
+    head: HeadConfig | None = None,
+    moe: MoELayersConfig | None = None,
     normalize: bool = True,
     max_seq_length: int = 256,
     device: str | None = None,
-    moe_layers: MoELayers | None = None,
-    init: str = "copies",
-    reuse_group: int = 1,
-    psr: str = "none",
-    pregate: bool = False,
-    head_layers: int = 0,
-    **head_options: Any,
 ) -> SBMoEModel:
-    """Build backbone -> mean pooling -> SB-MoE head (or a stacked MoE head, or MoE layers inside the backbone).
+    """Build backbone -> mean pooling -> the head ``head`` describes (SB-MoE, dense or stacked), optionally with the
+    MoE layers ``moe`` inside the backbone.
 
     Args:
         backbone: ``minilm`` (offline default), ``minilm-l3`` / ``minilm-l2`` (its first 3 / 2 layers, offline
             stand-ins for TinyBERT), ``tinybert``, ``bert-small``, ``bert-base``, ``contriever``,
             ``contriever-msmarco``, any Hub id, or a local folder (a plain HF encoder or a SentenceTransformer).
-        num_experts: Experts in the head (default 6), or per MoE layer with ``moe_layers`` (default 8).
-        routing: ``learned`` (default) or ``faithful`` (the paper, whose router gets no gradient).
-        top_k: Experts per input while training in ``learned`` mode (default 2), or per token with ``moe_layers``.
-        inference: ``soft`` (default), ``top1`` or ``topk`` routing at inference.
-        head: False gives no head (the plain backbone, the baseline; it takes no head argument). Default: a head,
-            unless ``moe_layers`` is given.
+        head: The head after pooling; None (or ``head="none"``) gives none (the plain backbone, the baseline).
+        moe: Upcycle backbone layers' feed-forward blocks into MoE layers (see
+            :func:`sbmoe.heads.upcycle.upcycle_encoder`).
         normalize: L2-normalise the output embedding (cosine similarity).
         max_seq_length: Token limit of the backbone (lowered to its position limit when that is smaller).
         device: torch device; None picks CUDA when available.
-        moe_layers: Upcycle these backbone layers' feed-forward blocks into MoE layers: ``"all"``, ``"every-2"``
-            or indices (see :func:`sbmoe.heads.upcycle.upcycle_encoder`).
-        init: ``copies`` or ``fine`` (fine-grained slices) upcycling of the MoE layers.
-        reuse_group: ReXMoE group size r of the MoE layers or of the stacked head's layers.
-        psr: Progressive scaling routing while training: ``none``, ``linear`` or ``step``.
-        pregate: Pre-gated routing (each MoE layer's experts chosen from the previous MoE layer's input).
-        head_layers: L > 0 puts a stack of L MoE layers after pooling (:class:`~sbmoe.heads.stacked.StackedMoEHead`).
-        **head_options: Further :class:`SBMoEHead` options (``expert_hidden``, ``noise``, ``residual``,
-            ``identity_init``, ``query_only``, ``strength``, ``expert_dropout``).
 
     Raises:
-        TypeError: a keyword that is no head option.
-        ValueError: head arguments with ``head=False`` (they would be ignored); both ``moe_layers`` and
-            ``head_layers``; a backbone without a BERT-style feed-forward block with ``moe_layers``.
+        ValueError: both ``moe`` and a stacked head; the stacked head's ``reuse_group`` / ``psr`` / ``pregate``
+            without ``head_layers`` or ``moe``; a backbone without a BERT-style feed-forward block with ``moe``.
         BackboneUnavailableError: a backbone that cannot be loaded (see :func:`sbmoe.backbones.resolve_backbone`).
     """
-    moe = None
-    if moe_layers is not None:
-        if head_layers:
-            raise ValueError("build_model() takes moe_layers (MoE inside the backbone) or head_layers, not both")
-        moe = {"moe_layers": moe_layers, "num_experts": num_experts or 8, "top_k": top_k or 2, "init": init}
-        moe.update(reuse_group=reuse_group, psr=psr, pregate=pregate)
-        num_experts = top_k = None
-    elif (reuse_group, psr, pregate) != (1, "none", False) and not head_layers:
-        raise ValueError("reuse_group, psr and pregate need moe_layers or head_layers")
-    head = head if head is not None else moe is None
-    arguments = {"num_experts": num_experts, "routing": routing, "top_k": top_k, "inference": inference}
-    head_args = _head_args({**arguments, **head_options}, head)
+    if head is not None and moe is not None and head.head_layers:
+        raise ValueError("build_model() takes moe (MoE inside the backbone) or a stacked head, not both")
+    if head is not None and head.stack_options and not head.head_layers and moe is None:
+        raise ValueError("reuse_group, psr and pregate need moe or a stacked head (head_layers)")
     transformer = _transformer(backbone, max_seq_length, moe)
     dim = transformer.get_embedding_dimension()
     modules: list[torch.nn.Module] = [transformer, Pooling(dim, pooling_mode="mean")]
-    if head and head_layers:
-        stack = {"reuse_group": reuse_group, "psr": psr, "pregate": pregate}
-        modules.append(StackedMoEHead(dim, head_layers, normalize_output=normalize, **stack, **head_args))
-    elif head:
-        modules.append(SBMoEHead(dim, normalize_output=normalize, **head_args))
+    module = build_head(dim, head, normalize) if head is not None else None
+    if module is not None:
+        modules.append(module)
     elif normalize:
         modules.append(Normalize())
     model = SBMoEModel(modules=modules, device=device, similarity_fn_name="cosine" if normalize else "dot")
     return _cap_length(model)
 
 
-def _transformer(backbone: str, max_seq_length: int, moe: dict[str, Any] | None) -> Transformer:
+def _transformer(backbone: str, max_seq_length: int, moe: MoELayersConfig | None) -> Transformer:
     """The backbone's Transformer module (its first layers only for ``minilm-l3`` / ``minilm-l2``), upcycled into an
-    :class:`~sbmoe.heads.upcycle.MoETransformer` when ``moe`` holds MoE-layer settings."""
+    :class:`~sbmoe.heads.upcycle.MoETransformer` when ``moe`` is given."""
     layers = backbone_layers(backbone)
     with quiet_loading():
         if moe is None:
@@ -237,27 +203,6 @@ def keep_first_layers(transformer: Transformer, layers: int) -> None:
     encoder = transformer.auto_model.encoder
     encoder.layer = encoder.layer[:layers]
     transformer.auto_model.config.num_hidden_layers = layers
-
-
-def _head_args(arguments: dict[str, Any], head: bool) -> dict[str, Any]:
-    """The head arguments given (not None); TypeError for a keyword that is no head option, ValueError for any
-    head argument without a head."""
-    options = (*HEAD_ARGS, *HEAD_OPTIONS)
-    unknown = [k for k in arguments if k not in options]
-    if unknown:
-        named = ", ".join(_with_closest(k, options) for k in unknown)
-        raise TypeError(f"build_model() got unexpected keyword arguments: {named}; head options: {', '.join(options)}")
-    given = {k: v for k, v in arguments.items() if v is not None}
-    if given and not head:
-        listed = ", ".join(f"{k}={v!r}" for k, v in given.items())
-        raise ValueError(f"build_model(head=False) builds no head, but head arguments were given: {listed}")
-    return given
-
-
-def _with_closest(name: str, options: Sequence[str]) -> str:
-    """``'name'``, followed by ``(did you mean 'option'?)`` when an option is close."""
-    close = get_close_matches(name, options, n=1)
-    return f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 def load_model(path: str, device: str | None = None) -> SBMoEModel:
@@ -298,10 +243,10 @@ def load_any_model(spec: str, device: str | None = None) -> SentenceTransformer:
     """
     name = spec.removesuffix(PLAIN_SUFFIX)
     if name in KNOWN_NAMES:
-        return build_model(name, head=False, device=device)
+        return build_model(name, device=device)
     where = locate(spec)
     if Path(where).is_dir() and not (Path(where) / "modules.json").is_file():
-        return build_model(where, head=False, device=device)
+        return build_model(where, device=device)
     return _cap_length(load_model(where, device=device))
 
 

@@ -34,7 +34,7 @@ def encode_together(model_dir: str, cache: str, barrier: Any, out: Path) -> None
         publish(tmp, folder)
 
     cache_module._publish = publish_together
-    model = build_model(model_dir, head=False, max_seq_length=64)
+    model = build_model(model_dir, max_seq_length=64)
     vectors, meta = cache_module.cached_embeddings(model, TEXTS, "queries", cache, show_progress=False)
     np.save(out.with_suffix(".npy"), np.array(vectors))
     out.with_suffix(".json").write_text(json.dumps({**meta, "inode": os.stat(vectors.filename).st_ino}))

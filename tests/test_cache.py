@@ -20,7 +20,7 @@ TEXTS = ["the cell protein", "a gene study", "blood risk increase", "dense vecto
 
 
 def test_hit_miss_and_keys(tiny_bert: str, tmp_path: Path) -> None:
-    model = build_model(tiny_bert, head=False, max_seq_length=64)
+    model = build_model(tiny_bert, max_seq_length=64)
     first, meta = cached_embeddings(model, TEXTS, "queries", tmp_path, show_progress=False)
     again, meta2 = cached_embeddings(model, TEXTS, "queries", tmp_path, show_progress=False)
     assert (meta["cached"], meta2["cached"], meta["count"], meta["dim"]) == (False, True, 5, 32)
@@ -37,7 +37,7 @@ def test_hit_miss_and_keys(tiny_bert: str, tmp_path: Path) -> None:
 
 
 def test_damaged_entry_is_encoded_again(tiny_bert: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    model = build_model(tiny_bert, head=False, max_seq_length=64)
+    model = build_model(tiny_bert, max_seq_length=64)
     good = np.array(cached_embeddings(model, TEXTS, "queries", tmp_path, show_progress=False)[0])
     (entry,) = [p for p in tmp_path.iterdir() if p.name != "texts"]
     data = (entry / "embeddings.npy").read_bytes()
@@ -82,7 +82,7 @@ def encoded_inputs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_a_corpus_with_one_changed_document_encodes_that_document_only(
     tiny_bert: str, tmp_path: Path, encoded_inputs: list[str]
 ) -> None:
-    model = build_model(tiny_bert, head=False, max_seq_length=64)
+    model = build_model(tiny_bert, max_seq_length=64)
     first, _ = cached_embeddings(model, TEXTS, "corpus", tmp_path, show_progress=False)
     changed = [*TEXTS[:2], "a changed cancer drug study", *TEXTS[3:]]
     encoded_inputs.clear()
@@ -95,7 +95,7 @@ def test_a_corpus_with_one_changed_document_encodes_that_document_only(
 def test_an_interrupted_encoding_resumes_after_its_finished_chunks(
     tiny_bert: str, tmp_path: Path, encoded_inputs: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = build_model(tiny_bert, head=False, max_seq_length=64)
+    model = build_model(tiny_bert, max_seq_length=64)
     monkeypatch.setattr(cache_module, "CHUNK", 2)
     real_put = cache_module.TextVectors.put
     calls = []
@@ -117,7 +117,7 @@ def test_an_interrupted_encoding_resumes_after_its_finished_chunks(
 
 
 def test_a_damaged_vector_row_is_encoded_again(tiny_bert: str, tmp_path: Path, encoded_inputs: list[str]) -> None:
-    model = build_model(tiny_bert, head=False, max_seq_length=64)
+    model = build_model(tiny_bert, max_seq_length=64)
     good, _ = cached_embeddings(model, TEXTS, "corpus", tmp_path, show_progress=False)
     for entry in tmp_path.iterdir():
         if entry.name != "texts":
@@ -134,14 +134,14 @@ def test_a_damaged_vector_row_is_encoded_again(tiny_bert: str, tmp_path: Path, e
 def test_an_edited_tokenizer_gives_a_new_fingerprint_and_cache_entry(tiny_bert: str, tmp_path: Path) -> None:
     folder = tmp_path / "bert"
     shutil.copytree(tiny_bert, folder)
-    model = build_model(str(folder), head=False, max_seq_length=64)
+    model = build_model(str(folder), max_seq_length=64)
     before = model_fingerprint(model)
-    assert model_fingerprint(build_model(str(folder), head=False, max_seq_length=64)) == before
+    assert model_fingerprint(build_model(str(folder), max_seq_length=64)) == before
     cached_embeddings(model, TEXTS, "corpus", tmp_path / "cache", show_progress=False)
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     vocab = tokenizer["model"]["vocab"]
     vocab["cell"], vocab["cells"] = vocab["cells"], vocab["cell"]  # the same weights, other token ids
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
-    edited = build_model(str(folder), head=False, max_seq_length=64)
+    edited = build_model(str(folder), max_seq_length=64)
     assert model_fingerprint(edited) != before
     assert not cached_embeddings(edited, TEXTS, "corpus", tmp_path / "cache", show_progress=False)[1]["cached"]

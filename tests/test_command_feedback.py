@@ -54,7 +54,7 @@ def test_finetune_help_has_dashed_flags_defaults_and_examples(capsys: pytest.Cap
     assert text.startswith("usage: sbmoe finetune ")
     assert "train an SB-MoE (or dense, or no) head" in text and "examples:\n  sbmoe finetune --train-data" in text
     flags = re.findall(r"^  (--[a-z0-9_-]+)", text, flags=re.MULTILINE)
-    assert len(flags) == len(FinetuneArguments.__dataclass_fields__) and not [f for f in flags if "_" in f]
+    assert len(flags) == len(FinetuneArguments().flat()) and not [f for f in flags if "_" in f]
     options = text.split("options:")[1].split("examples:")[0]
     entries = re.split(r"\n  (?=-)", options)[2:]  # after -h
     assert all("default" in " ".join(entry.split()) for entry in entries), [e for e in entries if "default" not in e]
@@ -64,7 +64,12 @@ def test_finetune_help_has_dashed_flags_defaults_and_examples(capsys: pytest.Cap
 
 def test_finetune_flags_parse_with_dashes_and_negated_booleans() -> None:
     args = finetune.parse_args(["--train-data", "x:train", "--no-noise", "--query-only", "--threads", "3"])
-    assert (args.train_data, args.noise, args.query_only, args.threads) == ("x:train", False, True, 3)
+    assert (args.data.train_data, args.head.noise, args.head.query_only, args.training.threads) == (
+        "x:train",
+        False,
+        True,
+        3,
+    )
 
 
 def test_every_study_row_file_reruns_its_row() -> None:
@@ -75,8 +80,8 @@ def test_every_study_row_file_reruns_its_row() -> None:
         args = finetune.parse_args([str(path)])
         name = next(n for n in rows if re.sub(r"[^a-z0-9]+", "-", n.lower()).strip("-") == path.stem)
         study = {k: v for k, v in rows[name]["arguments"].items() if k not in ("output_dir", "save_model", "seed")}
-        assert {k: getattr(args, k) for k in study} == study
-        assert (args.seed, args.threads) == (0, 1)
+        assert {k: args.flat()[k] for k in study} == study
+        assert (args.training.seed, args.training.threads) == (0, 1)
 
 
 def test_finetune_config_with_an_unknown_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -39,25 +38,27 @@ def setup(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> tuple[
 
 
 def arguments(bert: Path, beir: Path, out: Path) -> FinetuneArguments:
-    return FinetuneArguments(
-        backbone=str(bert),
-        train="full",
-        train_data=f"{beir}:test",
-        eval_data=f"{beir}:test",
-        output_dir=str(out),
-        cache_dir=str(out.parent / "cache"),
-        num_experts=2,
-        noise=False,
-        hard_negatives=1,
-        max_positives_per_query=1,
-        batch_size=4,
-        max_steps=3,
-        learning_rate=1e-2,
-        backbone_learning_rate=1e-3,
-        max_seq_length=32,
-        logging_steps=1,
-        save_steps=1000,
-        threads=1,
+    return FinetuneArguments.from_flat(
+        dict(
+            backbone=str(bert),
+            train="full",
+            train_data=f"{beir}:test",
+            eval_data=f"{beir}:test",
+            output_dir=str(out),
+            cache_dir=str(out.parent / "cache"),
+            num_experts=2,
+            noise=False,
+            hard_negatives=1,
+            max_positives_per_query=1,
+            batch_size=4,
+            max_steps=3,
+            learning_rate=1e-2,
+            backbone_learning_rate=1e-3,
+            max_seq_length=32,
+            logging_steps=1,
+            save_steps=1000,
+            threads=1,
+        )
     )
 
 
@@ -67,7 +68,7 @@ def test_two_processes_train_one_model_like_one_process_accumulating_two_batches
     bert, beir = setup
     args = arguments(bert, beir, tmp_path / "ddp")
     config = tmp_path / "args.json"
-    config.write_text(json.dumps(asdict(args)))
+    config.write_text(json.dumps(args.flat()))
     command = [
         sys.executable,
         "-m",

@@ -18,7 +18,7 @@ TEXTS = ["cells and genes", "the protein increase in blood", "a drug study of mi
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_bert: str) -> sbmoe.SBMoEModel:
-    model = sbmoe.build_model(tiny_bert, num_experts=3, top_k=2).eval()
+    model = sbmoe.build_model(tiny_bert, sbmoe.HeadConfig(num_experts=3, top_k=2)).eval()
     with torch.no_grad():  # a router this small and random may send every input to one expert: spread its choices
         for name, weight in model.head.router.named_parameters():
             weight.zero_() if name.endswith("bias") else weight.normal_(0.0, 3.0 / weight.shape[1] ** 0.5)
@@ -61,7 +61,7 @@ def test_saving_the_model_card_leaves_routing_alone(tiny_model: sbmoe.SBMoEModel
 
 
 def test_headless_model_has_no_experts(tiny_bert: str, tmp_path: Path) -> None:
-    plain = sbmoe.build_model(tiny_bert, head=False)
+    plain = sbmoe.build_model(tiny_bert)
     encoded = Encoder(plain, tmp_path, show_progress=False).encode(TEXTS, "queries")
     assert encoded.experts is None and encoded.routing is None
     np.testing.assert_allclose(encoded.vectors, plain.encode_query(TEXTS), atol=1e-6)

@@ -18,6 +18,7 @@ from conftest import write_beir_slice
 from sbmoe.commands.evaluate import main
 from sbmoe.data import RetrievalDataset, load_dataset
 from sbmoe.evaluation.evaluate import evaluate_embeddings, evaluate_model
+from sbmoe.heads import HeadConfig
 from sbmoe.model import build_model, load_any_model
 
 SLICE_QUERIES = 40
@@ -32,7 +33,7 @@ def scifact_slice(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_agrees_with_beir_exact_search(scifact_slice: Path, tmp_path: Path) -> None:
     """all-MiniLM-L6-v2 on 12 queries and 100 documents (the random tiny encoder ties too often to rank)."""
-    model = build_model("minilm", head=False, max_seq_length=128)
+    model = build_model("minilm", max_seq_length=128)
     full = load_dataset(str(scifact_slice))
     qids = list(full.queries)[:12]
     relevant = {d for q in qids for d in full.qrels[q]}
@@ -87,7 +88,7 @@ def test_cli_writes_results_and_reuses_the_cache(
 
 
 def test_head_model_reports_expert_utilization(tiny_bert: str, scifact_slice: Path, tmp_path: Path) -> None:
-    build_model(tiny_bert, num_experts=3, max_seq_length=128).save(str(tmp_path / "moe"))
+    build_model(tiny_bert, HeadConfig(num_experts=3), max_seq_length=128).save(str(tmp_path / "moe"))
     out = tmp_path / "eval.json"
     argv = [
         "--model",

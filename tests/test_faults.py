@@ -207,7 +207,7 @@ def test_index_command_refuses_to_replace_a_folder_that_is_not_an_index(
 
 
 def test_two_processes_writing_one_cache_entry_both_get_it(tiny_bert: str, tmp_path: Path) -> None:
-    model = build_model(tiny_bert, head=False, max_seq_length=64)
+    model = build_model(tiny_bert, max_seq_length=64)
     fresh, _ = cached_embeddings(model, TEXTS, "queries", tmp_path / "fresh", show_progress=False)
     absent, damaged = tmp_path / "absent", tmp_path / "damaged"
     cached_embeddings(model, TEXTS, "queries", damaged, show_progress=False)

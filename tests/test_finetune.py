@@ -16,12 +16,14 @@ from sbmoe.commands.finetune import main
 from sbmoe.data import DataError, load_dataset
 from sbmoe.data.splits import unseen_dev_split
 from sbmoe.data.trainset import cropped_span
+from sbmoe.heads import HeadConfig
+from sbmoe.heads.build import build_head, count_parameters, dense_hidden
 from sbmoe.heads.sbmoe_head import SBMoEHead
 from sbmoe.model import find_head
 from sbmoe.retrieval.encoder import pooled_model
 from sbmoe.training import evaluation_pass
-from sbmoe.training.arguments import FinetuneArguments, count_parameters, dense_hidden, make_model
-from sbmoe.training.finetune import STRENGTHS, run
+from sbmoe.training.arguments import FinetuneArguments
+from sbmoe.training.finetune import STRENGTHS, finetune_model, run
 from sbmoe.training.head_trainer import kmeans_router_init
 from sbmoe.training.losses import TrainingDivergedError
 
@@ -74,7 +76,7 @@ def make_args(backbone: str, toy_beir: Path, tmp_path: Path, **overrides) -> Fin
         "max_seq_length": 32,
         "logging_steps": 1,
     }
-    return FinetuneArguments(**{**options, **overrides})
+    return FinetuneArguments.from_flat({**options, **overrides})
 
 
 def backbone_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -88,29 +90,29 @@ def test_head_mode_loss_falls_and_backbone_is_untouched(tiny_bert: str, toy_beir
     record = run(args)
     losses = record["history"]["losses"]
     assert len(losses) == 15 and losses[-1] < 0.8 * losses[0]
-    before, after = backbone_weights(Path(tiny_bert)), backbone_weights(Path(args.output_dir))
+    before, after = backbone_weights(Path(tiny_bert)), backbone_weights(Path(args.training.output_dir))
     assert before.keys() == after.keys()
     for name, tensor in before.items():
         assert torch.equal(tensor, after[name]), name
-    saved = json.loads((Path(args.output_dir) / "run.json").read_text())
-    metrics = saved["eval"][args.eval_data]["metrics"]
+    saved = json.loads((Path(args.training.output_dir) / "run.json").read_text())
+    metrics = saved["eval"][args.data.eval_data]["metrics"]
     assert set(metrics) == {"nDCG@10", "MAP@100", "Recall@100", "MRR@10"} and 0 <= metrics["nDCG@10"] <= 1
-    assert sum(saved["eval"][args.eval_data]["experts"]["shares"]) == pytest.approx(1.0)
+    assert sum(saved["eval"][args.data.eval_data]["experts"]["shares"]) == pytest.approx(1.0)
 
 
 def test_saved_model_reloads_with_plain_sentence_transformer(tiny_bert: str, toy_beir: Path, tmp_path: Path) -> None:
     args = make_args(tiny_bert, toy_beir, tmp_path, epochs=2)
     run(args)
-    model = make_model(args)
-    model.load_state_dict(SentenceTransformer(args.output_dir, trust_remote_code=True).state_dict())
-    reloaded = SentenceTransformer(args.output_dir, trust_remote_code=True)
+    model = finetune_model(args)
+    model.load_state_dict(SentenceTransformer(args.training.output_dir, trust_remote_code=True).state_dict())
+    reloaded = SentenceTransformer(args.training.output_dir, trust_remote_code=True)
     text = ["cancer cell protein"]
     assert torch.allclose(torch.tensor(model.encode(text)), torch.tensor(reloaded.encode(text)), atol=1e-6)
 
 
 def test_full_mode_loss_falls_and_aux_loss_is_logged(tiny_bert: str, toy_beir: Path, tmp_path: Path) -> None:
     args = make_args(tiny_bert, toy_beir, tmp_path, train="full", epochs=6, learning_rate=3e-3)
-    args.backbone_learning_rate = 1e-3
+    args.training.backbone_learning_rate = 1e-3
     logs = [entry for entry in run(args)["history"]["log_history"] if "loss" in entry]
     assert all("aux" in entry for entry in logs)
     assert sum(e["contrastive"] for e in logs[-4:]) < 0.8 * sum(e["contrastive"] for e in logs[:4])
@@ -120,7 +122,7 @@ def test_full_mode_selects_on_dev_with_the_untrained_model_as_a_candidate(
     tiny_bert: str, toy_beir: Path, tmp_path: Path
 ) -> None:
     args = make_args(tiny_bert, toy_beir, tmp_path, train="full", max_steps=4, eval_steps=2, dev_queries=6)
-    args.backbone_learning_rate = 1e-3
+    args.training.backbone_learning_rate = 1e-3
     record = run(args)
     history = record["history"]
     assert list(history["dev_scores"]) == ["0", "2", "4"] and history["batch_shares"] == [1.0]
@@ -149,13 +151,13 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_bert: str, toy
     run(whole)
     parts = make_args(tiny_bert, toy_beir, tmp_path / "parts", **common)
     run(parts, callbacks=[StopAt(2)])
-    assert (Path(parts.output_dir) / "checkpoints" / "checkpoint-2").is_dir()
-    parts.resume = True
+    assert (Path(parts.training.output_dir) / "checkpoints" / "checkpoint-2").is_dir()
+    parts.training.resume = True
     run(parts)
-    expected = SentenceTransformer(whole.output_dir, trust_remote_code=True).state_dict()
-    resumed = SentenceTransformer(parts.output_dir, trust_remote_code=True).state_dict()
+    expected = SentenceTransformer(whole.training.output_dir, trust_remote_code=True).state_dict()
+    resumed = SentenceTransformer(parts.training.output_dir, trust_remote_code=True).state_dict()
     interrupted = SentenceTransformer(
-        str(Path(parts.output_dir) / "checkpoints" / "checkpoint-2"), trust_remote_code=True
+        str(Path(parts.training.output_dir) / "checkpoints" / "checkpoint-2"), trust_remote_code=True
     )
     assert any(not torch.allclose(v, interrupted.state_dict()[k]) for k, v in expected.items())
     for name, tensor in expected.items():
@@ -165,7 +167,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_bert: str, toy
 @pytest.mark.parametrize("mode", ["head", "full"])
 def test_nan_loss_stops_with_a_clear_message(tiny_bert: str, toy_beir: Path, tmp_path: Path, mode: str) -> None:
     args = make_args(tiny_bert, toy_beir, tmp_path, train=mode, max_steps=3, epochs=3, learning_rate=1e30)
-    args.backbone_learning_rate = 1e30
+    args.training.backbone_learning_rate = 1e30
     with pytest.raises(TrainingDivergedError, match=r"training loss is (nan|inf) at .*step \d+: training stopped"):
         run(args)
 
@@ -198,14 +200,17 @@ def test_unseen_dev_split_shares_no_positive_with_train() -> None:
 
 
 def test_dense_head_of_equal_total_parameters() -> None:
-    args = FinetuneArguments(num_experts=6)
-    hidden = dense_hidden(384, args)
-    moe, dense = SBMoEHead(384, num_experts=6), SBMoEHead(384, num_experts=1, top_k=1, expert_hidden=hidden)
+    hidden = dense_hidden(384, HeadConfig(num_experts=6))
+    moe, dense = (
+        SBMoEHead(384, HeadConfig(num_experts=6)),
+        build_head(384, HeadConfig("dense", dense_size="total"), False),
+    )
+    assert dense.expert_hidden == hidden and (dense.num_experts, dense.top_k) == (1, 1)
     assert abs(count_parameters(dense) - count_parameters(moe)) <= 2 * 384 + 1
 
 
 def test_query_only_head_passes_documents_through(tiny_bert: str, toy_beir: Path, tmp_path: Path) -> None:
-    model = make_model(make_args(tiny_bert, toy_beir, tmp_path, query_only=True, identity_init=False))
+    model = finetune_model(make_args(tiny_bert, toy_beir, tmp_path, query_only=True, identity_init=False))
     texts = ["cancer cell protein", "brain blood risk"]
     pooled = torch.nn.functional.normalize(torch.tensor(pooled_model(model).encode(texts)), dim=-1)
     torch.testing.assert_close(torch.tensor(model.encode_document(texts)), pooled)
@@ -216,7 +221,7 @@ def test_kmeans_router_init_routes_documents_by_cluster() -> None:
     torch.manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1) * 5
     docs = torch.cat([c + 0.3 * torch.randn(40, 16) for c in centres])
-    head = SBMoEHead(16, num_experts=3)
+    head = SBMoEHead(16, HeadConfig(num_experts=3))
     shares = kmeans_router_init(head, docs, seed=0)
     assert shares == pytest.approx([1 / 3] * 3, abs=0.05)
     chosen = head.eval()({"sentence_embedding": docs})["expert_index"]
@@ -250,7 +255,7 @@ def test_tune_strength_keeps_the_best_dev_strength_in_the_saved_model(
     assert set(scores) == {str(s) for s in STRENGTHS}
     chosen = record["strength"]["chosen"]
     assert scores[str(chosen)] == max(scores.values()) == record["dev_nDCG@10"]
-    head = find_head(SentenceTransformer(args.output_dir, trust_remote_code=True))
+    head = find_head(SentenceTransformer(args.training.output_dir, trust_remote_code=True))
     assert head.strength == chosen
 
 
@@ -285,7 +290,7 @@ def test_each_eval_set_is_loaded_once_per_run(
     monkeypatch.setattr(evaluation_pass, "load_dataset", counted)
     args = make_args(tiny_bert, toy_beir, tmp_path, epochs=2, dev_queries=4)
     record = run(args)
-    assert loads == [args.eval_data]
-    result = record["eval"][args.eval_data]
-    assert set(result["per_query"]) == set(result["metrics"]) and record["zero_shot"][args.eval_data]["per_query"]
+    assert loads == [args.data.eval_data]
+    result = record["eval"][args.data.eval_data]
+    assert set(result["per_query"]) == set(result["metrics"]) and record["zero_shot"][args.data.eval_data]["per_query"]
     assert result["num_queries"] == len(result["per_query"]["nDCG@10"]) == 8

@@ -12,6 +12,7 @@ from conftest import write_tiny_bert
 from safetensors.torch import load_file
 from test_finetune import make_args
 
+from sbmoe.heads import MoELayersConfig
 from sbmoe.model import build_model
 from sbmoe.training.finetune import run
 from sbmoe.training.frozen_bottom import FrozenBottom, StateStore, frozen_fingerprint, open_store
@@ -37,7 +38,7 @@ def encode(model, texts: list[str], batch_size: int) -> np.ndarray:
 
 
 def test_cached_states_equal_the_frozen_layers_output(four_layers: str) -> None:
-    model = build_model(four_layers, head=False, device="cpu")
+    model = build_model(four_layers, device="cpu")
     model.eval()
     reference = encode(model, TEXTS, batch_size=5)
     hf = model[0].auto_model
@@ -52,7 +53,7 @@ def test_cached_states_equal_the_frozen_layers_output(four_layers: str) -> None:
 
 
 def test_only_the_layers_above_are_trained_and_everything_is_restored(four_layers: str) -> None:
-    model = build_model(four_layers, moe_layers="2,3", num_experts=2, device="cpu")
+    model = build_model(four_layers, moe=MoELayersConfig(moe_layers="2,3", num_experts=2), device="cpu")
     hf = model[0].auto_model
     keys = list(model.state_dict())
     model.train()
@@ -68,7 +69,7 @@ def test_only_the_layers_above_are_trained_and_everything_is_restored(four_layer
 
 
 def test_a_sqlite_store_serves_a_later_run_and_is_named_by_the_frozen_weights(four_layers: str, tmp_path: Path):
-    model = build_model(four_layers, head=False, device="cpu")
+    model = build_model(four_layers, device="cpu")
     model.eval()
     hf = model[0].auto_model
     reference = encode(model, TEXTS, batch_size=5)
@@ -92,7 +93,7 @@ def test_the_memory_store_stops_at_its_byte_budget() -> None:
 
 
 def test_impossible_frozen_bottoms_are_refused(four_layers: str) -> None:
-    model = build_model(four_layers, moe_layers="1,3", num_experts=2, device="cpu")
+    model = build_model(four_layers, moe=MoELayersConfig(moe_layers="1,3", num_experts=2), device="cpu")
     hf = model[0].auto_model
     with pytest.raises(ValueError, match="hold MoE layers"):
         FrozenBottom(hf, 2, StateStore(8))
@@ -121,7 +122,7 @@ def test_finetune_trains_only_the_layers_above_and_reuses_states_across_runs(
 
 
 def test_loss_and_gradients_with_cached_states_equal_running_the_frozen_layers(four_layers: str) -> None:
-    model = build_model(four_layers, head=False, device="cpu")
+    model = build_model(four_layers, device="cpu")
     model.eval()  # dropout off: the frozen layers run in eval mode under the cache, so compare in eval mode
     hf = model[0].auto_model
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sbmoe.heads import HeadConfig
 from sbmoe.heads.sbmoe_head import SBMoEHead, load_balancing_loss
 from sbmoe.heads.usage import RoutingStats
 
@@ -20,7 +21,7 @@ def run_head(head: SBMoEHead, x: torch.Tensor) -> torch.Tensor:
 def router_grad_norm(routing: str, top_k: int = 2) -> float:
     """Norm of the router's gradient for a random linear loss, in float64 so rounding noise is ~1e-15."""
     torch.manual_seed(0)
-    head = SBMoEHead(DIM, num_experts=6, routing=routing, top_k=top_k).double().train()
+    head = SBMoEHead(DIM, HeadConfig(num_experts=6, routing=routing, top_k=top_k)).double().train()
     x = torch.randn(16, DIM, dtype=torch.float64)
     target = torch.randn(16, DIM, dtype=torch.float64)
     (run_head(head, x) * target).sum().backward()
@@ -28,7 +29,7 @@ def router_grad_norm(routing: str, top_k: int = 2) -> float:
 
 
 def test_output_shapes_and_features() -> None:
-    head = SBMoEHead(DIM, num_experts=4).eval()
+    head = SBMoEHead(DIM, HeadConfig(num_experts=4)).eval()
     features = head({"sentence_embedding": torch.randn(5, DIM)})
     assert features["sentence_embedding"].shape == (5, DIM)
     assert features["expert_index"].shape == (5,)
@@ -52,11 +53,11 @@ def test_faithful_top1_router_gets_no_gradient() -> None:
 
 def test_training_selection_masks_experts() -> None:
     torch.manual_seed(0)
-    head = SBMoEHead(DIM, num_experts=6, top_k=2).train()
+    head = SBMoEHead(DIM, HeadConfig(num_experts=6, top_k=2)).train()
     gates, probs, dispatch = head.gates(torch.randn(8, DIM))
     assert torch.equal((gates > 0).sum(-1), torch.full((8,), 2))
     torch.testing.assert_close(gates.sum(-1), torch.ones(8))
-    faithful = SBMoEHead(DIM, num_experts=6, routing="faithful").train()
+    faithful = SBMoEHead(DIM, HeadConfig(num_experts=6, routing="faithful")).train()
     gates, probs, dispatch = faithful.gates(torch.randn(8, DIM))
     assert torch.equal((gates > 0).sum(-1), torch.ones(8, dtype=torch.long))
     assert torch.all(gates.sum(-1) < 1.0)  # not renormalised, as in the paper
@@ -75,14 +76,14 @@ def test_aux_loss_minimal_when_uniform_larger_when_collapsed() -> None:
 
 
 def test_aux_loss_exposed_after_forward() -> None:
-    head = SBMoEHead(DIM, num_experts=6).train()
+    head = SBMoEHead(DIM, HeadConfig(num_experts=6)).train()
     run_head(head, torch.randn(32, DIM))
     assert head.aux_loss.requires_grad
     assert 1.0 <= head.aux_loss.item() <= 6.0
 
 
 def test_routing_stats_count_the_expert_index_of_each_input() -> None:
-    head = SBMoEHead(DIM, num_experts=3).eval()
+    head = SBMoEHead(DIM, HeadConfig(num_experts=3)).eval()
     state = {k: v.clone() for k, v in head.state_dict().items()}
     with torch.no_grad():
         index = torch.cat([head({"sentence_embedding": torch.randn(n, DIM)})["expert_index"] for n in (10, 5)])
@@ -106,7 +107,7 @@ def test_residual_and_normalisation_options() -> None:
     x = torch.randn(4, DIM)
     normed = SBMoEHead(DIM, normalize_output=True).eval()
     assert torch.allclose(run_head(normed, x).norm(dim=-1), torch.ones(4), atol=1e-5)
-    no_residual = SBMoEHead(DIM, residual=False, routing="faithful", inference="top1").eval()
+    no_residual = SBMoEHead(DIM, HeadConfig(residual=False, routing="faithful", inference="top1")).eval()
     assert torch.allclose(run_head(no_residual, x).norm(dim=-1), torch.ones(4), atol=1e-5)
 
 
@@ -124,7 +125,7 @@ def test_strength_interpolates_between_backbone_and_head() -> None:
 def test_expert_dropout_hides_experts_while_training_only() -> None:
     torch.manual_seed(0)
     x = torch.randn(2000, DIM)
-    head = SBMoEHead(DIM, num_experts=4, top_k=1, expert_dropout=0.5).train()
+    head = SBMoEHead(DIM, HeadConfig(num_experts=4, top_k=1, expert_dropout=0.5)).train()
     probs = head({"sentence_embedding": x})["router_probs"]
     hidden = (probs == 0).float()
     # each expert hidden with p = 0.5, except that the 1/16 of rows with all four hidden keep them all
@@ -146,7 +147,7 @@ def test_expert_dropout_hides_experts_while_training_only() -> None:
 )
 def test_bad_config_raises_clear_error(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        SBMoEHead(DIM, **kwargs)
+        SBMoEHead(DIM, HeadConfig(**kwargs))
 
 
 @pytest.mark.parametrize(("dim", "params"), [(312, 638_520), (512, 1_713_420), (768, 3_848_076)])

@@ -12,13 +12,14 @@ import torch
 from conftest import head_output, write_beir_slice
 from safetensors.torch import load_file
 
+from sbmoe.heads import HeadConfig
 from sbmoe.heads.sbmoe_head import SBMoEHead
-from sbmoe.training.arguments import FinetuneArguments
+from sbmoe.training.arguments import FinetuneArguments, TrainingArguments
 from sbmoe.training.finetune import run
-from sbmoe.training.head_trainer import HeadTrainConfig, train_head
+from sbmoe.training.head_trainer import train_head
 
 DIM, DOCS, QUERIES = 384, 300, 128  # MiniLM's width: large enough for torch to split work across threads
-CONFIG = HeadTrainConfig(epochs=6, batch_size=32, learning_rate=1e-2, seed=3)
+CONFIG = TrainingArguments(epochs=6, batch_size=32, learning_rate=1e-2, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def threads() -> Iterator[Callable[[int], None]]:
 
 def new_head() -> SBMoEHead:
     torch.manual_seed(1)  # noise and expert dropout draw from torch's global generator while training
-    return SBMoEHead(DIM, num_experts=3, top_k=2, expert_hidden=64, expert_dropout=0.2)
+    return SBMoEHead(DIM, HeadConfig(num_experts=3, top_k=2, expert_hidden=64, expert_dropout=0.2))
 
 
 def recall_at_1(data: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Callable[[SBMoEHead], float]:
@@ -154,10 +155,12 @@ def test_finetune_head_mode_resumes_from_its_checkpoint(tiny_bert: str, shared_d
         "learning_rate": 1e-2,
         "dev_queries": 3,
     }
-    whole = run(FinetuneArguments(**common, epochs=5, output_dir=str(tmp_path / "whole")))
-    run(FinetuneArguments(**common, epochs=2, output_dir=str(tmp_path / "parts")))
+    whole = run(FinetuneArguments.from_flat({**common, "epochs": 5, "output_dir": str(tmp_path / "whole")}))
+    run(FinetuneArguments.from_flat({**common, "epochs": 2, "output_dir": str(tmp_path / "parts")}))
     assert (tmp_path / "parts" / "checkpoints" / "head" / "state.pt").is_file()
-    resumed = run(FinetuneArguments(**common, epochs=5, output_dir=str(tmp_path / "parts"), resume=True))
+    resumed = run(
+        FinetuneArguments.from_flat({**common, "epochs": 5, "output_dir": str(tmp_path / "parts"), "resume": True})
+    )
     assert resumed["history"]["resumed_from"] == 2 and resumed["history"]["losses"] == whole["history"]["losses"]
     assert resumed["history"]["kept"] == whole["history"]["kept"] + "; resumed after epoch 2"
     kept = whole["history"]["kept"]

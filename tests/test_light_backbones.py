@@ -14,6 +14,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from sbmoe.backbones import KNOWN_NAMES, resolve_backbone
 from sbmoe.commands.finetune import main as finetune_main
+from sbmoe.heads import HeadConfig
 from sbmoe.model import SBMoEModel, build_model, load_any_model
 from sbmoe.retrieval.cache import model_fingerprint
 
@@ -35,17 +36,17 @@ def parameters(model: torch.nn.Module) -> int:
 
 @pytest.fixture(scope="module")
 def minilm() -> SBMoEModel:
-    return build_model("minilm", head=False, normalize=False).eval()
+    return build_model("minilm", normalize=False).eval()
 
 
 @pytest.fixture(scope="module")
 def minilm_l3() -> SBMoEModel:
-    return build_model("minilm-l3", head=False, normalize=False).eval()
+    return build_model("minilm-l3", normalize=False).eval()
 
 
 @pytest.fixture(scope="module")
 def minilm_l2() -> SBMoEModel:
-    return build_model("minilm-l2", head=False, normalize=False).eval()
+    return build_model("minilm-l2", normalize=False).eval()
 
 
 def test_light_backbones_are_known_names() -> None:
@@ -91,7 +92,7 @@ def test_saved_light_backbone_reloads_as_a_3_layer_model(minilm_l3: SBMoEModel, 
 
 
 def test_light_backbone_with_a_head_saves_and_reloads(tmp_path: Path) -> None:
-    model = build_model("minilm-l2", num_experts=3).eval()
+    model = build_model("minilm-l2", HeadConfig(num_experts=3)).eval()
     assert (layers(model), model.head.num_experts, model.get_embedding_dimension()) == (2, 3, 384)
     model.save(str(tmp_path / "l2-sbmoe"))
     reloaded = load_any_model(str(tmp_path / "l2-sbmoe"))
@@ -110,7 +111,7 @@ def test_each_backbone_gets_its_own_embedding_cache_key(
 ) -> None:
     keys = [model_fingerprint(m) for m in (minilm, minilm_l3, minilm_l2)]
     assert len(set(keys)) == 3
-    assert model_fingerprint(build_model("minilm-l3", head=False, normalize=False)) == keys[1]
+    assert model_fingerprint(build_model("minilm-l3", normalize=False)) == keys[1]
     minilm_l3.save(str(tmp_path / "l3"))
     assert model_fingerprint(load_any_model(str(tmp_path / "l3"))) == keys[1]  # a saved copy shares the entries
 

@@ -10,6 +10,7 @@ from sentence_transformers import SentenceTransformer
 
 import sbmoe
 from sbmoe.backbones import BackboneUnavailableError, resolve_backbone
+from sbmoe.heads import HeadConfig
 
 TEXTS = ["cells and genes", "the protein increase in blood", "a drug study of mice", "dna"]
 DOCS = [{"title": "cancer risk", "text": "patients with the gene"}, {"title": "", "text": "virus rna"}]
@@ -17,7 +18,7 @@ DOCS = [{"title": "cancer risk", "text": "patients with the gene"}, {"title": ""
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_bert: str) -> sbmoe.SBMoEModel:
-    return sbmoe.build_model(tiny_bert, num_experts=4, top_k=2).eval()
+    return sbmoe.build_model(tiny_bert, HeadConfig(num_experts=4, top_k=2)).eval()
 
 
 def test_build_model_shapes_and_head(tiny_model: sbmoe.SBMoEModel) -> None:
@@ -29,7 +30,7 @@ def test_build_model_shapes_and_head(tiny_model: sbmoe.SBMoEModel) -> None:
 
 
 def test_headless_model_has_no_head(tiny_bert: str) -> None:
-    plain = sbmoe.build_model(tiny_bert, head=False)
+    plain = sbmoe.build_model(tiny_bert)
     assert plain.head is None
     assert plain.encode(TEXTS).shape == (4, 32)
 
@@ -87,14 +88,14 @@ def test_local_folder_backbone_resolves_to_itself(tiny_bert: str) -> None:
 
 
 def test_minilm_round_trip_and_plain_backbone(tmp_path: Path) -> None:
-    """The real offline default: head on MiniLM saves and reloads exactly; head=False is all-MiniLM-L6-v2."""
-    model = sbmoe.build_model("minilm", num_experts=6).eval()
+    """The real offline default: head on MiniLM saves and reloads exactly; no head is all-MiniLM-L6-v2."""
+    model = sbmoe.build_model("minilm", HeadConfig(num_experts=6)).eval()
     expected = model.encode(TEXTS)
     model.save(str(tmp_path / "minilm-sbmoe"))
     reloaded = SentenceTransformer(str(tmp_path / "minilm-sbmoe"), trust_remote_code=True)
     np.testing.assert_allclose(reloaded.encode(TEXTS), expected, atol=1e-6)
     reference = SentenceTransformer(resolve_backbone("minilm"))
-    plain = sbmoe.build_model("minilm", head=False)
+    plain = sbmoe.build_model("minilm")
     np.testing.assert_allclose(plain.encode(TEXTS), reference.encode(TEXTS), atol=1e-6)
 
 

@@ -17,6 +17,7 @@ import torch
 from sbmoe.backbones import BackboneUnavailableError, resolve_backbone
 from sbmoe.cli import main as cli_main
 from sbmoe.errors import ModelLoadError
+from sbmoe.heads import HeadConfig, MoELayersConfig
 from sbmoe.model import SBMoEModel, build_model, load_any_model, load_model
 from sbmoe.quiet import ST_LOGGER, quiet_loading
 from sbmoe.retrieval.encoder import Encoder, pooled_model
@@ -109,7 +110,7 @@ def test_loading_is_quiet_but_keeps_warnings(
     tiny_bert: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    build_model(tiny_bert, num_experts=2).save(str(tmp_path / "m"))
+    build_model(tiny_bert, HeadConfig(num_experts=2)).save(str(tmp_path / "m"))
     caplog.clear()
     capsys.readouterr()
     load_model(str(tmp_path / "m"))
@@ -126,7 +127,7 @@ def test_loading_is_quiet_but_keeps_warnings(
 def query_only(tiny_bert: str) -> SBMoEModel:
     """A query-only SB-MoE model on the tiny backbone."""
     torch.manual_seed(0)
-    return build_model(tiny_bert, num_experts=2, query_only=True).eval()
+    return build_model(tiny_bert, HeadConfig(num_experts=2, query_only=True)).eval()
 
 
 def test_query_only_model_encodes_documents_without_a_task(query_only: SBMoEModel, tmp_path: Path) -> None:
@@ -149,21 +150,20 @@ def test_query_only_model_typed_paths_are_unchanged(query_only: SBMoEModel, tmp_
     np.testing.assert_allclose(encoder.encode(TEXTS, "queries").vectors, queries, atol=1e-5)
 
 
-def test_build_model_refuses_unknown_and_ignored_arguments(tiny_bert: str) -> None:
-    options = (
-        "num_experts, routing, top_k, inference, expert_hidden, noise, residual, identity_init, query_only, "
-        "strength, expert_dropout"
-    )
-    with pytest.raises(TypeError) as info:
-        build_model(tiny_bert, head=False, num_experts=8, anything=1)
-    assert str(info.value) == f"build_model() got unexpected keyword arguments: 'anything'; head options: {options}"
-    with pytest.raises(TypeError, match=r"arguments: 'expert_hiden' \(did you mean 'expert_hidden'\?\); head "):
-        build_model(tiny_bert, expert_hiden=16)
-    with pytest.raises(ValueError) as info:
-        build_model(tiny_bert, head=False, num_experts=8, noise=False)
-    given = "num_experts=8, noise=False"
-    assert str(info.value) == f"build_model(head=False) builds no head, but head arguments were given: {given}"
-    head = build_model(tiny_bert, num_experts=3, expert_hidden=8).head  # the head's own defaults fill the rest
+def test_head_config_refuses_unknown_and_contradictory_options(tiny_bert: str) -> None:
+    with pytest.raises(TypeError, match="expert_hiden"):
+        HeadConfig(expert_hiden=16)
+    with pytest.raises(ValueError, match="top_k must be between 1 and num_experts=2, got 3"):
+        HeadConfig(num_experts=2, top_k=3)
+    with pytest.raises(ValueError, match="head_layers .* needs head 'sbmoe' and routing 'learned'"):
+        HeadConfig(head_layers=2, routing="faithful")
+    with pytest.raises(ValueError, match="reuse_group, psr and pregate need moe or a stacked head"):
+        build_model(tiny_bert, HeadConfig(reuse_group=2))
+    with pytest.raises(ValueError, match="moe .* or a stacked head, not both"):
+        build_model(tiny_bert, HeadConfig(head_layers=2), moe=MoELayersConfig())
+    head = build_model(
+        tiny_bert, HeadConfig(num_experts=3, expert_hidden=8)
+    ).head  # the config's defaults fill the rest
     settings = (head.num_experts, head.top_k, head.routing, head.inference, head.expert_hidden)
     assert settings == (3, 2, "learned", "soft", 8)
 
@@ -180,7 +180,7 @@ def refused_folders(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) ->
     """Copies of a saved tiny model: one naming a module class outside sentence-transformers, one whose weights are
     a pickle that runs code."""
     root = tmp_path_factory.mktemp("refused")
-    build_model(tiny_bert, head=False).save(str(root / "model"))
+    build_model(tiny_bert).save(str(root / "model"))
     untrusted, pickled = root / "untrusted", root / "pickled"
     shutil.copytree(root / "model", untrusted)
     modules = json.loads((untrusted / "modules.json").read_text())

@@ -9,6 +9,7 @@ import pytest
 import test_finetune
 from test_finetune import make_args
 
+from sbmoe.heads import MoELayersConfig
 from sbmoe.heads.moe_block import moe_blocks
 from sbmoe.model import build_model
 from sbmoe.training.finetune import run
@@ -56,7 +57,7 @@ def test_full_run_with_moe_layers_trains_routers_and_records_layers(
 
 
 def test_psr_progress_follows_the_trainer_steps(tiny_bert: str) -> None:
-    model = build_model(tiny_bert, moe_layers="all", num_experts=2, reuse_group=2, psr="step")
+    model = build_model(tiny_bert, moe=MoELayersConfig(moe_layers="all", num_experts=2, reuse_group=2, psr="step"))
     PSRProgress(model).on_step_begin(None, SimpleNamespace(global_step=3, max_steps=12), None)
     assert [block.progress for block in moe_blocks(model)] == [0.25, 0.25]
 

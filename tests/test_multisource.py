@@ -60,7 +60,7 @@ def args_for(backbone: str, domains: list[Path], out: Path, **overrides) -> Fine
         "save_model": False,
         "threads": 1,
     }
-    return FinetuneArguments(**{**options, **overrides})
+    return FinetuneArguments.from_flat({**options, **overrides})
 
 
 def test_sources_load_separately_and_positives_are_capped(domains: list[Path]) -> None:

@@ -27,7 +27,7 @@ def test_encode_progress_moves_per_batch(tiny_bert: str, tmp_path: Path, monkeyp
     monkeypatch.setattr(cache_module, "tqdm", RecordingBar)
     monkeypatch.setattr(cache_module, "CHUNK", 8)  # two encode calls: 8 texts, then 3
     RecordingBar.updates = []
-    model = build_model(tiny_bert, head=False, max_seq_length=32)
+    model = build_model(tiny_bert, max_seq_length=32)
     vectors, meta = cache_module.cached_embeddings(model, TEXTS, "queries", tmp_path, batch_size=3)
     assert RecordingBar.updates == [3, 3, 2, 0, 3, 0]  # per batch; the catch-up after each call moves nothing
     assert meta["count"] == len(vectors) == 11

@@ -14,7 +14,7 @@ from torch import nn
 import sbmoe
 from sbmoe.commands.quantize import main as quantize_main
 from sbmoe.data import DataError
-from sbmoe.heads import SBMoEHead
+from sbmoe.heads import HeadConfig, SBMoEHead
 from sbmoe.model import build_model, find_head
 from sbmoe.quant import (
     LinearStats,
@@ -132,7 +132,7 @@ def test_only_expert_linears_are_quantized_and_routers_stay_float() -> None:
 @pytest.fixture(scope="module")
 def tiny_model(tiny_bert: str):
     torch.manual_seed(0)
-    return build_model(tiny_bert, num_experts=4, inference="top1", max_seq_length=32, device="cpu")
+    return build_model(tiny_bert, HeadConfig(num_experts=4, inference="top1"), max_seq_length=32, device="cpu")
 
 
 def mixed_plan(head: SBMoEHead) -> dict:
@@ -171,7 +171,7 @@ def test_saved_size_matches_the_bit_plan(tiny_model, tmp_path) -> None:
 
 def test_quantized_model_round_trips_through_save_and_load(tiny_model, tiny_bert, tmp_path) -> None:
     original = tiny_model.encode(TEXTS, task="query", convert_to_tensor=True)
-    model = build_model(tiny_bert, num_experts=4, inference="top1", max_seq_length=32, device="cpu")
+    model = build_model(tiny_bert, HeadConfig(num_experts=4, inference="top1"), max_seq_length=32, device="cpu")
     model.load_state_dict(tiny_model.state_dict())
     quantize_head(model, mixed_plan(find_head(model)))
     quantized = model.encode(TEXTS, task="query", convert_to_tensor=True)
@@ -258,7 +258,7 @@ def test_int8_encoders_keep_the_head_and_the_embeddings(encoder, tiny_bert, tmp_
     from sbmoe.quant.encoder import with_encoder
 
     torch.manual_seed(0)
-    model = build_model(tiny_bert, num_experts=4, max_seq_length=32, device="cpu")
+    model = build_model(tiny_bert, HeadConfig(num_experts=4), max_seq_length=32, device="cpu")
     reference = model.encode(TEXTS, task="query", convert_to_tensor=True)
     head = find_head(model)
     with_encoder(model, encoder, tmp_path / "onnx", threads=1)

@@ -12,6 +12,7 @@ from test_quant import write_beir
 
 import sbmoe
 from sbmoe import cli
+from sbmoe.heads import HeadConfig
 from sbmoe.quant.recipe import calibration_texts, calibration_vectors
 from sbmoe.retrieval.encoder import pooled_model
 
@@ -19,7 +20,9 @@ from sbmoe.retrieval.encoder import pooled_model
 @pytest.fixture()
 def saved(tiny_bert: str, tmp_path: Path) -> tuple[str, str]:
     torch.manual_seed(0)
-    sbmoe.build_model(tiny_bert, num_experts=4, max_seq_length=32, device="cpu").save(str(tmp_path / "fp32"))
+    sbmoe.build_model(tiny_bert, HeadConfig(num_experts=4), max_seq_length=32, device="cpu").save(
+        str(tmp_path / "fp32")
+    )
     return str(tmp_path / "fp32"), write_beir(tmp_path / "beir")
 
 

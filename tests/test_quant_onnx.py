@@ -10,6 +10,7 @@ import torch
 
 import sbmoe
 from sbmoe.commands.quantize import main as quantize_main
+from sbmoe.heads import HeadConfig, MoELayersConfig
 from sbmoe.model import build_model, load_any_model
 from sbmoe.retrieval.cache import model_fingerprint
 
@@ -23,7 +24,7 @@ TEXTS = ["the protein increases cancer risk", "mice blood cells", "a study of br
 
 def test_saved_int8_encoder_matches_the_in_memory_one(tiny_bert, tmp_path) -> None:
     torch.manual_seed(0)
-    build_model(tiny_bert, num_experts=4, max_seq_length=32, device="cpu").save(str(tmp_path / "fp32"))
+    build_model(tiny_bert, HeadConfig(num_experts=4), max_seq_length=32, device="cpu").save(str(tmp_path / "fp32"))
     in_memory = with_encoder(sbmoe.load_model(str(tmp_path / "fp32"), device="cpu"), "onnx-int8", tmp_path / "x")
     expected = in_memory.encode(TEXTS, task="query", convert_to_tensor=True)
     out = tmp_path / "int8"
@@ -43,9 +44,9 @@ def test_saved_int8_encoder_matches_the_in_memory_one(tiny_bert, tmp_path) -> No
 
 def test_onnx_encoders_differ_in_cache_fingerprint_and_moe_backbones_are_refused(tiny_bert, tmp_path, capsys) -> None:
     torch.manual_seed(0)
-    build_model(tiny_bert, num_experts=4, max_seq_length=32, device="cpu").save(str(tmp_path / "a"))
+    build_model(tiny_bert, HeadConfig(num_experts=4), max_seq_length=32, device="cpu").save(str(tmp_path / "a"))
     torch.manual_seed(1)
-    build_model(tiny_bert, num_experts=4, max_seq_length=32, device="cpu").save(str(tmp_path / "b"))
+    build_model(tiny_bert, HeadConfig(num_experts=4), max_seq_length=32, device="cpu").save(str(tmp_path / "b"))
     for name in ("a", "b"):
         assert (
             quantize_main(
@@ -55,7 +56,9 @@ def test_onnx_encoders_differ_in_cache_fingerprint_and_moe_backbones_are_refused
         )
     a, b = (sbmoe.load_model(str(tmp_path / f"{n}8"), device="cpu") for n in ("a", "b"))
     assert model_fingerprint(a) != model_fingerprint(b)  # no parameters in the session: its file's digest counts
-    build_model(tiny_bert, moe_layers="all", num_experts=4, max_seq_length=32, device="cpu").save(str(tmp_path / "m"))
+    build_model(tiny_bert, moe=MoELayersConfig(moe_layers="all", num_experts=4), max_seq_length=32, device="cpu").save(
+        str(tmp_path / "m")
+    )
     argv = ["--model", str(tmp_path / "m"), "--output", str(tmp_path / "m8"), "--encoder", "onnx-int8"]
     assert quantize_main(argv) == 2
     assert "only a plain Transformer backbone" in capsys.readouterr().err

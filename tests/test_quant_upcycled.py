@@ -11,6 +11,7 @@ from torch import nn
 
 import sbmoe
 from sbmoe.commands.quantize import main as quantize_main
+from sbmoe.heads import HeadConfig, MoELayersConfig
 from sbmoe.heads.moe_block import MoEBlock
 from sbmoe.model import build_model
 from sbmoe.quant import PackedLinear, choose_plan
@@ -26,7 +27,9 @@ LAYER0 = "0.model.encoder.layer.0.intermediate"
 @pytest.fixture
 def upcycled(tiny_bert: str):
     torch.manual_seed(0)
-    model = build_model(tiny_bert, moe_layers="all", num_experts=4, top_k=2, max_seq_length=32, device="cpu")
+    model = build_model(
+        tiny_bert, moe=MoELayersConfig(moe_layers="all", num_experts=4, top_k=2), max_seq_length=32, device="cpu"
+    )
     for block in model.modules():  # distinct experts, so that routing and quantization matter
         if isinstance(block, MoEBlock):
             for p in block.experts.parameters():
@@ -82,7 +85,9 @@ def test_quantize_command_plans_the_head_and_the_upcycled_layers_together(tiny_b
     from tests.test_quant import write_beir
 
     torch.manual_seed(0)
-    model = build_model(tiny_bert, moe_layers="all", head=True, num_experts=4, max_seq_length=32, device="cpu")
+    model = build_model(
+        tiny_bert, HeadConfig(), moe=MoELayersConfig(moe_layers="all", num_experts=4), max_seq_length=32, device="cpu"
+    )
     model.save(str(tmp_path / "fp32"))
     data = write_beir(tmp_path / "beir")
     out = tmp_path / "q4"

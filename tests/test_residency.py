@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sbmoe.heads import MoELayersConfig
 from sbmoe.heads.moe_block import moe_blocks
 from sbmoe.model import build_model
 from sbmoe.quant.linear import expert_linears, quantize_experts
@@ -23,7 +24,7 @@ def tiny_bert4(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def upcycled(path: str, pregate: bool = True) -> torch.nn.Module:
     """Every layer upcycled (E = 4, top-2, pre-gated), experts moved apart as after training."""
-    model = build_model(path, moe_layers="all", num_experts=4, top_k=2, pregate=pregate)
+    model = build_model(path, moe=MoELayersConfig(moe_layers="all", num_experts=4, top_k=2, pregate=pregate))
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -12,6 +12,7 @@ from sbmoe.commands.evaluate import main as evaluate_main
 from sbmoe.commands.index import main as index_main
 from sbmoe.commands.search import main as search_main
 from sbmoe.data import DataError, Doc, load_corpus
+from sbmoe.heads import HeadConfig
 from sbmoe.model import build_model
 from sbmoe.retrieval import DocStore, Retriever
 from sbmoe.training.arguments import FinetuneArguments
@@ -85,7 +86,7 @@ def test_index_command_mirrors_new_changed_and_removed_documents(
 
 
 def test_search_with_an_sbmoe_model_shows_experts(tiny_bert: str, beir: Path, tmp_path: Path, capsys) -> None:
-    model = build_model(tiny_bert, num_experts=4)
+    model = build_model(tiny_bert, HeadConfig(num_experts=4))
     model.save(str(tmp_path / "moe"))
     assert (
         index_main(
@@ -143,20 +144,14 @@ def test_one_corpus_encoding_for_evaluate_heads_and_finetune(
     monkeypatch.setattr(cache_module, "_encode_to", counting)
     cache = str(tmp_path / "cache")
     for experts in (4, 6):
-        build_model(tiny_bert, num_experts=experts).save(str(tmp_path / f"head{experts}"))
+        build_model(tiny_bert, HeadConfig(num_experts=experts)).save(str(tmp_path / f"head{experts}"))
     for model in (tiny_bert, str(tmp_path / "head4"), str(tmp_path / "head6")):
         argv = ["--model", model, "--datasets", str(beir), "--cache-dir", cache, "--quiet"]
         assert evaluate_main([*argv, "--output", str(tmp_path / f"{Path(model).name}.json")]) == 0
+    options = {"backbone": tiny_bert, "train_data": f"{beir}:train", "eval_data": str(beir), "cache_dir": cache}
     run(
-        FinetuneArguments(
-            backbone=tiny_bert,
-            train_data=f"{beir}:train",
-            eval_data=str(beir),
-            cache_dir=cache,
-            output_dir=str(tmp_path / "ft"),
-            epochs=2,
-            hard_negatives=2,
-            save_model=False,
+        FinetuneArguments.from_flat(
+            {**options, "output_dir": str(tmp_path / "ft"), "epochs": 2, "hard_negatives": 2, "save_model": False}
         )
     )
     assert [count for kind, count in encoded if kind == "corpus"] == [60]

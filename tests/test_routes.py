@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import sbmoe
+from sbmoe.heads import HeadConfig
 
 QUERIES = ["what drives cancer risk", "virus rna in blood"]
 DOCS = ["the gene increase in patients", "a drug study of mice and human cells"]
@@ -27,7 +28,7 @@ np.savez(sys.argv[4], **vectors, modules=np.array([type(m).__name__ for m in mod
 
 @pytest.fixture(scope="module")
 def query_only(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[sbmoe.SBMoEModel, Path]:
-    model = sbmoe.build_model(tiny_bert, num_experts=4, query_only=True, noise=False).eval()
+    model = sbmoe.build_model(tiny_bert, HeadConfig(num_experts=4, query_only=True, noise=False)).eval()
     path = tmp_path_factory.mktemp("routes") / "query-only"
     model.training_data = "scifact:train"
     model.save(str(path))

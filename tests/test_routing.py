@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sbmoe.heads import ExpertBank, FeedForwardExpert, combine_experts, psr_open_count, top_k_gates
+from sbmoe.heads import ExpertBank, FeedForwardExpert, HeadConfig, combine_experts, psr_open_count, top_k_gates
 from sbmoe.heads.moe_block import MoEBlock, link_blocks, set_psr
 
 
@@ -83,7 +83,7 @@ def test_sbmoe_head_on_the_expert_bank_computes_the_dense_formula(routing: str, 
     from sbmoe.heads import SBMoEHead
 
     torch.manual_seed(0)
-    head = SBMoEHead(16, num_experts=5, routing=routing, inference=inference).eval()
+    head = SBMoEHead(16, HeadConfig(num_experts=5, routing=routing, inference=inference)).eval()
     x = torch.randn(30, 16)
     gates, _, _ = head.gates(x)
     out = torch.stack([expert(x) for expert in head.experts], dim=1)

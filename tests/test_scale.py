@@ -17,6 +17,7 @@ from conftest import WORDS
 from sbmoe.commands import index as index_command
 from sbmoe.commands import search as search_command
 from sbmoe.data import DataError, Doc, load_corpus
+from sbmoe.heads import HeadConfig
 from sbmoe.model import load_any_model
 from sbmoe.retrieval import DenseIndex, Retriever, build_index
 from sbmoe.retrieval.encoder import Encoder, unit_rows
@@ -72,7 +73,7 @@ def test_stream_shards_keep_each_documents_expert(tiny_bert: str, corpus: Path, 
     from sbmoe.model import build_model
 
     torch.manual_seed(0)
-    moe = build_model(tiny_bert, num_experts=4, device="cpu")
+    moe = build_model(tiny_bert, HeadConfig(num_experts=4), device="cpu")
     with torch.no_grad():  # a random router this small may send every document to one expert: spread its choices
         for name, weight in moe.head.router.named_parameters():
             weight.zero_() if name.endswith("bias") else weight.normal_(0.0, 3.0 / weight.shape[1] ** 0.5)

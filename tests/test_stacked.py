@@ -7,18 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from sbmoe.heads import psr_open_count, top_k_gates
+from sbmoe.heads import HeadConfig, psr_open_count, top_k_gates
 from sbmoe.heads.stacked import StackedMoEHead
 from sbmoe.model import build_model, load_model
 from sbmoe.retrieval.encoder import Encoder
-from sbmoe.training.head_trainer import HeadTrainConfig, train_head
+from sbmoe.training.arguments import TrainingArguments
+from sbmoe.training.head_trainer import train_head
 
 DIM = 16
 
 
 def head(**kwargs) -> StackedMoEHead:
     torch.manual_seed(0)
-    return StackedMoEHead(DIM, **{"num_experts": 4, "top_k": 2, "noise": False, **kwargs})
+    return StackedMoEHead(DIM, HeadConfig(**{"num_experts": 4, "top_k": 2, "noise": False, **kwargs}))
 
 
 def out(h: StackedMoEHead, x: torch.Tensor) -> torch.Tensor:
@@ -39,8 +40,8 @@ def test_each_block_registers_only_its_own_experts_and_router() -> None:
     assert all(name.startswith("layers.") for name in names)  # the stack holds no SB-MoE experts or router
     assert [[name for name, _ in block.named_children()] for block in h.layers] == [["experts", "router"]] * 4
     assert all(block.group == tuple(h.layers) for block in h.layers)
-    with pytest.raises(TypeError, match=r"unexpected options \['heads'\]"):
-        StackedMoEHead(DIM, heads=2)
+    with pytest.raises(TypeError, match="heads"):
+        HeadConfig(heads=2)
 
 
 @pytest.mark.parametrize("reuse_group", [2, 4])
@@ -76,7 +77,7 @@ def test_head_training_opens_the_psr_mask_on_schedule(schedule: str) -> None:
     h.layers[0].register_forward_pre_hook(lambda block, _args: opened.append(int(block.open_mask().sum())))
     anchors, docs = torch.randn(32, DIM), torch.randn(40, DIM)
     examples = torch.stack([torch.arange(32), torch.arange(32), torch.arange(8, 40)], dim=1)
-    train_head(h, anchors, docs, examples, HeadTrainConfig(epochs=4, batch_size=16))
+    train_head(h, anchors, docs, examples, TrainingArguments(epochs=4, batch_size=16))
     progress = [(epoch + step / 2) / 4 for epoch in range(4) for step in range(2)]  # 2 batches per epoch
     expected = [psr_open_count(schedule, p, own=4, total=8) for p in progress]
     assert opened[::2] == expected  # the query forward of each step (documents: the odd entries) saw this mask
@@ -102,7 +103,7 @@ def test_gradients_reach_every_router_and_pregate_ignores_own_input() -> None:
 
 
 def test_stacked_head_saves_and_reloads(tiny_bert: str, tmp_path: Path) -> None:
-    model = build_model(tiny_bert, head_layers=2, reuse_group=2, psr="linear", pregate=True, num_experts=3)
+    model = build_model(tiny_bert, HeadConfig(head_layers=2, reuse_group=2, psr="linear", pregate=True, num_experts=3))
     assert isinstance(model.head, StackedMoEHead) and model.head.layers[1].candidates == 6
     torch.manual_seed(0)
     with torch.no_grad():

@@ -12,12 +12,13 @@ import torch
 from conftest import head_output
 
 from sbmoe.data.splits import dev_split
+from sbmoe.heads import HeadConfig
 from sbmoe.heads.stacked import StackedMoEHead
 from sbmoe.model import build_model
-from sbmoe.training.arguments import FinetuneArguments, make_model
-from sbmoe.training.head_trainer import HeadTrainConfig, one_row_per_anchor, selectable_epoch, train_head
+from sbmoe.training.arguments import FinetuneHeadConfig, TrainingArguments
+from sbmoe.training.head_trainer import one_row_per_anchor, selectable_epoch, train_head
 from sbmoe.training.losses import QrelAwareInfoNCE
-from sbmoe.training.mining import MiningSettings, cached_negatives, mine_negatives
+from sbmoe.training.mining import MiningArguments, cached_negatives, mine_negatives
 
 DIM = 16
 
@@ -56,41 +57,59 @@ def test_a_hard_negative_that_duplicates_the_positive_or_is_judged_relevant_is_m
 @pytest.mark.parametrize(
     "settings",
     [
-        MiningSettings(count=4, range_min=0, range_max=30, relative_margin=0.0),
-        MiningSettings(count=4, range_min=5, range_max=30, absolute_margin=0.05, relative_margin=0.0),
-        MiningSettings(count=3, range_min=2, range_max=20, relative_margin=0.1, sampling="random"),
+        MiningArguments(hard_negatives=4, negatives_skip=0, negatives_depth=30, negatives_relative_margin=0.0),
+        MiningArguments(
+            hard_negatives=4,
+            negatives_skip=5,
+            negatives_depth=30,
+            negatives_margin=0.05,
+            negatives_relative_margin=0.0,
+        ),
+        MiningArguments(
+            hard_negatives=3,
+            negatives_skip=2,
+            negatives_depth=20,
+            negatives_relative_margin=0.1,
+            negatives_sampling="random",
+        ),
     ],
 )
-def test_mined_negatives_never_include_a_qrel_of_their_anchor(settings: MiningSettings) -> None:
+def test_mined_negatives_never_include_a_qrel_of_their_anchor(settings: MiningArguments) -> None:
     docs = unit(60, 4)
     queries = torch.nn.functional.normalize(docs[:20] + 0.3 * unit(20, 5), dim=-1)
     rng = np.random.default_rng(0)
     positives = [{i, *rng.choice(60, 5, replace=False).tolist()} for i in range(20)]  # some are top-ranked
     mined = mine_negatives(queries, docs, positives, settings)
-    assert mined.shape == (20, settings.count)
+    assert mined.shape == (20, settings.hard_negatives)
     ranked = (queries @ docs.T).argsort(dim=1, descending=True).tolist()
     for i, pos in enumerate(positives):
         assert not set(mined[i].tolist()) & pos
         order = [d for d in ranked[i] if d not in pos]
-        assert set(mined[i].tolist()) <= set(order[settings.range_min : settings.range_max])
+        assert set(mined[i].tolist()) <= set(order[settings.negatives_skip : settings.negatives_depth])
         weakest = min(float(queries[i] @ docs[p]) for p in pos)
-        limit = min(weakest - settings.absolute_margin, weakest * (1 - settings.relative_margin))
-        eligible = [d for d in order[settings.range_min : settings.range_max] if float(queries[i] @ docs[d]) <= limit]
-        if len(eligible) >= settings.count:
+        limit = min(weakest - settings.negatives_margin, weakest * (1 - settings.negatives_relative_margin))
+        eligible = [
+            d
+            for d in order[settings.negatives_skip : settings.negatives_depth]
+            if float(queries[i] @ docs[d]) <= limit
+        ]
+        if len(eligible) >= settings.hard_negatives:
             assert set(mined[i].tolist()) <= set(eligible)
             if settings.sampling == "top":
-                assert mined[i].tolist() == eligible[: settings.count]
+                assert mined[i].tolist() == eligible[: settings.hard_negatives]
 
 
 def test_mining_is_cached_and_shared_by_later_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SBMOE_CACHE", str(tmp_path))
     docs, positives = unit(30, 6), [{i} for i in range(10)]
-    settings = MiningSettings(count=2, range_min=1, range_max=10)
+    settings = MiningArguments(hard_negatives=2, negatives_skip=1, negatives_depth=10)
     first = cached_negatives(docs[:10], docs, positives, settings)
     files = list((tmp_path / "negatives").glob("*.npy"))
     assert len(files) == 1
     assert np.array_equal(cached_negatives(docs[:10], docs, positives, settings), first)
-    cached_negatives(docs[:10], docs, positives, MiningSettings(count=2, range_min=2, range_max=10))
+    cached_negatives(
+        docs[:10], docs, positives, MiningArguments(hard_negatives=2, negatives_skip=2, negatives_depth=10)
+    )
     assert len(list((tmp_path / "negatives").glob("*.npy"))) == 2  # other settings: another entry
 
 
@@ -100,12 +119,12 @@ def test_mining_is_cached_and_shared_by_later_runs(tmp_path: Path, monkeypatch: 
 )
 def test_a_freshly_built_learned_or_query_only_head_encodes_as_the_backbone(tiny_bert: str, options: dict) -> None:
     texts = ["cancer cell protein", "brain blood risk of disease", "virus dna"]
-    model = make_model(FinetuneArguments(backbone=tiny_bert, max_seq_length=32, **options))
-    backbone = build_model(tiny_bert, head=False, normalize=True, max_seq_length=32)
+    model = build_model(tiny_bert, FinetuneHeadConfig(**options), max_seq_length=32)
+    backbone = build_model(tiny_bert, max_seq_length=32)
     for encode in ("encode_query", "encode_document"):
         got, want = getattr(model, encode)(texts), getattr(backbone, encode)(texts)
         assert np.abs(got - want).max() <= 1e-6
-    faithful = make_model(FinetuneArguments(backbone=tiny_bert, max_seq_length=32, routing="faithful"))
+    faithful = build_model(tiny_bert, FinetuneHeadConfig(routing="faithful"), max_seq_length=32)
     assert np.abs(faithful.encode_document(texts) - backbone.encode_document(texts)).max() > 1e-3  # the paper's
 
 
@@ -122,9 +141,11 @@ def test_when_training_only_hurts_the_epoch_0_candidate_is_kept(caplog: pytest.L
         best = (head_output(head, anchors, "query") @ head_output(head, docs, "document").T).argmax(1)
         return best.eq(torch.arange(64)).float().mean().item()
 
-    head = SBMoEHead(DIM, num_experts=2, top_k=1, identity_init=True, normalize_output=True, query_only=True)
+    head = SBMoEHead(
+        DIM, HeadConfig(num_experts=2, top_k=1, identity_init=True, query_only=True), normalize_output=True
+    )
     before = {k: v.clone() for k, v in head.state_dict().items()}
-    config = HeadTrainConfig(epochs=4, batch_size=16, learning_rate=5e-2, seed=0)
+    config = TrainingArguments(epochs=4, batch_size=16, learning_rate=5e-2, seed=0)
     with caplog.at_level(logging.INFO, logger="sbmoe.training.head_trainer"):
         result = train_head(head, anchors, docs, examples, config, dev_score=recall)
     assert result.initial_dev_score == 1.0 and result.dev_scores[-1] < 1.0  # no epoch beats it (ties keep epoch 0)
@@ -157,6 +178,6 @@ def test_one_positive_per_query_per_epoch_keeps_one_random_row_per_anchor() -> N
 
 
 def test_no_epoch_before_the_psr_pool_is_fully_open_is_selected() -> None:
-    stack = StackedMoEHead(DIM, 2, num_experts=2, top_k=1, reuse_group=2, psr="linear")
+    stack = StackedMoEHead(DIM, HeadConfig(head_layers=2, num_experts=2, top_k=1, reuse_group=2, psr="linear"))
     assert selectable_epoch(stack, 10) == 5 and selectable_epoch(stack, 3) == 2
-    assert selectable_epoch(StackedMoEHead(DIM, 2, num_experts=2, top_k=1), 10) == 1
+    assert selectable_epoch(StackedMoEHead(DIM, HeadConfig(head_layers=2, num_experts=2, top_k=1)), 10) == 1

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sbmoe.heads import MoELayersConfig
 from sbmoe.heads.moe_block import moe_blocks, set_psr
 from sbmoe.heads.upcycle import moe_layer_indices, upcycle_encoder
 from sbmoe.model import build_model, load_model
@@ -27,18 +28,27 @@ def count(model: torch.nn.Module) -> int:
 @pytest.mark.parametrize("init", ["copies", "fine"])
 @pytest.mark.parametrize("layers", ["all", "every-2"])
 def test_upcycled_model_encodes_as_the_backbone_at_init(tiny_bert: str, init: str, layers: str) -> None:
-    reference = build_model(tiny_bert, head=False).encode(TEXTS, convert_to_tensor=True)
-    model = build_model(tiny_bert, moe_layers=layers, num_experts=4, top_k=2, init=init, pregate=True)
+    reference = build_model(tiny_bert).encode(TEXTS, convert_to_tensor=True)
+    model = build_model(
+        tiny_bert, moe=MoELayersConfig(moe_layers=layers, num_experts=4, top_k=2, init=init, pregate=True)
+    )
     assert len(moe_blocks(model)) == (2 if layers == "all" else 1)
     torch.testing.assert_close(model.encode(TEXTS, convert_to_tensor=True), reference, atol=1e-5, rtol=0)
 
 
 def test_parameters_do_not_depend_on_the_reuse_group_but_for_its_scalars(tiny_bert: str) -> None:
-    counts = {r: count(build_model(tiny_bert, moe_layers="all", num_experts=4, reuse_group=r)) for r in (1, 2)}
+    counts = {
+        r: count(build_model(tiny_bert, moe=MoELayersConfig(moe_layers="all", num_experts=4, reuse_group=r)))
+        for r in (1, 2)
+    }
     assert counts[2] - counts[1] == 2  # per MoE layer: its reuse scale
-    names = [n for n, _ in build_model(tiny_bert, moe_layers="all", reuse_group=2).named_parameters() if "reuse" in n]
+    names = [
+        n
+        for n, _ in build_model(tiny_bert, moe=MoELayersConfig(moe_layers="all", reuse_group=2)).named_parameters()
+        if "reuse" in n
+    ]
     assert len(names) == 2 and all(".intermediate.router.reuse_scale" in n for n in names)  # the routers' rate
-    dense = count(build_model(tiny_bert, head=False))
+    dense = count(build_model(tiny_bert))
     ffn = 32 * 64 * 2 + 64 + 32  # one dense feed-forward block of the tiny BERT
     assert counts[1] - dense == 2 * (3 * ffn + 4 * 33)  # per layer: 3 more expert copies, a 32 -> 4 router
 
@@ -61,9 +71,8 @@ def perturbed(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
 @pytest.mark.parametrize("init", ["copies", "fine"])
 @pytest.mark.parametrize("reuse_group", [2, 4])
 def test_reuse_at_init_with_the_group_open_encodes_as_no_reuse(tiny_bert4: str, init: str, reuse_group: int) -> None:
-    options = {"moe_layers": "all", "num_experts": 4, "init": init}
-    local = perturbed(build_model(tiny_bert4, **options))
-    reused = build_model(tiny_bert4, **options, reuse_group=reuse_group)
+    local = perturbed(build_model(tiny_bert4, moe=MoELayersConfig(num_experts=4, init=init)))
+    reused = build_model(tiny_bert4, moe=MoELayersConfig(num_experts=4, init=init, reuse_group=reuse_group))
     missing, unexpected = reused.load_state_dict(local.state_dict(), strict=False)
     assert not unexpected and {k.rsplit(".", 1)[-1] for k in missing} <= {"reuse_scale", "owner_bias"}
     blocks = moe_blocks(reused)
@@ -85,7 +94,9 @@ def test_reuse_at_init_with_the_group_open_encodes_as_no_reuse(tiny_bert4: str, 
 
 
 def test_opened_reuse_routes_foreign_experts_with_the_layers_own_router(tiny_bert: str) -> None:
-    model = perturbed(build_model(tiny_bert, moe_layers="all", num_experts=4, reuse_group=2, psr="linear"))
+    model = perturbed(
+        build_model(tiny_bert, moe=MoELayersConfig(moe_layers="all", num_experts=4, reuse_group=2, psr="linear"))
+    )
     blocks = moe_blocks(model)
     for block in blocks:
         block.train()
@@ -109,7 +120,9 @@ def test_opened_reuse_routes_foreign_experts_with_the_layers_own_router(tiny_ber
 
 @pytest.mark.parametrize(("init", "pregate"), [("copies", True), ("fine", False)])
 def test_gradients_reach_every_router(tiny_bert: str, init: str, pregate: bool) -> None:
-    model = build_model(tiny_bert, moe_layers="all", num_experts=4, init=init, reuse_group=2, pregate=pregate)
+    model = build_model(
+        tiny_bert, moe=MoELayersConfig(moe_layers="all", num_experts=4, init=init, reuse_group=2, pregate=pregate)
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -122,7 +135,7 @@ def test_gradients_reach_every_router(tiny_bert: str, init: str, pregate: bool) 
 
 @pytest.mark.parametrize("pregate", [True, False])
 def test_pregate_choice_ignores_the_layers_own_input(tiny_bert: str, pregate: bool) -> None:
-    model = build_model(tiny_bert, moe_layers="all", num_experts=4, pregate=pregate)
+    model = build_model(tiny_bert, moe=MoELayersConfig(moe_layers="all", num_experts=4, pregate=pregate))
     second = moe_blocks(model)[1]
     with torch.no_grad():
         embeddings(model)
@@ -136,7 +149,7 @@ def test_pregate_choice_ignores_the_layers_own_input(tiny_bert: str, pregate: bo
 
 def test_expert_plan_names_each_batchs_experts_one_layer_ahead(tiny_bert: str) -> None:
     for pregate in (True, False):
-        model = build_model(tiny_bert, moe_layers="all", num_experts=4, pregate=pregate)
+        model = build_model(tiny_bert, moe=MoELayersConfig(moe_layers="all", num_experts=4, pregate=pregate))
         plans = model.expert_plan(TEXTS, batch_size=2)
         assert [p["decided_by"] for p in plans] == ([0, 0] if pregate else [0, 1])
         assert [len(p["batches"]) for p in plans] == [2, 2]
@@ -144,7 +157,9 @@ def test_expert_plan_names_each_batchs_experts_one_layer_ahead(tiny_bert: str) -
 
 
 def test_save_and_reload_identical(tiny_bert: str, tmp_path: Path) -> None:
-    model = build_model(tiny_bert, moe_layers=[1], num_experts=4, init="fine", psr="step", pregate=True)
+    model = build_model(
+        tiny_bert, moe=MoELayersConfig(moe_layers=[1], num_experts=4, init="fine", psr="step", pregate=True)
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -163,7 +178,7 @@ def test_architecture_without_feed_forward_block_is_refused() -> None:
 
     model = DistilBertModel(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
     with pytest.raises(ValueError, match="the DistilBertModel architecture has none"):
-        upcycle_encoder(model)
+        upcycle_encoder(model, MoELayersConfig())
 
 
 def test_layer_specs() -> None:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from sbmoe.data import load_dataset
 from sbmoe.files import write_atomic
+from sbmoe.heads import MoELayersConfig
 from sbmoe.model import build_model
 
 HERE = Path(__file__).resolve().parent
@@ -114,7 +115,9 @@ def init_part(docs: int = 200) -> dict[str, Any]:
         encoded = {}
         for r in (1, group):
             torch.manual_seed(0)
-            model = build_model(moe_layers=layers, num_experts=8, top_k=2, reuse_group=r, max_seq_length=128)
+            model = build_model(
+                moe=MoELayersConfig(moe_layers=layers, num_experts=8, top_k=2, reuse_group=r), max_seq_length=128
+            )
             model.eval()
             with model[0].recorder() as recorder:
                 d = model.encode(texts, batch_size=32, convert_to_tensor=True, normalize_embeddings=True)

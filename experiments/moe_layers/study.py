@@ -33,6 +33,7 @@ import torch
 from sbmoe.data import load_dataset
 from sbmoe.evaluation.significance import paired_test
 from sbmoe.files import write_atomic
+from sbmoe.heads import HeadConfig, MoELayersConfig
 from sbmoe.model import build_model
 
 HERE = Path(__file__).resolve().parent
@@ -92,18 +93,18 @@ REUSE4_ROWS: dict[str, dict[str, Any]] = {
     "L6 upcycled layers 2-5, r=4, PSR": {**UP_FOUR, "reuse_group": 4, "psr": "linear"},
 }
 SPEED_MODELS: dict[str, dict[str, Any]] = {
-    "minilm-l3 plain": {"backbone": "minilm-l3", "head": False},
-    "minilm-l3 upcycled every layer (E=8, k=2)": {"backbone": "minilm-l3", "moe_layers": "all"},
-    "minilm-l3 upcycled every 2nd layer": {"backbone": "minilm-l3", "moe_layers": "every-2"},
-    "minilm-l3 upcycled every layer, fine-grained": {"backbone": "minilm-l3", "moe_layers": "all", "init": "fine"},
-    "minilm-l3 upcycled every layer, pre-gate": {"backbone": "minilm-l3", "moe_layers": "all", "pregate": True},
-    "minilm plain": {"backbone": "minilm", "head": False},
-    "minilm + SB-MoE head": {"backbone": "minilm"},
-    "minilm + stack L=4, r=2": {"backbone": "minilm", "head_layers": 4, "reuse_group": 2, "num_experts": 4},
-    "minilm upcycled every layer (E=8, k=2)": {"backbone": "minilm", "moe_layers": "all"},
-    "minilm upcycled layers 4-5 (E=8, k=2)": {"backbone": "minilm", "moe_layers": "4,5"},
-    "minilm upcycled layer 5": {"backbone": "minilm", "moe_layers": "5"},
-    "minilm upcycled layers 4-5, pre-gate": {"backbone": "minilm", "moe_layers": "4,5", "pregate": True},
+    "minilm-l3 plain": {"backbone": "minilm-l3"},
+    "minilm-l3 upcycled every layer (E=8, k=2)": {"backbone": "minilm-l3", "moe": MoELayersConfig("all")},
+    "minilm-l3 upcycled every 2nd layer": {"backbone": "minilm-l3", "moe": MoELayersConfig("every-2")},
+    "minilm-l3 upcycled every layer, fine-grained": {"backbone": "minilm-l3", "moe": MoELayersConfig(init="fine")},
+    "minilm-l3 upcycled every layer, pre-gate": {"backbone": "minilm-l3", "moe": MoELayersConfig(pregate=True)},
+    "minilm plain": {"backbone": "minilm"},
+    "minilm + SB-MoE head": {"backbone": "minilm", "head": HeadConfig()},
+    "minilm + stack L=4, r=2": {"backbone": "minilm", "head": HeadConfig(num_experts=4, head_layers=4, reuse_group=2)},
+    "minilm upcycled every layer (E=8, k=2)": {"backbone": "minilm", "moe": MoELayersConfig("all")},
+    "minilm upcycled layers 4-5 (E=8, k=2)": {"backbone": "minilm", "moe": MoELayersConfig("4,5")},
+    "minilm upcycled layer 5": {"backbone": "minilm", "moe": MoELayersConfig("5")},
+    "minilm upcycled layers 4-5, pre-gate": {"backbone": "minilm", "moe": MoELayersConfig("4,5", pregate=True)},
 }
 
 
@@ -176,12 +177,7 @@ def speed_part(docs: int, rounds: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     dataset = load_dataset("scifact", split="test")
     texts = [doc.full_text for doc in islice(dataset.iter_docs(), docs)]
-    models = {
-        name: build_model(max_seq_length=128, device="cpu", **{"num_experts": 8, **spec})
-        if "moe_layers" in spec
-        else build_model(max_seq_length=128, device="cpu", **spec)
-        for name, spec in SPEED_MODELS.items()
-    }
+    models = {name: build_model(max_seq_length=128, device="cpu", **spec) for name, spec in SPEED_MODELS.items()}
     for model in models.values():
         model.encode(texts[:32], batch_size=32)  # warm-up
     rates: dict[str, list[float]] = {name: [] for name in models}

@@ -80,7 +80,7 @@ def run_once(args: dict[str, Any], out: Path) -> dict[str, Any]:
     """One fine-tuning run, reused from ``out/run.json`` when present."""
     if (out / "run.json").is_file():
         return json.loads((out / "run.json").read_text())
-    return run(FinetuneArguments(**{**args, "output_dir": str(out)}))
+    return run(FinetuneArguments.from_flat({**args, "output_dir": str(out)}))
 
 
 def run_row(

@@ -34,7 +34,7 @@ QUERY = "what drives brain tumour growth"
 def quick_start(folder: Path) -> dict[str, Any]:
     """The README's Python quick start; the hits of its query before and after ``add``."""
     torch.manual_seed(0)
-    model = sbmoe.build_model("minilm", num_experts=6)
+    model = sbmoe.build_model("minilm", sbmoe.HeadConfig(num_experts=6))
     model.save(str(folder / "minilm-sbmoe"))
     retriever = sbmoe.Retriever.build(str(folder / "minilm-sbmoe"), DOCS, index="hnsw", cache_dir=folder / "cache")
     retriever.save(folder / "my_docs-moe")

@@ -69,7 +69,7 @@ def run_once(args: dict[str, Any], out: Path) -> dict[str, Any]:
     record_file = out / "run.json"
     if record_file.is_file():
         return json.loads(record_file.read_text())
-    return run(FinetuneArguments(**{**BASE, **args, "output_dir": str(out)}))
+    return run(FinetuneArguments.from_flat({**BASE, **args, "output_dir": str(out)}))
 
 
 def slug(values: dict[str, Any]) -> str:

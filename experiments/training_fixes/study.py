@@ -146,7 +146,7 @@ def run_job(name: str, options: dict[str, Any], rate: float, seed: int) -> dict[
         return json.loads(file.read_text())
     key = RATE_KEY[options.get("train", "head")]
     out = OUT / slug(name) / f"lr{rate:g}" / f"seed{seed}"
-    args = FinetuneArguments(**{**options, key: rate, "seed": seed, "output_dir": str(out), "overwrite": True})
+    args = FinetuneArguments.from_flat({**options, key: rate, "seed": seed, "output_dir": str(out), "overwrite": True})
     record = run(args)
     history = record["history"]
     row = {

@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "sbmoe demo") -> int:
         doing = f"training {args.epochs} epochs, evaluating" if name != ZERO_SHOT else "evaluating the backbone as is"
         console.print(f"[bold]{name}[/bold]: {doing}")
         options = {**COMMON, **options, "epochs": args.epochs, "data_dir": data_dir}
-        records[name] = run(FinetuneArguments(**options, output_dir=f"{args.out}/{options['head']}"))
+        records[name] = run(FinetuneArguments.from_flat({**options, "output_dir": f"{args.out}/{options['head']}"}))
     moved = movement(args.out, data_dir)
     console.print(results_table(records, moved))
     console.print(COLUMNS)

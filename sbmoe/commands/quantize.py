@@ -9,21 +9,19 @@ int8 ONNX Runtime file instead (``sbmoe.load_model``, ``sbmoe index`` and ``sbmo
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import asdict
 
 from sbmoe.commands.common import USER_ERRORS, fail, setup_logging
-from sbmoe.commands.dataclass_args import add_dataclass_arguments
-from sbmoe.commands.flags import new_parser
+from sbmoe.commands.flags import FlagParser, new_parser
 from sbmoe.files import atomic_dir
 from sbmoe.model import load_any_model
 from sbmoe.quant.allocate import plan_table
+from sbmoe.quant.arguments import QuantizeArguments
 from sbmoe.quant.encoder import save_with_onnx_encoder
-from sbmoe.quant.recipe import DEFAULT_GROUP, calibrate_model, choose_plan, quantize_model, read_plan
+from sbmoe.quant.recipe import calibrate_model, choose_plan, quantize_model, read_plan
 
 EXAMPLES = (
     "sbmoe quantize --model out/minilm-sbmoe --budget 3 --calibration scifact:train --output out/minilm-sbmoe-q3",
@@ -32,31 +30,9 @@ EXAMPLES = (
 )
 
 
-@dataclass
-class QuantizeArguments:
-    """The flags of ``sbmoe quantize``."""
-
-    model: str = field(metadata={"help": "a saved sbmoe model folder (SB-MoE head or MoE layers)"})
-    output: str = field(metadata={"help": "folder for the quantized model"})
-    budget: float | None = field(default=None, metadata={"help": "average bits per expert weight (mixed precision)"})
-    bits: int | None = field(default=None, metadata={"help": "the same bits (2, 3, 4 or 8) for every expert linear"})
-    plan: str | None = field(default=None, metadata={"help": "a plan.json to apply as it is"})
-    criterion: Literal["sensitivity", "outlier"] = field(
-        default="sensitivity", metadata={"help": "sensitivity (error x frequency) or outlier"}
-    )
-    calibration: str = field(default="scifact:train", metadata={"help": "dataset whose queries and docs calibrate"})
-    corpus_sample: int = field(default=1000, metadata={"help": "documents sampled for calibration"})
-    group_size: int = field(default=DEFAULT_GROUP, metadata={"help": "input columns per scale below 8 bits"})
-    encoder: Literal["none", "onnx-int8", "onnx-fp32"] = field(
-        default="none", metadata={"help": "save the backbone as a dynamic int8 (or fp32) ONNX Runtime file instead"}
-    )
-
-
-def build_parser(prog: str = "sbmoe quantize") -> argparse.ArgumentParser:
-    """The flags of ``sbmoe quantize``: the fields of :class:`QuantizeArguments`."""
-    parser = new_parser(prog, __doc__, EXAMPLES)
-    add_dataclass_arguments(parser, QuantizeArguments)
-    return parser
+def build_parser(prog: str = "sbmoe quantize") -> FlagParser:
+    """The flags of ``sbmoe quantize``: the fields of :class:`~sbmoe.quant.arguments.QuantizeArguments`."""
+    return new_parser(prog, __doc__, EXAMPLES, [QuantizeArguments])
 
 
 def run(args: QuantizeArguments) -> dict | None:
@@ -82,7 +58,7 @@ def run(args: QuantizeArguments) -> dict | None:
 def main(argv: Sequence[str] | None = None, prog: str = "sbmoe quantize") -> int:
     """Run the command; returns the exit status (2 on bad or contradictory flags, 1 on bad data)."""
     setup_logging(format="%(message)s")
-    args = QuantizeArguments(**vars(build_parser(prog).parse_args(argv)))
+    (args,) = build_parser(prog).parse_flags(argv)
     chosen = sum(x is not None for x in (args.budget, args.bits, args.plan)) + (args.encoder != "none")
     if chosen != 1:
         print(f"{prog}: error: give exactly one of --budget, --bits, --plan, --encoder", file=sys.stderr)

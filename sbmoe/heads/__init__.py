@@ -1,9 +1,10 @@
 """Mixture-of-Experts machinery: routing, expert banks, the SB-MoE head, the stacked head, MoE encoder layers."""
 
 from sbmoe.heads.base import PooledHead
+from sbmoe.heads.config import INFERENCE_MODES, ROUTING_MODES, HeadConfig, MoELayersConfig
 from sbmoe.heads.experts import ExpertBank, FeedForwardExpert, combine_experts
 from sbmoe.heads.routing import PSR_SCHEDULES, Router, load_balancing_loss, psr_open_count, router_z_loss, top_k_gates
-from sbmoe.heads.sbmoe_head import INFERENCE_MODES, ROUTING_MODES, Expert, SBMoEHead
+from sbmoe.heads.sbmoe_head import Expert, SBMoEHead
 
 __all__ = [
     "INFERENCE_MODES",
@@ -12,6 +13,8 @@ __all__ = [
     "Expert",
     "ExpertBank",
     "FeedForwardExpert",
+    "HeadConfig",
+    "MoELayersConfig",
     "PooledHead",
     "Router",
     "SBMoEHead",

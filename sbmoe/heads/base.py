@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sentence_transformers.base.modules.module import Module
 from torch import Tensor
+
+from sbmoe.heads.config import HEAD_FIELDS, HeadConfig
 
 
 class PooledHead(Module):
     """A sentence-transformers module that transforms ``features["sentence_embedding"]`` (size ``in_features``),
-    saved as its config (the subclass's ``config_keys``) and weights, and reloaded from them.
+    built from a :class:`~sbmoe.heads.config.HeadConfig`, saved as its config (the subclass's ``config_keys``: the
+    config's fields it uses, ``in_features`` and ``normalize_output``) and weights, and reloaded from them.
 
     Subclasses set these attributes:
         in_features: Embedding size H of the backbone's pooled output (also the output size).
@@ -24,6 +29,11 @@ class PooledHead(Module):
     aux_loss: Tensor
     z_loss: Tensor
 
+    @property
+    def config(self) -> HeadConfig:
+        """The head's options as they are now (``strength`` included, which ``--tune-strength`` sets)."""
+        return HeadConfig(**{name: getattr(self, name) for name in HEAD_FIELDS if hasattr(self, name)})
+
     def get_embedding_dimension(self) -> int:
         return self.in_features
 
@@ -34,6 +44,13 @@ class PooledHead(Module):
     @classmethod
     def load(cls, model_name_or_path: str, subfolder: str = "", **kwargs) -> PooledHead:
         hub_kwargs = {k: kwargs[k] for k in ("token", "cache_folder", "revision", "local_files_only") if k in kwargs}
-        config = cls.load_config(model_name_or_path, subfolder=subfolder, **hub_kwargs)
-        head = cls(**config)
+        saved = cls.load_config(model_name_or_path, subfolder=subfolder, **hub_kwargs)
+        head = cls(**cls.init_arguments(saved))
         return cls.load_torch_weights(model_name_or_path, subfolder=subfolder, model=head, **hub_kwargs)
+
+    @staticmethod
+    def init_arguments(saved: dict[str, Any]) -> dict[str, Any]:
+        """The constructor's arguments from a saved config (``sbmoe_config.json``): its :class:`HeadConfig` fields
+        as ``config``, the rest (``in_features``, ``normalize_output``, a subclass's own keys) as they are."""
+        options = {k: v for k, v in saved.items() if k in HEAD_FIELDS}
+        return {**{k: v for k, v in saved.items() if k not in options}, "config": HeadConfig(**options)}

@@ -23,11 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sbmoe.heads.base import PooledHead
+from sbmoe.heads.config import HeadConfig
 from sbmoe.heads.experts import ExpertBank, FeedForwardExpert
 from sbmoe.heads.routing import Router, load_balancing_loss, router_z_loss, top_k_gates
-
-ROUTING_MODES = ("learned", "faithful")
-INFERENCE_MODES = ("soft", "top1", "topk")
 
 
 class Expert(FeedForwardExpert):
@@ -38,29 +36,26 @@ class Expert(FeedForwardExpert):
 
 
 class SBMoEHead(PooledHead):
-    """Mixture-of-Experts block applied to ``features["sentence_embedding"]``.
+    """Mixture-of-Experts block applied to ``features["sentence_embedding"]``, built from a :class:`HeadConfig`
+    (a resolved one: see :func:`sbmoe.heads.build.resolve_head`; ``build_model`` resolves it).
+
+    The config's options, as this head reads them: ``num_experts`` E; ``top_k`` experts kept per input in
+    ``learned`` mode while training (and at inference with ``topk``); ``routing`` ``learned`` (gradient reaches the
+    router, load-balancing loss) or ``faithful`` (the paper); ``inference`` ``soft`` (all experts), ``top1`` or
+    ``topk``; ``expert_hidden`` (default H // 2); ``noise`` (learned Gaussian noise on the router logits while
+    training); ``residual`` (add the input back); ``identity_init`` (scale the experts' combination by a learnable
+    scalar that starts at 0, ReZero, so the head starts as the identity; zeroing the last expert layer instead
+    would feed ``normalize(0)``, whose gradient is ill-defined); ``query_only`` (DESIRE-ME style: inputs encoded as
+    documents, ``task="document"``, pass through unchanged, their routing still recorded; inputs without a task
+    are transformed, and :class:`~sbmoe.model.SBMoEModel` gives ``encode()`` without a task the document route);
+    ``strength`` (fixed weight of the experts' term: 0 the backbone's embedding, 1 the head as trained);
+    ``expert_dropout`` (while training, the probability that an expert is hidden from the router for an input,
+    never all of them).
 
     Args:
         in_features: Embedding size H of the backbone's pooled output.
-        num_experts: Number of experts E.
-        top_k: Experts kept per input in ``learned`` mode while training (and at inference with ``topk``).
-        routing: ``"learned"`` (gradient reaches the router, load-balancing loss) or ``"faithful"`` (the paper).
-        inference: ``"soft"`` (all experts), ``"top1"`` or ``"topk"`` (same selection as training).
-        expert_hidden: Hidden size of each expert; defaults to H // 2.
-        noise: Add learned Gaussian noise to the router logits while training.
-        residual: Add the input back to the experts' combination.
+        config: The head's options (default: :class:`HeadConfig`'s).
         normalize_output: L2-normalise the head's output (for cosine similarity).
-        identity_init: Scale the experts' combination by a learnable scalar that starts at 0 (ReZero), so the
-            head starts as the identity and training starts at the backbone's own embedding. (Zeroing the
-            last expert layer instead would feed ``normalize(0)``, whose gradient is ill-defined.)
-        query_only: Transform queries only (DESIRE-ME style): inputs encoded as documents (``task="document"``,
-            as ``encode_document`` sets) pass through unchanged, though their routing is still recorded. Inputs
-            without a task are transformed; :class:`~sbmoe.model.SBMoEModel` refuses ``encode()`` without a task
-            for such a head, so that documents are never transformed by mistake.
-        strength: Fixed weight of the experts' term against the residual: 0 gives the backbone's embedding,
-            1 the head as trained; in between interpolates the two.
-        expert_dropout: While training, the probability that an expert is hidden from the router for an input
-            (an input never loses all its experts), so that no expert becomes indispensable.
     """
 
     config_keys: list[str] = [
@@ -79,53 +74,27 @@ class SBMoEHead(PooledHead):
         "expert_dropout",
     ]
 
-    def __init__(
-        self,
-        in_features: int,
-        num_experts: int = 6,
-        top_k: int = 2,
-        routing: str = "learned",
-        inference: str = "soft",
-        expert_hidden: int | None = None,
-        noise: bool = True,
-        residual: bool = True,
-        normalize_output: bool = False,
-        identity_init: bool = False,
-        query_only: bool = False,
-        strength: float = 1.0,
-        expert_dropout: float = 0.0,
-    ):
+    def __init__(self, in_features: int, config: HeadConfig | None = None, normalize_output: bool = False):
         super().__init__()
-        if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be between 1 and num_experts={num_experts}, got {top_k}")
-        if routing not in ROUTING_MODES:
-            raise ValueError(f"unknown routing mode {routing!r}; expected one of {ROUTING_MODES}")
-        if inference not in INFERENCE_MODES:
-            raise ValueError(f"unknown inference mode {inference!r}; expected one of {INFERENCE_MODES}")
-        if not 0 <= expert_dropout < 1:
-            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}")
-        if strength < 0:
-            raise ValueError(f"strength must be >= 0, got {strength}")
+        config = config or HeadConfig()
         if in_features < 2:
             raise ValueError(f"in_features must be >= 2, got {in_features}")
         self.in_features = in_features
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.routing = routing
-        self.inference = inference
-        self.expert_hidden = expert_hidden or in_features // 2
-        self.noise = noise
-        self.residual = residual
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.routing = config.routing
+        self.inference = config.inference
+        self.expert_hidden = config.expert_hidden or in_features // 2
+        self.noise = config.noise
+        self.residual = config.residual
         self.normalize_output = normalize_output
-        self.identity_init = identity_init
-        self.expert_scale = nn.Parameter(torch.zeros(())) if identity_init else None
-        self.query_only = query_only
-        self.strength = float(strength)
-        self.expert_dropout = float(expert_dropout)
-        self.experts = ExpertBank(Expert(in_features, self.expert_hidden) for _ in range(num_experts))
-        self.router = Router(in_features, num_experts, noise, hidden=in_features // 2)
+        self.identity_init = config.identity_init
+        self.expert_scale = nn.Parameter(torch.zeros(())) if config.identity_init else None
+        self.query_only = config.query_only
+        self.strength = float(config.strength)
+        self.expert_dropout = float(config.expert_dropout)
+        self.experts = ExpertBank(Expert(in_features, self.expert_hidden) for _ in range(self.num_experts))
+        self.router = Router(in_features, self.num_experts, self.noise, hidden=in_features // 2)
         self.aux_loss: Tensor = torch.zeros(())
         self.z_loss: Tensor = torch.zeros(())
 

@@ -3,7 +3,7 @@
 Layer l computes ``x_{l+1} = x_l + MoE_l(x_l)`` with token-routed experts (:class:`~sbmoe.heads.moe_block.MoEBlock`,
 ReLU experts of ``expert_hidden`` units, top-k gates renormalised); the head returns
 ``x_0 + strength * scale * (x_L - x_0)`` (``scale`` the ReZero scalar with ``identity_init``, else 1), normalised
-when asked. It trains on cached pooled vectors like the SB-MoE head, whose options it takes and whose saving and
+when asked. It trains on cached pooled vectors like the SB-MoE head, whose configuration it takes and whose saving and
 loading (:class:`~sbmoe.heads.base.PooledHead`) it shares.
 """
 
@@ -16,82 +16,55 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sbmoe.heads.base import PooledHead
+from sbmoe.heads.config import HeadConfig
 from sbmoe.heads.moe_block import MoEBlock, link_blocks, set_psr
-from sbmoe.heads.routing import PSR_SCHEDULES
 from sbmoe.heads.usage import top_candidate
-
-SHARED_OPTIONS: dict[str, Any] = {
-    "num_experts": 6,
-    "top_k": 2,
-    "expert_hidden": None,
-    "noise": True,
-    "normalize_output": False,
-    "identity_init": False,
-    "query_only": False,
-    "strength": 1.0,
-}  # the SB-MoE head's options the stack takes, with the same defaults
-FIXED_OPTIONS = ("routing", "inference", "residual", "expert_dropout")  # SB-MoE options a stack does not vary
 
 
 class StackedMoEHead(PooledHead):
-    """``head_layers`` MoE layers after pooling.
+    """``config.head_layers`` MoE layers after pooling, built from a :class:`~sbmoe.heads.config.HeadConfig`.
+
+    The config's ``head_layers`` is L, the layers of the stack; ``reuse_group`` r, layers per ReXMoE group (each
+    layer's router scores the r * N experts of its group); ``psr`` the progressive scaling routing while training;
+    ``pregate``: layer l's router input is layer l-1's input (the first layer gates itself). It reads the SB-MoE
+    head's ``num_experts`` (N per layer), ``top_k``, ``expert_hidden``, ``noise``, ``identity_init``, ``query_only``
+    and ``strength``; the stack always routes ``learned`` with ``topk`` inference, adds its input back and hides no
+    experts, whatever the config's ``routing``, ``inference``, ``residual`` and ``expert_dropout`` say.
 
     Args:
         in_features: Embedding size H of the backbone's pooled output.
-        head_layers: L, the layers of the stack.
-        reuse_group: r, layers per ReXMoE group (each layer's router scores the r * N experts of its group).
-        psr: Progressive scaling routing while training: ``none``, ``linear`` or ``step``.
-        pregate: Layer l's router input is layer l-1's input (the first layer gates itself).
-        **kwargs: :class:`~sbmoe.heads.sbmoe_head.SBMoEHead` options (``num_experts`` N per layer, ``top_k``,
-            ``expert_hidden``, ``noise``, ``normalize_output``, ``identity_init``, ``query_only``, ``strength``).
-            The stack always routes ``learned`` with ``topk`` inference, adds its input back and hides no
-            experts, so the SB-MoE head's ``routing``, ``inference``, ``residual`` and ``expert_dropout`` are
-            accepted (one option set builds either head) and ignored.
-
-    Raises:
-        TypeError: an option neither head takes.
-        ValueError: an invalid option value.
+        config: The head's options (default: :class:`HeadConfig`'s, with two layers).
+        normalize_output: L2-normalise the head's output (for cosine similarity).
     """
 
     routing = "learned"
     inference = "topk"
     residual = True
-    config_keys: list[str] = ["in_features", *SHARED_OPTIONS, "head_layers", "reuse_group", "psr", "pregate"]
+    expert_dropout = 0.0
+    config_keys: list[str] = [
+        *("in_features", "num_experts", "top_k", "expert_hidden", "noise", "normalize_output", "identity_init"),
+        *("query_only", "strength", "head_layers", "reuse_group", "psr", "pregate"),
+    ]
 
-    def __init__(
-        self,
-        in_features: int,
-        head_layers: int = 2,
-        reuse_group: int = 1,
-        psr: str = "none",
-        pregate: bool = False,
-        **kwargs: Any,
-    ):
+    def __init__(self, in_features: int, config: HeadConfig | None = None, normalize_output: bool = False):
         super().__init__()
-        unknown = kwargs.keys() - SHARED_OPTIONS.keys() - set(FIXED_OPTIONS)
-        if unknown:
-            raise TypeError(f"StackedMoEHead got unexpected options {sorted(unknown)}")
-        options = {**SHARED_OPTIONS, **{k: v for k, v in kwargs.items() if k in SHARED_OPTIONS}}
-        if psr not in PSR_SCHEDULES:
-            raise ValueError(f"unknown PSR schedule {psr!r}; expected one of {PSR_SCHEDULES}")
-        if options["strength"] < 0:
-            raise ValueError(f"strength must be >= 0, got {options['strength']}")
+        config = config or HeadConfig(head_layers=2)
         if in_features < 2:
             raise ValueError(f"in_features must be >= 2, got {in_features}")
-        self.in_features = in_features
-        self.num_experts, self.top_k = options["num_experts"], options["top_k"]
-        self.expert_hidden = options["expert_hidden"] or in_features // 2
-        self.noise, self.normalize_output = options["noise"], options["normalize_output"]
-        self.identity_init, self.query_only = options["identity_init"], options["query_only"]
-        self.strength = float(options["strength"])
+        self.in_features, self.normalize_output = in_features, normalize_output
+        self.num_experts, self.top_k = config.num_experts, config.top_k
+        self.expert_hidden = config.expert_hidden or in_features // 2
+        self.noise, self.identity_init, self.query_only = config.noise, config.identity_init, config.query_only
+        self.strength = float(config.strength)
         self.expert_scale = nn.Parameter(torch.zeros(())) if self.identity_init else None
-        self.head_layers, self.reuse_group, self.psr, self.pregate = head_layers, reuse_group, psr, pregate
+        self.head_layers, self.reuse_group = config.head_layers, config.reuse_group
+        self.psr, self.pregate = config.psr, config.pregate
         self.layers = nn.ModuleList(
             MoEBlock(in_features, self.expert_hidden, self.num_experts, self.top_k, "relu", 1, self.noise)
-            for _ in range(head_layers)
+            for _ in range(self.head_layers)
         )
-        link_blocks(list(self.layers), reuse_group, pregate)
-        set_psr(self, psr)
+        link_blocks(list(self.layers), self.reuse_group, self.pregate)
+        set_psr(self, self.psr)
         self.aux_loss: Tensor = torch.zeros(())
         self.z_loss: Tensor = torch.zeros(())
 

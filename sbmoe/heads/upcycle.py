@@ -14,6 +14,7 @@ initialisation the encoder computes what the backbone did:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,10 @@ from safetensors.torch import load_file
 from sentence_transformers.sentence_transformer.modules import Transformer
 from torch import nn
 
+from sbmoe.heads.config import MoELayers, MoELayersConfig
 from sbmoe.heads.moe_block import MoEBlock, link_blocks, moe_blocks, set_psr
 from sbmoe.heads.usage import RoutingRecorder
 from sbmoe.quiet import quiet_loading
-
-UPCYCLE_INITS = ("copies", "fine")
-MoELayers = str | Sequence[int]
 
 
 def moe_layer_indices(spec: MoELayers, num_layers: int) -> list[int]:
@@ -77,28 +76,13 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def upcycle_encoder(
-    model: nn.Module,
-    moe_layers: MoELayers = "all",
-    num_experts: int = 8,
-    top_k: int = 2,
-    init: str = "copies",
-    reuse_group: int = 1,
-    psr: str = "none",
-    pregate: bool = False,
-    noise: bool = False,
-) -> list[MoEBlock]:
+def upcycle_encoder(model: nn.Module, config: MoELayersConfig, noise: bool = False) -> list[MoEBlock]:
     """Replace the feed-forward block of the chosen layers of ``model`` with upcycled MoE blocks, in place.
 
     Args:
         model: A Hugging Face BERT-style encoder (``BertModel`` and the like).
-        moe_layers: Which layers (see :func:`moe_layer_indices`).
-        num_experts: Experts per MoE layer (N).
-        top_k: Experts per token (``copies``), or slices per layer (``fine``).
-        init: ``copies`` or ``fine`` (see the module docstring).
-        reuse_group: ReXMoE group size r (consecutive MoE layers share their experts' pool).
-        psr: Progressive scaling routing while training: ``none``, ``linear`` or ``step``.
-        pregate: Each MoE layer's router input is the previous MoE layer's input (Pre-gated MoE).
+        config: Which layers (see :func:`moe_layer_indices`), experts per layer, top-k, init (see the module
+            docstring), ReXMoE group size, PSR schedule and pre-gating.
         noise: Learned router noise while training.
 
     Returns:
@@ -107,19 +91,18 @@ def upcycle_encoder(
     Raises:
         ValueError: an architecture without a BERT-style feed-forward block, or inconsistent settings.
     """
-    if init not in UPCYCLE_INITS:
-        raise ValueError(f"unknown upcycling init {init!r}; expected one of {UPCYCLE_INITS}")
     layers = encoder_layers(model)
-    config = model.config
-    slices = top_k if init == "fine" else 1
+    slices = config.top_k if config.init == "fine" else 1
     blocks = []
-    for index in moe_layer_indices(moe_layers, len(layers)):
+    for index in moe_layer_indices(config.moe_layers, len(layers)):
         layer = layers[index]
         up, down = layer.intermediate.dense, layer.output.dense
         hidden = up.out_features // slices
         if hidden * slices != up.out_features:
             raise ValueError(f"intermediate size {up.out_features} does not split into {slices} slices")
-        block = MoEBlock(up.in_features, hidden, num_experts, top_k, config.hidden_act, slices, noise)
+        block = MoEBlock(
+            up.in_features, hidden, config.num_experts, config.top_k, model.config.hidden_act, slices, noise
+        )
         with torch.no_grad():
             for e, expert in enumerate(block.experts):
                 part = slice((e % slices) * hidden, (e % slices + 1) * hidden)
@@ -130,24 +113,25 @@ def upcycle_encoder(
         block.to(up.weight.device)
         layer.intermediate, layer.output.dense = block, nn.Identity()
         blocks.append(block)
-    link_blocks(blocks, reuse_group, pregate)
-    set_psr(model, psr)
+    link_blocks(blocks, config.reuse_group, config.pregate)
+    set_psr(model, config.psr)
     return blocks
 
 
 class MoETransformer(Transformer):
-    """sentence-transformers' Transformer with MoE feed-forward layers; ``moe`` holds :func:`upcycle_encoder`'s
-    arguments. Built from a dense folder it upcycles it; loaded from its own saved folder it restores the experts."""
+    """sentence-transformers' Transformer with the MoE feed-forward layers of ``moe`` (saved as its fields, under
+    ``moe`` in ``sentence_bert_config.json``). Built from a dense folder it upcycles it; loaded from its own saved
+    folder it restores the experts."""
 
     config_keys: list[str] = [*Transformer.config_keys, "moe"]
 
-    def __init__(self, model_name_or_path: str, *, moe: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(self, model_name_or_path: str, *, moe: MoELayersConfig, **kwargs: Any) -> None:
         weights = Path(model_name_or_path) / "model.safetensors"
         saved = weights.is_file() and _holds_experts(weights)
         with quiet_loading(load_report=not saved):  # the dense architecture's report would list every expert weight
             super().__init__(model_name_or_path, **kwargs)
-        self.moe = dict(moe or {})
-        upcycle_encoder(self.auto_model, **self.moe)
+        self.moe = moe
+        upcycle_encoder(self.auto_model, moe)
         if saved:
             state = load_file(str(weights), device=str(next(self.auto_model.parameters()).device))
             missing, unexpected = self.auto_model.load_state_dict(state, strict=False)
@@ -155,8 +139,14 @@ class MoETransformer(Transformer):
             if moe_missing or unexpected:
                 raise ValueError(f"{weights} does not match the MoE settings {self.moe}: {moe_missing or unexpected}")
 
+    @classmethod
+    def _load_init_kwargs(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The saved config's arguments, its ``moe`` fields as a :class:`MoELayersConfig`."""
+        init_kwargs = super()._load_init_kwargs(*args, **kwargs)
+        return {**init_kwargs, "moe": MoELayersConfig(**init_kwargs["moe"])}
+
     def get_config_dict(self) -> dict[str, Any]:
-        return {**super().get_config_dict(), "moe": self.moe}
+        return {**super().get_config_dict(), "moe": asdict(self.moe)}
 
     def recorder(self) -> RoutingRecorder:
         """A :class:`~sbmoe.heads.usage.RoutingRecorder` over this encoder's MoE layers, in depth order."""

@@ -15,13 +15,13 @@ class QuantizedSBMoEHead(SBMoEHead):
     Args:
         quant_plan: ``{"linears": {name inside the head: {"bits", "group_size", ...}}, ...}`` (see
             :func:`sbmoe.quant.allocate.make_plan`); it is saved in the head's config, so the head reloads packed.
-        **config: The :class:`SBMoEHead` arguments.
+        **arguments: The :class:`SBMoEHead` arguments.
     """
 
     config_keys: list[str] = [*SBMoEHead.config_keys, "quant_plan"]
 
-    def __init__(self, quant_plan: dict[str, Any], **config: Any):
-        super().__init__(**config)
+    def __init__(self, quant_plan: dict[str, Any], **arguments: Any):
+        super().__init__(**arguments)
         self.quant_plan = quant_plan
         for name, spec in quant_plan["linears"].items():
             linear = self.get_submodule(name)
@@ -33,8 +33,7 @@ class QuantizedSBMoEHead(SBMoEHead):
     @classmethod
     def from_head(cls, head: SBMoEHead, plan: dict[str, Any]) -> QuantizedSBMoEHead:
         """``head`` with its expert linears quantized (round to nearest) as ``plan`` says."""
-        config = {key: getattr(head, key) for key in SBMoEHead.config_keys}
-        quantized = cls(plan, **config)
+        quantized = cls(plan, in_features=head.in_features, config=head.config, normalize_output=head.normalize_output)
         linears = plan["linears"]
         bits = {name: spec["bits"] for name, spec in linears.items()}
         groups = {name: spec["group_size"] for name, spec in linears.items()}

@@ -9,6 +9,7 @@ from typing import Any
 from safetensors.torch import load_file
 from sentence_transformers.sentence_transformer.modules import Transformer
 
+from sbmoe.heads.config import MoELayersConfig
 from sbmoe.heads.upcycle import MoETransformer, upcycle_encoder
 from sbmoe.quant.linear import PackedLinear, quantize_experts, replace_module
 from sbmoe.quiet import quiet_loading
@@ -19,18 +20,18 @@ class QuantizedMoETransformer(MoETransformer):
 
     Args:
         model_name_or_path: A folder saved by this class.
-        moe: :func:`~sbmoe.heads.upcycle.upcycle_encoder`'s arguments.
+        moe: The MoE layers (:class:`~sbmoe.heads.config.MoELayersConfig`).
         quant_plan: ``{"linears": {name inside this module: {"bits", "group_size", ...}}, ...}``; it is saved in
             the module's config, so the experts reload packed.
     """
 
     config_keys: list[str] = [*MoETransformer.config_keys, "quant_plan"]
 
-    def __init__(self, model_name_or_path: str, *, moe: dict[str, Any], quant_plan: dict[str, Any], **kwargs: Any):
+    def __init__(self, model_name_or_path: str, *, moe: MoELayersConfig, quant_plan: dict[str, Any], **kwargs: Any):
         with quiet_loading(load_report=False):  # the dense architecture's report would list every expert weight
             Transformer.__init__(self, model_name_or_path, **kwargs)  # not MoETransformer's: its load expects floats
-        self.moe, self.quant_plan = dict(moe), quant_plan
-        upcycle_encoder(self.auto_model, **self.moe)
+        self.moe, self.quant_plan = moe, quant_plan
+        upcycle_encoder(self.auto_model, moe)
         for name, spec in quant_plan["linears"].items():
             linear = self.get_submodule(name)
             bias = linear.bias is not None

@@ -1,26 +1,62 @@
-"""The arguments of ``sbmoe finetune`` (one dataclass, from flags or a JSON file) and the model they describe."""
+"""The arguments of ``sbmoe finetune``, grouped (model, head, data, hard negatives, training) as dataclasses that
+``HfArgumentParser`` fills from flags, a JSON file or one flat dict."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import torch
+from transformers import HfArgumentParser
 
-from sbmoe.heads import SBMoEHead
-from sbmoe.heads.base import PooledHead
-from sbmoe.heads.stacked import StackedMoEHead
-from sbmoe.model import SBMoEModel, build_model
+from sbmoe.heads import HeadConfig, MoELayersConfig
+from sbmoe.training.mining import MiningArguments
 
 
 @dataclass
-class FinetuneArguments:
-    """Arguments of ``sbmoe finetune`` (flags use dashes: ``--train-data``)."""
+class ModelArguments:
+    """The backbone, and the MoE layers inside it."""
+
+    _argument_group_name = "model and MoE layers inside the encoder"
 
     backbone: str = field(
         default="minilm",
         metadata={"help": "minilm (MiniLM-L6), minilm-l3 / minilm-l2 (its first layers), a name, Hub id or folder"},
     )
+    max_seq_length: int = field(default=256, metadata={"help": "tokens per text (longer texts are cut)"})
+    moe_layers: str = field(
+        default="",
+        metadata={"help": "make these backbone layers MoE layers: all, every-2, 1,3 (--train full)"},
+    )
+    upcycle_init: Literal["copies", "fine"] = field(
+        default="copies", metadata={"help": "MoE layers' experts: copies of the dense block, or fine-grained slices"}
+    )
+    frozen_layers: int = field(
+        default=0,
+        metadata={"help": "full mode: freeze the embeddings and first K layers; their token states are computed once"},
+    )
+    token_cache_dir: str | None = field(
+        default=None, metadata={"help": "keep the frozen layers' token states here for later runs (default: memory)"}
+    )
+
+
+@dataclass(frozen=True)
+class FinetuneHeadConfig(HeadConfig):
+    """:class:`~sbmoe.heads.HeadConfig` with fine-tuning's default: the head starts as the backbone (ReZero) where
+    that is sound (learned, query-only and dense heads)."""
+
+    identity_init: bool = field(
+        default=True,
+        metadata={"help": "learned / query-only heads start as the backbone (ReZero scale 0); faithful: the paper's"},
+    )
+
+
+@dataclass
+class DataArguments:
+    """What is trained on and evaluated."""
+
+    _argument_group_name = "data"
+
     train_data: str = field(
         default="scifact:train",
         metadata={"help": "NAME:SPLIT, irds:<id> or a .jsonl file; several, comma-separated, train together"},
@@ -31,9 +67,6 @@ class FinetuneArguments:
             "help": "batches per source: equal, temperature:T (size ** 1/T), proportional to size, or one weight each"
         },
     )
-    one_positive_per_epoch: bool = field(
-        default=False, metadata={"help": "head mode: one random positive per query per epoch (the SB-MoE repository)"}
-    )
     max_positives_per_query: int = field(
         default=0, metadata={"help": "keep at most N relevant documents per training query (0: all)"}
     )
@@ -41,86 +74,6 @@ class FinetuneArguments:
     data_dir: str | None = field(
         default=None, metadata={"help": "folder of BEIR datasets (default $SBMOE_DATA or ../shared/data)"}
     )
-    output_dir: str = field(default="out/finetune", metadata={"help": "model folder + run.json"})
-    head: Literal["sbmoe", "dense", "none"] = field(default="sbmoe", metadata={"help": "head on the pooled vector"})
-    num_experts: int = field(default=6, metadata={"help": "experts in the SB-MoE head"})
-    top_k: int = field(default=2, metadata={"help": "experts each input is routed to while training"})
-    routing: Literal["learned", "faithful"] = field(
-        default="learned",
-        metadata={"help": "learned: gates scale normalised experts (the router learns); faithful: the paper's"},
-    )
-    inference: Literal["soft", "top1", "topk"] = field(
-        default="soft", metadata={"help": "at encode time: all experts by gate weight, the top one, or the top k"}
-    )
-    expert_hidden: int | None = field(default=None, metadata={"help": "expert width (default H/2)"})
-    moe_layers: str = field(
-        default="", metadata={"help": "make these backbone layers MoE layers: all, every-2, 1,3 (--train full)"}
-    )
-    upcycle_init: Literal["copies", "fine"] = field(
-        default="copies", metadata={"help": "MoE layers' experts: copies of the dense block, or fine-grained slices"}
-    )
-    head_layers: int = field(default=0, metadata={"help": "L > 0: a stack of L MoE layers after pooling as the head"})
-    reuse_group: int = field(
-        default=1, metadata={"help": "ReXMoE: MoE layers per group whose experts every layer of it may use"}
-    )
-    psr: Literal["none", "linear", "step"] = field(
-        default="none", metadata={"help": "progressive scaling routing: open the group's experts during training"}
-    )
-    pregate: bool = field(default=False, metadata={"help": "pre-gated MoE: choose experts one MoE layer ahead"})
-    dense_size: Literal["expert", "total"] = field(
-        default="expert", metadata={"help": "dense head: one expert's width, or the parameters of --num-experts"}
-    )
-    identity_init: bool = field(
-        default=True,
-        metadata={"help": "learned / query-only heads start as the backbone (ReZero scale 0); faithful: the paper's"},
-    )
-    router_init: Literal["random", "kmeans"] = field(
-        default="random", metadata={"help": "kmeans: router fitted to k-means clusters of the training corpus"}
-    )
-    query_only: bool = field(default=False, metadata={"help": "transform queries only; documents pass through"})
-    expert_dropout: float = field(default=0.0, metadata={"help": "share of experts hidden from the router per input"})
-    tune_strength: bool = field(
-        default=False,
-        metadata={"help": "after training, pick the head's strength (0 = backbone .. 1 = trained head) on dev"},
-    )
-    noise: bool = field(default=True, metadata={"help": "noisy router logits while training"})
-    similarity: Literal["cos", "dot"] = field(default="cos", metadata={"help": "cosine or dot-product scores"})
-    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature"})
-    train: Literal["head", "full"] = field(default="head", metadata={"help": "head alone (cached) or everything"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the head"})
-    backbone_learning_rate: float = field(default=2e-5, metadata={"help": "learning rate of the backbone (full)"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (the study: 0.1)"})
-    aux_loss_weight: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss"})
-    domain_loss_weight: float = field(
-        default=0.0,
-        metadata={"help": "head mode, several sources: router loss sending each source to its own experts"},
-    )
-    z_loss_weight: float = field(default=0.0, metadata={"help": "weight of the router z-loss"})
-    anchor_weight: float = field(default=0.0, metadata={"help": "pull toward the input embedding (head mode)"})
-    hard_negatives: int = field(default=7, metadata={"help": "negatives per query, mined with the backbone alone"})
-    negatives_skip: int = field(
-        default=10, metadata={"help": "mining: top-ranked non-positives skipped (likely unjudged positives)"}
-    )
-    negatives_depth: int = field(default=100, metadata={"help": "mining: negatives come from the top DEPTH ranks"})
-    negatives_margin: float = field(
-        default=0.0, metadata={"help": "mining: a negative scores at most the weakest positive minus this"}
-    )
-    negatives_relative_margin: float = field(
-        default=0.05, metadata={"help": "mining: a negative scores at most (1 - this) x the weakest positive"}
-    )
-    negatives_sampling: Literal["top", "random"] = field(
-        default="top", metadata={"help": "mining: the best eligible negatives, or a random draw of them"}
-    )
-    symmetric_loss: bool = field(default=False, metadata={"help": "add the document -> query InfoNCE term"})
-    self_supervised: Literal["none", "title", "crop"] = field(
-        default="none",
-        metadata={"help": "add title -> document or cropped span -> document pairs from the training corpus"},
-    )
-    epochs: float = field(default=30, metadata={"help": "training epochs (the study: 40 with patience 4)"})
-    max_steps: int = field(default=-1, metadata={"help": "full mode: stop after this many steps (overrides epochs)"})
-    batch_size: int = field(default=64, metadata={"help": "training batch size (in-batch negatives)"})
-    seed: int = field(default=0, metadata={"help": "seed of initialisation, sampling and noise"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: every core)"})
     dev_queries: int = field(
         default=0,
         metadata={"help": "train queries held out as a dev split, positives unseen in train (the study: 100)"},
@@ -128,100 +81,129 @@ class FinetuneArguments:
     dev_weighting: Literal["equal", "queries"] = field(
         default="equal", metadata={"help": "several sources: dev score as the mean over sources, or over dev queries"}
     )
-    eval_steps: int = field(
-        default=0, metadata={"help": "full mode: score dev every N steps (0: each epoch's end), keep the best"}
+    self_supervised: Literal["none", "title", "crop"] = field(
+        default="none",
+        metadata={"help": "add title -> document or cropped span -> document pairs from the training corpus"},
     )
-    patience: int = field(
-        default=0, metadata={"help": "head mode: epochs without dev gain before stopping (0: never; the study: 4)"}
-    )
-    frozen_layers: int = field(
-        default=0,
-        metadata={"help": "full mode: freeze the embeddings and first K layers; their token states are computed once"},
-    )
-    token_cache_dir: str | None = field(
-        default=None, metadata={"help": "keep the frozen layers' token states here for later runs (default: memory)"}
-    )
-    max_seq_length: int = field(default=256, metadata={"help": "tokens per text (longer texts are cut)"})
-    save_steps: int = field(default=500, metadata={"help": "full mode: checkpoint every N steps"})
-    logging_steps: int = field(default=10, metadata={"help": "full mode: log the loss every N steps"})
-    resume: bool = field(
-        default=False, metadata={"help": "continue from the last checkpoint (head: one per epoch; full: --save-steps)"}
-    )
-    save_model: bool = field(default=True, metadata={"help": "save the model (--no-save-model: only run.json)"})
     keep_identical_ids: bool = field(
         default=False, metadata={"help": "eval: keep documents whose id equals the query id (BEIR drops them)"}
     )
-    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --output-dir"})
     cache_dir: str | None = field(
         default=None, metadata={"help": "embedding cache (default $SBMOE_CACHE or ~/.cache/sbmoe)"}
     )
 
+
+@dataclass
+class TrainingArguments:
+    """How the head (or everything) trains, and where the run is written; the head trainer reads it as it is."""
+
+    _argument_group_name = "training, output and checkpoints"
+
+    train: Literal["head", "full"] = field(default="head", metadata={"help": "head alone (cached) or everything"})
+    epochs: float = field(default=30, metadata={"help": "training epochs (the study: 40 with patience 4)"})
+    max_steps: int = field(default=-1, metadata={"help": "full mode: stop after this many steps (overrides epochs)"})
+    batch_size: int = field(default=64, metadata={"help": "training batch size (in-batch negatives)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "learning rate of the head"})
+    backbone_learning_rate: float = field(default=2e-5, metadata={"help": "learning rate of the backbone (full)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (the study: 0.1)"})
+    similarity: Literal["cos", "dot"] = field(default="cos", metadata={"help": "cosine or dot-product scores"})
+    temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature"})
+    symmetric_loss: bool = field(default=False, metadata={"help": "add the document -> query InfoNCE term"})
+    aux_loss_weight: float = field(default=0.01, metadata={"help": "weight of the load-balancing loss"})
+    domain_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "head mode, several sources: router loss sending each source to its own experts"},
+    )
+    z_loss_weight: float = field(default=0.0, metadata={"help": "weight of the router z-loss"})
+    anchor_weight: float = field(default=0.0, metadata={"help": "pull toward the input embedding (head mode)"})
+    one_positive_per_epoch: bool = field(
+        default=False, metadata={"help": "head mode: one random positive per query per epoch (the SB-MoE repository)"}
+    )
+    router_init: Literal["random", "kmeans"] = field(
+        default="random", metadata={"help": "kmeans: router fitted to k-means clusters of the training corpus"}
+    )
+    tune_strength: bool = field(
+        default=False,
+        metadata={"help": "after training, pick the head's strength (0 = backbone .. 1 = trained head) on dev"},
+    )
+    patience: int = field(
+        default=0, metadata={"help": "head mode: epochs without dev gain before stopping (0: never; the study: 4)"}
+    )
+    eval_steps: int = field(
+        default=0, metadata={"help": "full mode: score dev every N steps (0: each epoch's end), keep the best"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of initialisation, sampling and noise"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: every core)"})
+    output_dir: str = field(default="out/finetune", metadata={"help": "model folder + run.json"})
+    save_model: bool = field(default=True, metadata={"help": "save the model (--no-save-model: only run.json)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a finished run in --output-dir"})
+    resume: bool = field(
+        default=False, metadata={"help": "continue from the last checkpoint (head: one per epoch; full: --save-steps)"}
+    )
+    save_steps: int = field(default=500, metadata={"help": "full mode: checkpoint every N steps"})
+    logging_steps: int = field(default=10, metadata={"help": "full mode: log the loss every N steps"})
+
+
+FINETUNE_GROUPS = (ModelArguments, FinetuneHeadConfig, DataArguments, MiningArguments, TrainingArguments)
+
+
+@dataclass
+class FinetuneArguments:
+    """Arguments of ``sbmoe finetune``, one dataclass per group (flags use dashes: ``--train-data``).
+
+    Build it from flags or a JSON file with ``sbmoe.commands.finetune.parse_args``, from one flat dict of argument
+    names (a study row, a ``run.json``'s ``arguments``) with :meth:`from_flat`; :meth:`flat` gives that dict back.
+    """
+
+    model: ModelArguments = field(default_factory=ModelArguments)
+    head: HeadConfig = field(default_factory=FinetuneHeadConfig)
+    data: DataArguments = field(default_factory=DataArguments)
+    mining: MiningArguments = field(default_factory=MiningArguments)
+    training: TrainingArguments = field(default_factory=TrainingArguments)
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any]) -> FinetuneArguments:
+        """The groups filled from one flat dict of argument names (``HfArgumentParser.parse_dict``).
+
+        Raises:
+            ValueError: a name no group has, or contradictory arguments.
+        """
+        return cls(*HfArgumentParser(FINETUNE_GROUPS).parse_dict(dict(values)))
+
+    def flat(self) -> dict[str, Any]:
+        """Every argument by name, as one flat dict (what ``run.json`` records)."""
+        groups = (self.model, self.head, self.data, self.mining, self.training)
+        return {name: value for group in groups for name, value in asdict(group).items()}
+
+    def moe_layers_config(self) -> MoELayersConfig | None:
+        """The MoE layers inside the backbone (``--moe-layers``, with the head's expert flags), or None."""
+        if not self.model.moe_layers:
+            return None
+        model, head = self.model, self.head
+        experts = {"num_experts": head.num_experts, "top_k": head.top_k, "init": model.upcycle_init}
+        group = {"reuse_group": head.reuse_group, "psr": head.psr, "pregate": head.pregate}
+        return MoELayersConfig(model.moe_layers, **experts, **group)
+
     def __post_init__(self) -> None:
-        if self.domain_loss_weight and (self.train == "full" or "," not in self.train_data):
+        data, training, head = self.data, self.training, self.head
+        if training.domain_loss_weight and (training.train == "full" or "," not in data.train_data):
             raise ValueError("--domain-loss-weight needs --train head and several --train-data sources")
-        if self.tune_strength and (self.head == "none" or not self.dev_queries):
+        if training.tune_strength and (head.head == "none" or not data.dev_queries):
             raise ValueError("--tune-strength needs a head and a dev split (--dev-queries > 0)")
-        if self.one_positive_per_epoch and self.train != "head":
+        if training.one_positive_per_epoch and training.train != "head":
             raise ValueError("--one-positive-per-epoch samples the head trainer's rows: it needs --train head")
-        if self.frozen_layers and self.train != "full":
+        if self.model.frozen_layers and training.train != "full":
             raise ValueError("--frozen-layers freezes the bottom of the backbone that --train full trains")
         self._check_moe()
 
     def _check_moe(self) -> None:
         """Refuse MoE-layer flags that cannot work together."""
-        if self.moe_layers and self.head_layers:
+        model, head = self.model, self.head
+        if model.moe_layers and head.head_layers:
             raise ValueError("--moe-layers (MoE in the backbone) and --head-layers (stacked head) exclude each other")
-        if self.moe_layers and self.train != "full":
+        if model.moe_layers and self.training.train != "full":
             raise ValueError("--moe-layers trains MoE layers inside the backbone: it needs --train full")
-        if self.head_layers and (self.head != "sbmoe" or self.routing != "learned" or self.router_init != "random"):
+        if head.head_layers and self.training.router_init != "random":
             raise ValueError("--head-layers needs --head sbmoe, --routing learned and --router-init random")
-        moe_options = (self.reuse_group, self.psr, self.pregate) != (1, "none", False)
-        if moe_options and not (self.moe_layers or self.head_layers):
+        if head.stack_options and not (model.moe_layers or head.head_layers):
             raise ValueError("--reuse-group, --psr and --pregate need --moe-layers or --head-layers")
-
-
-def make_model(args: FinetuneArguments) -> SBMoEModel:
-    """The backbone (with MoE layers for ``--moe-layers``) with the head that ``args`` asks for (output normalised
-    for cosine similarity)."""
-    cos = args.similarity == "cos"
-    moe: dict[str, Any] = {}
-    if args.moe_layers:
-        moe = {"moe_layers": args.moe_layers, "num_experts": args.num_experts, "top_k": args.top_k}
-        moe.update(init=args.upcycle_init, reuse_group=args.reuse_group, psr=args.psr, pregate=args.pregate)
-    base = build_model(
-        args.backbone, head=False, normalize=cos and args.head == "none", max_seq_length=args.max_seq_length, **moe
-    )
-    if args.head == "none":
-        return base
-    dim = base.get_embedding_dimension()
-    identity = args.identity_init and (args.routing == "learned" or args.query_only or args.head == "dense")
-    options: dict[str, Any] = {"identity_init": identity, "noise": args.noise, "normalize_output": cos}
-    options["query_only"] = args.query_only
-    if args.head == "sbmoe":
-        options.update(num_experts=args.num_experts, top_k=args.top_k, routing=args.routing, inference=args.inference)
-        options["expert_dropout"] = args.expert_dropout
-        options["expert_hidden"] = args.expert_hidden
-    else:
-        options.update(num_experts=1, top_k=1, routing="learned", inference="soft")
-        options["expert_hidden"] = dense_hidden(dim, args) if args.dense_size == "total" else args.expert_hidden
-    if args.head_layers:
-        stack = {"reuse_group": args.reuse_group, "psr": args.psr, "pregate": args.pregate}
-        options = {k: v for k, v in options.items() if k not in ("routing", "inference")}
-        head: PooledHead = StackedMoEHead(dim, args.head_layers, **stack, **options)
-    else:
-        head = SBMoEHead(dim, **options)
-    return SBMoEModel(modules=[*base, head], device=str(base.device), similarity_fn_name="cosine" if cos else "dot")
-
-
-def dense_hidden(dim: int, args: FinetuneArguments) -> int:
-    """Hidden width of a one-expert head with as many parameters as the SB-MoE head of ``args``."""
-    moe = SBMoEHead(dim, num_experts=args.num_experts, expert_hidden=args.expert_hidden, noise=args.noise)
-    one = SBMoEHead(dim, num_experts=1, top_k=1, expert_hidden=1, noise=args.noise)
-    per_unit = 2 * dim + 1  # one hidden unit: a row of `up`, its bias, a column of `down`
-    fixed = count_parameters(one) - per_unit
-    return max(1, round((count_parameters(moe) - fixed) / per_unit))
-
-
-def count_parameters(module: torch.nn.Module | None) -> int:
-    """Number of parameters of ``module`` (0 for None)."""
-    return 0 if module is None else sum(p.numel() for p in module.parameters())

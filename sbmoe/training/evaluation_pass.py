@@ -24,7 +24,7 @@ EvalSets = dict[str, RetrievalDataset]
 
 def load_eval_sets(args: FinetuneArguments) -> EvalSets:
     """The ``--eval-data`` sets by spec, each loaded once (a run's passes all take this dict)."""
-    return {spec: load_dataset(spec, data_dir=args.data_dir) for spec in eval_specs(args)}
+    return {spec: load_dataset(spec, data_dir=args.data.data_dir) for spec in eval_specs(args)}
 
 
 def moe_utilization(
@@ -37,7 +37,7 @@ def moe_utilization(
         return []
     dataset = next(iter(eval_sets.values()))
     if isinstance(find_head(model), StackedMoEHead):
-        routing = Encoder(model, args.cache_dir).encode(dataset, "corpus").routing
+        routing = Encoder(model, args.data.cache_dir).encode(dataset, "corpus").routing
         return routing.as_dict()["layers"] if routing is not None else []
     transformer = model[0]
     if not isinstance(transformer, MoETransformer):
@@ -76,7 +76,7 @@ def evaluate(
     Raises:
         DataError: an eval set with no query that can be scored (see :func:`~sbmoe.evaluation.coverage.coverage`).
     """
-    scored = model if use_head else pooled_model(model, normalize=args.similarity == "cos")
+    scored = model if use_head else pooled_model(model, normalize=args.training.similarity == "cos")
     head = find_head(scored)
     results: dict[str, dict[str, Any]] = {}
     for spec, dataset in eval_sets.items():
@@ -85,18 +85,18 @@ def evaluate(
             dataset,
             top_k=1000,
             metrics=METRICS,
-            cache_dir=args.cache_dir,
-            ignore_identical_ids=not args.keep_identical_ids,
+            cache_dir=args.data.cache_dir,
+            ignore_identical_ids=not args.data.keep_identical_ids,
         )
         if head is not None and head.num_experts > 1:
-            chosen = Encoder(scored, args.cache_dir).encode(dataset, "corpus").experts
+            chosen = Encoder(scored, args.data.cache_dir).encode(dataset, "corpus").experts
             results[spec]["experts"] = utilization(chosen, head.num_experts, routing_before.get(dataset.name))
     return results
 
 
 def eval_specs(args: FinetuneArguments) -> list[str]:
     """The ``--eval-data`` entries."""
-    return [s.strip() for s in args.eval_data.split(",") if s.strip()]
+    return [s.strip() for s in args.data.eval_data.split(",") if s.strip()]
 
 
 def initial_routing(model: SBMoEModel, args: FinetuneArguments, eval_sets: EvalSets) -> dict[str, np.ndarray]:
@@ -104,7 +104,7 @@ def initial_routing(model: SBMoEModel, args: FinetuneArguments, eval_sets: EvalS
     head = find_head(model)
     if head is None or head.num_experts == 1:
         return {}
-    encoder = Encoder(model, args.cache_dir)
+    encoder = Encoder(model, args.data.cache_dir)
     out: dict[str, np.ndarray] = {}
     for dataset in eval_sets.values():
         if dataset.name not in out:

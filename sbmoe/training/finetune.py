@@ -19,10 +19,11 @@ from transformers import TrainerCallback, set_seed
 
 from sbmoe.data.trainset import load_train_sets
 from sbmoe.files import write_atomic
+from sbmoe.heads.build import count_parameters
 from sbmoe.heads.moe_block import active_parameters
 from sbmoe.model import SBMoEModel, build_model, find_head
 from sbmoe.retrieval.encoder import Encoder
-from sbmoe.training.arguments import FinetuneArguments, count_parameters, make_model
+from sbmoe.training.arguments import FinetuneArguments
 from sbmoe.training.evaluation_pass import (
     dead_expert_warnings,
     evaluate,
@@ -32,7 +33,7 @@ from sbmoe.training.evaluation_pass import (
 )
 from sbmoe.training.frozen_bottom import frozen_bottom
 from sbmoe.training.full_trainer import train_full_mode
-from sbmoe.training.head_trainer import HeadTrainConfig, kmeans_router_init, train_head
+from sbmoe.training.head_trainer import kmeans_router_init, train_head
 from sbmoe.training.prepared import PreparedData, dev_ndcg, prepare, reencode
 from sbmoe.training.sampling import parse_weights
 
@@ -64,41 +65,25 @@ def train_head_mode(model: SBMoEModel, args: FinetuneArguments, prepared: Prepar
     head = find_head(model)
     if head is None:
         return {"note": "no head: nothing to train in head mode"}
-    config = HeadTrainConfig(
-        epochs=int(args.epochs),
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay,
-        similarity=args.similarity,
-        temperature=args.temperature,
-        aux_loss_weight=args.aux_loss_weight,
-        z_loss_weight=args.z_loss_weight,
-        anchor_weight=args.anchor_weight,
-        patience=args.patience,
-        seed=args.seed,
-        source_weights=parse_weights(args.train_weights, [source.examples for source in prepared.sources]),
-        domain_loss_weight=args.domain_loss_weight,
-        symmetric_loss=args.symmetric_loss,
-        one_positive_per_epoch=args.one_positive_per_epoch,
-    )
     encoder = Encoder(model)
 
     def dev(_head: object) -> float:
         """Dev nDCG@10 of the model as it is now (``train_head`` passes the head it trains in place: the model's)."""
-        return dev_ndcg(encoder, prepared, weighting=args.dev_weighting)["metrics"]["nDCG@10"]
+        return dev_ndcg(encoder, prepared, weighting=args.data.dev_weighting)["metrics"]["nDCG@10"]
 
     result = train_head(
         head,
         prepared.anchors,
         prepared.docs,
         prepared.rows,
-        config,
+        args.training,
         dev_score=dev if prepared.dev_queries else None,
-        checkpoint_dir=Path(args.output_dir) / "checkpoints" / "head",
-        resume=args.resume,
+        checkpoint_dir=Path(args.training.output_dir) / "checkpoints" / "head",
+        resume=args.training.resume,
         dev_name="dev nDCG@10",
         sources=prepared.row_source,
         relevant=prepared.relevant,
+        source_weights=parse_weights(args.data.train_weights, [source.examples for source in prepared.sources]),
     )
     return asdict(result)
 
@@ -122,9 +107,15 @@ def zero_shot_model(model: SBMoEModel, args: FinetuneArguments) -> SBMoEModel:
     """The model whose untrained encodings give the zero-shot baseline and mine the hard negatives: ``model`` itself,
     or for upcycled MoE layers the dense backbone, which they equal at initialisation (to 1e-5; a head, if any, is
     left out of mining), so its cached vectors are reused instead of encoding every corpus again."""
-    if not args.moe_layers:
+    if not args.model.moe_layers:
         return model
-    return build_model(args.backbone, head=False, normalize=False, max_seq_length=args.max_seq_length)
+    return build_model(args.model.backbone, normalize=False, max_seq_length=args.model.max_seq_length)
+
+
+def finetune_model(args: FinetuneArguments) -> SBMoEModel:
+    """The model ``args`` describes: the backbone (with its MoE layers) and head, output normalised for cosine."""
+    cos, model = args.training.similarity == "cos", args.model
+    return build_model(model.backbone, args.head, args.moe_layers_config(), cos, max_seq_length=model.max_seq_length)
 
 
 def check_output_dir(output: Path, args: FinetuneArguments) -> None:
@@ -133,7 +124,7 @@ def check_output_dir(output: Path, args: FinetuneArguments) -> None:
     Raises:
         FileExistsError: naming the folder and the ways out.
     """
-    if (output / "run.json").is_file() and not (args.overwrite or args.resume):
+    if (output / "run.json").is_file() and not (args.training.overwrite or args.training.resume):
         raise FileExistsError(
             f"{output} already holds a finished run (run.json); pass --overwrite to replace it, "
             "or choose another --output-dir"
@@ -141,7 +132,7 @@ def check_output_dir(output: Path, args: FinetuneArguments) -> None:
 
 
 def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    """Fine-tune as ``args`` says, save the model and ``run.json`` to ``args.output_dir``, return the run record.
+    """Fine-tune as ``args`` says, save the model and ``run.json`` to ``--output-dir``, return the run record.
 
     Under torchrun or accelerate launch, ``--train full`` trains data-parallel (every rank prepares the same data;
     the Trainer gives each rank its share of the batches); then only rank 0 evaluates and writes, and the other
@@ -149,12 +140,12 @@ def run(args: FinetuneArguments, callbacks: list[TrainerCallback] | None = None)
     """
     start = time.time()
     pin_local_gpu()
-    check_output_dir(Path(args.output_dir), args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    set_seed(args.seed)
-    model = make_model(args)
-    with frozen_bottom(model[0].auto_model, args.frozen_layers, args.token_cache_dir) as bottom:
+    check_output_dir(Path(args.training.output_dir), args)
+    if args.training.threads:
+        torch.set_num_threads(args.training.threads)
+    set_seed(args.training.seed)
+    model = finetune_model(args)
+    with frozen_bottom(model[0].auto_model, args.model.frozen_layers, args.model.token_cache_dir) as bottom:
         return train_and_evaluate(model, args, callbacks or [], bottom, start)
 
 
@@ -162,25 +153,25 @@ def train_and_evaluate(
     model: SBMoEModel, args: FinetuneArguments, callbacks: list[TrainerCallback], bottom: Any, start: float
 ) -> dict[str, Any]:
     """:func:`run`'s work once the model is built: zero-shot scores, mining, training, saving, evaluation."""
-    output = Path(args.output_dir)
-    sets = load_train_sets(args.train_data, args.data_dir, args.max_positives_per_query)
+    output = Path(args.training.output_dir)
+    sets = load_train_sets(args.data.train_data, args.data.data_dir, args.data.max_positives_per_query)
     initial = zero_shot_model(model, args)
     eval_sets = load_eval_sets(args)  # loaded once: every pass below takes them
     zero_shot = evaluate(initial, args=args, eval_sets=eval_sets, routing_before={}, use_head=False)  # checks them
     prepared = prepare(initial, args, sets)  # vectors for mining (and the head): the initial model's
     head = find_head(model)
     cluster_shares = None
-    if args.router_init == "kmeans" and head is not None and head.num_experts > 1:
-        cluster_shares = kmeans_router_init(head, prepared.docs, seed=args.seed)
+    if args.training.router_init == "kmeans" and head is not None and head.num_experts > 1:
+        cluster_shares = kmeans_router_init(head, prepared.docs, seed=args.training.seed)
     routing_before = initial_routing(model, args, eval_sets)
-    set_seed(args.seed)
-    if args.train == "head":
+    set_seed(args.training.seed)
+    if args.training.train == "head":
         history = train_head_mode(model, args, prepared)
     else:
         history = train_full_mode(model, args, prepared, callbacks)
     rank, world_size = process_rank()
     record: dict[str, Any] = {
-        "arguments": asdict(args),
+        "arguments": args.flat(),
         "world_size": world_size,
         "threads": torch.get_num_threads(),
         "head_parameters": count_parameters(find_head(model)),
@@ -193,18 +184,18 @@ def train_and_evaluate(
     }
     if rank:  # rank 0 evaluates, saves and writes run.json
         return {**record, "rank": rank, "eval": {}, "seconds": time.time() - start}
-    if prepared.dev_queries and args.train == "full":  # the backbone moved: re-encode the dev queries and the corpus
-        reencode(model, prepared, args.cache_dir)
-    if args.tune_strength:  # scores every strength on dev, 1.0 (the head as trained) included
-        record["strength"] = tune_strength(model, prepared, args.dev_weighting)
+    if prepared.dev_queries and args.training.train == "full":  # the backbone moved: re-encode dev and the corpus
+        reencode(model, prepared, args.data.cache_dir)
+    if args.training.tune_strength:  # scores every strength on dev, 1.0 (the head as trained) included
+        record["strength"] = tune_strength(model, prepared, args.data.dev_weighting)
         record["dev_nDCG@10"] = record["strength"]["dev_nDCG@10"][str(record["strength"]["chosen"])]
     elif prepared.dev_queries:
-        dev = dev_ndcg(Encoder(model), prepared, weighting=args.dev_weighting)
+        dev = dev_ndcg(Encoder(model), prepared, weighting=args.data.dev_weighting)
         record["dev_nDCG@10"] = dev["metrics"]["nDCG@10"]
         record["kept_zero_shot"] = history.get("best_epoch", history.get("best_step")) == 0
     output.mkdir(parents=True, exist_ok=True)
-    if args.save_model:
-        model.training_data = args.train_data  # the model card names it
+    if args.training.save_model:
+        model.training_data = args.data.train_data  # the model card names it
         model.save(str(output))
     record["eval"] = evaluate(model, args=args, eval_sets=eval_sets, routing_before=routing_before)
     record["moe_utilization"] = moe_utilization(model, args, eval_sets)

@@ -33,28 +33,29 @@ def train_full_mode(
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
 
+    settings = args.training
     train_dataset = DatasetDict({source.name: _columns(prepared, i) for i, source in enumerate(prepared.sources)})
     if len(prepared.sources) == 1:
         train_dataset = train_dataset[prepared.sources[0].name]
     sizes = [source.examples for source in prepared.sources]
-    weights = parse_weights(args.train_weights, sizes)
+    weights = parse_weights(args.data.train_weights, sizes)
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
     head_name = next((name for name, module in model.named_children() if isinstance(module, PooledHead)), None)
-    rates = {rf"^model\.{head_name}\.": args.learning_rate} if head_name else {}
+    rates = {rf"^model\.{head_name}\.": settings.learning_rate} if head_name else {}
     if moe_blocks(model[0]):  # the MoE layers' fresh routers learn at the head's rate
-        rates[r"\.intermediate\.router\."] = args.learning_rate
+        rates[r"\.intermediate\.router\."] = settings.learning_rate
     training_args = SentenceTransformerTrainingArguments(
-        output_dir=str(Path(args.output_dir) / "checkpoints"),
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.backbone_learning_rate,
+        output_dir=str(Path(settings.output_dir) / "checkpoints"),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.backbone_learning_rate,
         learning_rate_mapping=rates,
-        weight_decay=args.weight_decay,
+        weight_decay=settings.weight_decay,
         warmup_steps=0.1,
-        seed=args.seed,
-        data_seed=args.seed,
+        seed=settings.seed,
+        data_seed=settings.seed,
         bf16=bf16,
         fp16=cuda and not bf16,
         use_cpu=not cuda,  # without it the Trainer ignores torchrun on CPU (each rank trains alone); with it, gloo
@@ -63,28 +64,28 @@ def train_full_mode(
         router_mapping={c: "query" if c == "query" else "document" for c in _text_columns(prepared)},
         multi_dataset_batch_sampler=functools.partial(WeightedSourceBatchSampler, weights=weights),
         save_strategy="steps",
-        save_steps=args.save_steps,
+        save_steps=settings.save_steps,
         save_total_limit=2,
-        logging_steps=args.logging_steps,
+        logging_steps=settings.logging_steps,
         logging_nan_inf_filter=False,
         report_to="none",
     )
     contrastive = QrelAwareInfoNCE(
-        args.similarity, args.temperature, prepared.relevant, len(prepared.docs), args.symmetric_loss
+        settings.similarity, settings.temperature, prepared.relevant, len(prepared.docs), settings.symmetric_loss
     )
-    loss = MoEContrastiveLoss(model, contrastive, prepared.rows, args.aux_loss_weight, args.z_loss_weight)
+    loss = MoEContrastiveLoss(model, contrastive, prepared.rows, settings.aux_loss_weight, settings.z_loss_weight)
     selection = DevSelection(model, prepared, args) if prepared.dev_queries else None
     extra = [PSRProgress(model), *([selection] if selection else [])]
     trainer = SentenceTransformerTrainer(
         model=model, args=training_args, train_dataset=train_dataset, loss=loss, callbacks=[*callbacks, *extra]
     )
-    checkpoint = last_complete_checkpoint(training_args.output_dir) if args.resume else None
-    if args.resume and checkpoint is None:
+    checkpoint = last_complete_checkpoint(training_args.output_dir) if settings.resume else None
+    if settings.resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint under %s, starting from scratch", training_args.output_dir)
     elif checkpoint is not None:
         logger.info("--resume: continuing from %s", checkpoint)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    counts = batches_per_source(sizes, args.batch_size, weights)
+    counts = batches_per_source(sizes, settings.batch_size, weights)
     history: dict[str, Any] = {"log_history": trainer.state.log_history, "global_step": trainer.state.global_step}
     history["batch_shares"] = [c / sum(counts) for c in counts]
     if selection is not None:
@@ -121,7 +122,9 @@ class DevSelection(TrainerCallback):
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            score = dev_ndcg_full(self.model, self.prepared, weighting=self.args.dev_weighting)["metrics"]["nDCG@10"]
+            score = dev_ndcg_full(self.model, self.prepared, weighting=self.args.data.dev_weighting)["metrics"][
+                "nDCG@10"
+            ]
         self.model.train(was_training)
         self.scores[step] = score
         candidate = step == 0 or step / max(max_steps, 1) >= self.opens_at
@@ -134,12 +137,12 @@ class DevSelection(TrainerCallback):
         self._score(state.global_step, state.max_steps)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        every = self.args.eval_steps
+        every = self.args.training.eval_steps
         if (every and state.global_step % every == 0) or state.global_step == state.max_steps:
             self._score(state.global_step, state.max_steps)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not self.args.eval_steps:
+        if not self.args.training.eval_steps:
             self._score(state.global_step, state.max_steps)
 
     def finish(self) -> dict[str, Any]:

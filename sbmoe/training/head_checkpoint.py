@@ -63,11 +63,10 @@ class Progress:
         return len(self.result.losses)
 
 
-def run_key(head: SBMoEHead, config: Any, *data: Tensor | None) -> str:
+def run_key(head: SBMoEHead, settings: dict[str, Any], *data: Tensor | None) -> str:
     """A fingerprint of what decides a run's weights (settings, data tensors, the head's configuration and initial
     weights), bar the number of epochs: a checkpoint resumes only its own run."""
     digest = hashlib.blake2b(digest_size=16)
-    settings = {k: v for k, v in asdict(config).items() if k != "epochs"}
     head_config = head.get_config_dict() if hasattr(head, "get_config_dict") else {}
     digest.update(json.dumps([settings, head_config], sort_keys=True, default=str).encode())
     for tensor in (*(t for t in data if t is not None), *head.state_dict().values()):

@@ -6,7 +6,6 @@ import copy
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from tqdm.auto import tqdm
 
 from sbmoe.heads.moe_block import moe_blocks, set_psr
 from sbmoe.heads.sbmoe_head import SBMoEHead
+from sbmoe.training.arguments import TrainingArguments
 from sbmoe.training.head_checkpoint import CHECKPOINT_FILE, HeadTrainResult, Loop, Progress, run_key, save
 from sbmoe.training.head_checkpoint import resume as resume_checkpoint
 from sbmoe.training.losses import QrelAwareInfoNCE, check_finite, domain_routing_loss
@@ -24,25 +24,12 @@ from sbmoe.training.sampling import homogeneous_batches
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class HeadTrainConfig:
-    """Settings of :func:`train_head` (the ``finetune`` flags of the same names)."""
-
-    epochs: int = 30
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.01
-    similarity: str = "cos"
-    temperature: float = 0.05
-    aux_loss_weight: float = 0.01
-    z_loss_weight: float = 0.0
-    anchor_weight: float = 0.0
-    patience: int = 0
-    seed: int = 0
-    source_weights: list[float] | None = None
-    domain_loss_weight: float = 0.0
-    symmetric_loss: bool = False
-    one_positive_per_epoch: bool = False
+# The training arguments that decide the head loop's result, bar the epochs (with the source weights: a run's key).
+LOOP_SETTINGS = (
+    *("batch_size", "learning_rate", "weight_decay", "similarity", "temperature", "aux_loss_weight"),
+    *("z_loss_weight", "anchor_weight", "patience", "seed", "domain_loss_weight", "symmetric_loss"),
+    "one_positive_per_epoch",
+)
 
 
 def train_head(
@@ -50,13 +37,14 @@ def train_head(
     anchors: Tensor,
     docs: Tensor,
     examples: Tensor,
-    config: HeadTrainConfig,
+    config: TrainingArguments,
     dev_score: Callable[[SBMoEHead], float] | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     dev_name: str = "dev score",
     sources: Tensor | None = None,
     relevant: Tensor | None = None,
+    source_weights: list[float] | None = None,
 ) -> HeadTrainResult:
     """Train ``head`` alone with qrel-aware in-batch + hard-negative InfoNCE on cached vectors.
 
@@ -69,7 +57,7 @@ def train_head(
         anchors: A x H pooled vectors of the anchors (queries, and titles for self-supervision).
         docs: D x H pooled vectors of the documents.
         examples: N x (2 + negatives) int64 rows ``[anchor row, positive doc row, negative doc rows...]``.
-        config: Optimisation settings.
+        config: Optimisation settings (``epochs`` rounded down to whole epochs).
         dev_score: Called before training and after each epoch; higher is better. Enables early stopping with
             ``config.patience``. With PSR, no epoch before the candidate pool is fully open is kept.
         checkpoint_dir: Where the state after each epoch is written (atomically), or None for no checkpoints.
@@ -77,10 +65,11 @@ def train_head(
             settings, data and head); otherwise start from the beginning and replace it.
         dev_name: What ``dev_score`` measures, for the messages.
         sources: Each example row's training source; with several, every batch comes from one source, sources get
-            batches by ``config.source_weights`` (None: by size), and ``config.domain_loss_weight`` can supervise
+            batches by ``source_weights`` (None: by size), and ``config.domain_loss_weight`` can supervise
             the router to send each source to its own experts (:func:`~sbmoe.training.losses.domain_routing_loss`).
         relevant: K x 2 ``(anchor row, doc row)`` pairs judged relevant, masked out of each anchor's negatives
             (None: each example's own positive only).
+        source_weights: Batches per source, relative (see ``sources``); None: by size.
 
     Raises:
         TrainingDivergedError: when the loss becomes NaN or infinite.
@@ -92,26 +81,28 @@ def train_head(
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     progress = Progress(HeadTrainResult(), copy.deepcopy(head.state_dict()))
     checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
-    key = run_key(head, config, anchors, docs, examples, sources, relevant)
+    settings = {**{name: getattr(config, name) for name in LOOP_SETTINGS}, "source_weights": source_weights}
+    key = run_key(head, settings, anchors, docs, examples, sources, relevant)
     if checkpoint is not None and resume:
         resume_checkpoint(checkpoint, key, Loop(head, optimizer, generator, progress))
     elif checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # another run's: --resume must not pick it up
     num_sources = 1 if sources is None else int(sources.max()) + 1
-    progress.result.selectable_from = selectable_epoch(head, config.epochs)
+    planned = int(config.epochs)
+    progress.result.selectable_from = selectable_epoch(head, planned)
     if dev_score is not None and progress.epoch == 0:
         _consider(head, dev_score(head), 0, config, progress)
         logger.info("epoch 0 (before training): %s %.4f", dev_name, progress.result.initial_dev_score)
-    remaining = range(progress.epoch + 1, config.epochs + 1)
-    epochs = tqdm(remaining, desc="head epochs", leave=False, initial=progress.epoch, total=config.epochs)
+    remaining = range(progress.epoch + 1, planned + 1)
+    epochs = tqdm(remaining, desc="head epochs", leave=False, initial=progress.epoch, total=planned)
     for epoch in epochs:
         if progress.result.stopped_early:
             break
         head.train()
         total, total_aux, total_domain = 0.0, 0.0, 0.0
-        batches = epoch_batches(examples, sources, config, generator)
+        batches = epoch_batches(examples, sources, config, generator, source_weights)
         for step, (rows, domain) in enumerate(batches, start=1):
-            set_psr(head, progress=(epoch - 1 + (step - 1) / len(batches)) / config.epochs)
+            set_psr(head, progress=(epoch - 1 + (step - 1) / len(batches)) / planned)
             loss, aux, domain_loss = _step_loss(head, anchors, docs, rows, loss_fn, config, domain, num_sources)
             check_finite(loss, f"epoch {epoch}, step {step}")
             optimizer.zero_grad()
@@ -125,7 +116,7 @@ def train_head(
         progress.result.aux_losses.append(total_aux / len(batches))
         if config.domain_loss_weight:
             progress.result.domain_losses.append(total_domain / len(batches))
-        line = f"epoch {epoch}/{config.epochs}: loss {progress.result.losses[-1]:.4f}"
+        line = f"epoch {epoch}/{planned}: loss {progress.result.losses[-1]:.4f}"
         if dev_score is not None:
             _consider(head, dev_score(head), epoch, config, progress)
             line += f", {dev_name} {progress.result.dev_scores[-1]:.4f}"
@@ -148,7 +139,7 @@ def selectable_epoch(head: SBMoEHead, epochs: int) -> int:
     return max(1, math.ceil(max(opens, default=0.0) * epochs - 1e-9))
 
 
-def _consider(head: SBMoEHead, score: float, epoch: int, config: HeadTrainConfig, progress: Progress) -> None:
+def _consider(head: SBMoEHead, score: float, epoch: int, config: TrainingArguments, progress: Progress) -> None:
     """Record epoch ``epoch``'s dev score (0: before training); keep the head's weights if it is the best candidate
     so far; decide early stopping (epochs before :func:`selectable_epoch` are neither candidates nor stale)."""
     result = progress.result
@@ -175,12 +166,12 @@ def _count_batches(progress: Progress, batches: list[tuple[Tensor, int | None]],
     progress.result.batch_shares = [c / sum(counts) for c in counts]
 
 
-def kept_message(result: HeadTrainResult, config: HeadTrainConfig, dev_name: str | None) -> str:
+def kept_message(result: HeadTrainResult, config: TrainingArguments, dev_name: str | None) -> str:
     """Which epoch the trained head holds and why, in words (``dev_name`` None: there was no dev split)."""
-    ran = len(result.losses)
+    ran, planned = len(result.losses), int(config.epochs)
     resumed = f"; resumed after epoch {result.resumed_from}" if result.resumed_from else ""
     if dev_name is None:
-        return f"kept the last epoch, {ran} of {config.epochs} (no dev split){resumed}"
+        return f"kept the last epoch, {ran} of {planned} (no dev split){resumed}"
     if result.best_epoch == 0:
         best = result.initial_dev_score
         message = f"kept epoch 0 of {ran} (the model before training): best {dev_name} {best:.4f}"
@@ -188,7 +179,7 @@ def kept_message(result: HeadTrainResult, config: HeadTrainConfig, dev_name: str
         best = result.dev_scores[result.best_epoch - 1]
         message = f"kept epoch {result.best_epoch} of {ran}: best {dev_name} {best:.4f}"
     if result.stopped_early:
-        message += f"; stopped after {config.patience} epochs without gain ({config.epochs} planned)"
+        message += f"; stopped after {config.patience} epochs without gain ({planned} planned)"
     elif result.best_epoch < ran:
         message += f"; the last epoch scored {result.dev_scores[-1]:.4f}"
     else:
@@ -199,7 +190,11 @@ def kept_message(result: HeadTrainResult, config: HeadTrainConfig, dev_name: str
 
 
 def epoch_batches(
-    examples: Tensor, sources: Tensor | None, config: HeadTrainConfig, generator: torch.Generator
+    examples: Tensor,
+    sources: Tensor | None,
+    config: TrainingArguments,
+    generator: torch.Generator,
+    source_weights: list[float] | None = None,
 ) -> list[tuple[Tensor, int | None]]:
     """One epoch of ``(example rows, source)`` batches: a shuffled split for one source (source None), homogeneous
     batches by :func:`~sbmoe.training.sampling.homogeneous_batches` for several. With
@@ -212,7 +207,7 @@ def epoch_batches(
         return [(rows, None) for rows in examples[order].split(config.batch_size)]
     members = [torch.nonzero(sources == s).squeeze(1) for s in range(int(sources.max()) + 1)]
     sizes = [len(m) for m in members]
-    batches = homogeneous_batches(sizes, config.batch_size, config.source_weights, generator)
+    batches = homogeneous_batches(sizes, config.batch_size, source_weights, generator)
     return [(examples[members[source][local]], source) for source, local in batches]
 
 
@@ -231,7 +226,7 @@ def _step_loss(
     docs: Tensor,
     rows: Tensor,
     loss_fn: QrelAwareInfoNCE,
-    config: HeadTrainConfig,
+    config: TrainingArguments,
     domain: int | None = None,
     num_sources: int = 1,
 ) -> tuple[Tensor, float, float]:

@@ -20,7 +20,7 @@ from sbmoe.evaluation.evaluate import evaluate_embeddings
 from sbmoe.model import SBMoEModel
 from sbmoe.retrieval.encoder import Encoder, pooled_model
 from sbmoe.training.arguments import FinetuneArguments
-from sbmoe.training.mining import MiningSettings, cached_negatives
+from sbmoe.training.mining import cached_negatives
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ def prepare_source(model: SBMoEModel, args: FinetuneArguments, name: str, data: 
     """Split off the dev queries, compute (cached) pooled backbone vectors, and mine hard negatives with them."""
     dev_qrels: dict[str, dict[str, int]] = {}
     split_summary: dict[str, Any] = {}
-    if args.dev_queries:
-        split = dev_split(data.qrels, args.dev_queries, name=name)
+    if args.data.dev_queries:
+        split = dev_split(data.qrels, args.data.dev_queries, name=name)
         dev_qrels, split_summary = split.dev, split.summary()
         data = data.restrict(set(split.train))
     doc_ids = list(data.docs)
@@ -114,20 +114,20 @@ def prepare_source(model: SBMoEModel, args: FinetuneArguments, name: str, data: 
     query_ids = sorted(by_query)
     anchor_texts = [data.queries[q] for q in query_ids]
     examples = [(i, e) for i, q in enumerate(query_ids) for e in by_query[q]]
-    if args.self_supervised == "title":
+    if args.data.self_supervised == "title":
         titled = [d for d in doc_ids if data.titles.get(d, "").strip()]
         examples += [(len(anchor_texts) + i, Example(f"title:{d}", d)) for i, d in enumerate(titled)]
         anchor_texts += [data.titles[d] for d in titled]
-    elif args.self_supervised == "crop":
+    elif args.data.self_supervised == "crop":
         cropped = [d for d in doc_ids if data.docs[d].strip()]
         examples += [(len(anchor_texts) + i, Example(f"crop:{d}", d)) for i, d in enumerate(cropped)]
         anchor_texts += [cropped_span(d, data.docs[d]) for d in cropped]
     doc_texts = [data.docs[d] for d in doc_ids]
     counts = f"{len(doc_texts):,} documents and {len(anchor_texts):,} queries"
     logger.info("%s: backbone vectors of %s (encoded once, then reused from the cache)", name, counts)
-    encoder = Encoder(model, args.cache_dir)
+    encoder = Encoder(model, args.data.cache_dir)
     anchors, docs = encoder.pooled(anchor_texts, "queries"), encoder.pooled(doc_texts, "corpus")
-    backbone = Encoder(pooled_model(model, normalize=args.similarity == "cos"))
+    backbone = Encoder(pooled_model(model, normalize=args.training.similarity == "cos"))
     rows, relevant = _rows(args, examples, doc_row, backbone, anchors, docs, data.qrels)
     source = Source(name, range(len(anchor_texts)), range(len(doc_ids)), len(rows), dev_split=split_summary)
     if dev_qrels:
@@ -156,23 +156,17 @@ def _rows(
         judged = [doc_row[d] for d in qrels.get(example.query, {}) if d in doc_row]
         positives.setdefault(row, set()).update([doc_row[example.positive], *judged])
     mined = np.zeros((len(anchors), 0), dtype=np.int64)
-    if args.hard_negatives:
-        settings = MiningSettings(
-            count=args.hard_negatives,
-            range_min=args.negatives_skip,
-            range_max=args.negatives_depth,
-            absolute_margin=args.negatives_margin,
-            relative_margin=args.negatives_relative_margin,
-            sampling=args.negatives_sampling,
-        )
+    if args.mining.hard_negatives:
         wanted = [positives.get(i, set()) for i in range(len(anchors))]
         query_emb = torch.from_numpy(backbone.tail(anchors, "query").vectors)
         doc_emb = torch.from_numpy(backbone.tail(docs, "document").vectors)
-        mined = cached_negatives(query_emb, doc_emb, wanted, settings)
+        mined = cached_negatives(query_emb, doc_emb, wanted, args.mining)
     rows = []
     for row, example in examples:
         given = [doc_row[n] for n in example.negatives if n in doc_row]
-        negatives = (given + [int(m) for m in mined[row] if m not in given])[: max(args.hard_negatives, len(given))]
+        negatives = (given + [int(m) for m in mined[row] if m not in given])[
+            : max(args.mining.hard_negatives, len(given))
+        ]
         rows.append([row, doc_row[example.positive], *negatives])
     width = min(len(r) for r in rows)
     relevant = torch.tensor([(a, d) for a, docs_of in sorted(positives.items()) for d in sorted(docs_of)])
