@@ -43,7 +43,7 @@ import sbmoe.cli
 import sbmoe.commands.evaluate
 import sbmoe.commands.finetune
 import sbmoe.commands.index
-import sbmoe.training.finetune
+import sbmoe.training.runner
 from sbmoe.errors import IndexLoadError
 from sbmoe.retrieval.index import DenseIndex
 from sbmoe.retrieval.retriever import Retriever

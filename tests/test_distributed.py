@@ -16,7 +16,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from sbmoe.training.arguments import FinetuneArguments
-from sbmoe.training.finetune import run
+from sbmoe.training.runner import run
 from tests.conftest import write_beir_slice, write_tiny_bert
 
 

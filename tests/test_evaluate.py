@@ -17,7 +17,7 @@ from conftest import write_beir_slice
 
 from sbmoe.commands.evaluate import main
 from sbmoe.data import RetrievalDataset, load_dataset
-from sbmoe.evaluation.evaluate import evaluate_embeddings, evaluate_model
+from sbmoe.evaluation.evaluator import evaluate_embeddings, evaluate_model
 from sbmoe.heads import HeadConfig
 from sbmoe.model import build_model, load_any_model
 
@@ -177,7 +177,8 @@ def test_msmarco_dl19_through_irds_matches_the_sample_folder(
     argv = [
         sys.executable,
         "-m",
-        "sbmoe.evaluate",
+        "sbmoe",
+        "evaluate",
         "--model",
         tiny_bert,
         "--datasets",

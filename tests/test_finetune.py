@@ -1,4 +1,4 @@
-"""python -m sbmoe.finetune on a tiny random BERT: loss falls, resume, frozen backbone, NaN guard, bad data."""
+"""sbmoe finetune on a tiny random BERT: loss falls, resume, frozen backbone, NaN guard, bad data."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from sbmoe.model import find_head
 from sbmoe.retrieval.encoder import pooled_model
 from sbmoe.training import evaluation_pass
 from sbmoe.training.arguments import FinetuneArguments
-from sbmoe.training.finetune import STRENGTHS, finetune_model, run
 from sbmoe.training.head_trainer import kmeans_router_init
 from sbmoe.training.losses import TrainingDivergedError
+from sbmoe.training.runner import STRENGTHS, finetune_model, run
 
 TOPICS = [
     "cancer cell protein gene",

@@ -14,8 +14,8 @@ from test_finetune import make_args
 
 from sbmoe.heads import MoELayersConfig
 from sbmoe.model import build_model
-from sbmoe.training.finetune import run
 from sbmoe.training.frozen_bottom import FrozenBottom, StateStore, frozen_fingerprint, open_store
+from sbmoe.training.runner import run
 
 toy_beir = test_finetune.toy_beir  # the same toy BEIR folder fixture
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from sbmoe.heads import HeadConfig
 from sbmoe.heads.sbmoe_head import SBMoEHead
 from sbmoe.training.arguments import FinetuneArguments, TrainingArguments
-from sbmoe.training.finetune import run
 from sbmoe.training.head_trainer import train_head
+from sbmoe.training.runner import run
 
 DIM, DOCS, QUERIES = 384, 300, 128  # MiniLM's width: large enough for torch to split work across threads
 CONFIG = TrainingArguments(epochs=6, batch_size=32, learning_rate=1e-2, seed=3)

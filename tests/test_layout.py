@@ -19,7 +19,7 @@ LAYERS = [
     {"sbmoe.evaluation"},
     {"sbmoe.training"},
     {"sbmoe.commands"},
-    {"sbmoe.cli", "sbmoe.evaluate", "sbmoe.finetune"},
+    {"sbmoe.cli", "sbmoe.__main__"},
 ]
 MAX_LINES = 400
 

@@ -12,8 +12,8 @@ from test_finetune import make_args
 from sbmoe.heads import MoELayersConfig
 from sbmoe.heads.moe_block import moe_blocks
 from sbmoe.model import build_model
-from sbmoe.training.finetune import run
 from sbmoe.training.full_trainer import PSRProgress
+from sbmoe.training.runner import run
 
 toy_beir = test_finetune.toy_beir  # the same toy BEIR folder fixture
 

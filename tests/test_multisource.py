@@ -12,8 +12,8 @@ import torch
 from sbmoe.data import DataError
 from sbmoe.data.trainset import cap_positives, load_train_set, load_train_sets
 from sbmoe.training.arguments import FinetuneArguments
-from sbmoe.training.finetune import run
 from sbmoe.training.losses import domain_experts, domain_routing_loss
+from sbmoe.training.runner import run
 
 DOMAINS = {
     "bio": ["cancer cell protein gene", "brain blood disease risk", "virus dna rna human", "drug treatment patients"],

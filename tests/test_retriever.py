@@ -16,7 +16,7 @@ from sbmoe.heads import HeadConfig
 from sbmoe.model import build_model
 from sbmoe.retrieval import DocStore, Retriever
 from sbmoe.training.arguments import FinetuneArguments
-from sbmoe.training.finetune import run
+from sbmoe.training.runner import run
 
 TOPICS = ["cancer cells", "brain study", "virus dna", "blood risk", "drug treatment", "gene protein", "mice human"]
 DOCS = [Doc(f"d{i}", f"{TOPICS[i % 7]} {i}", f"the {TOPICS[(i * 3) % 7]} results of study {i}") for i in range(60)]

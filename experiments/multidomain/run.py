@@ -25,7 +25,7 @@ import numpy as np
 
 from sbmoe.evaluation.significance import paired_test
 from sbmoe.files import write_atomic
-from sbmoe.training.finetune import FinetuneArguments, run
+from sbmoe.training.runner import FinetuneArguments, run
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 EVAL = ["scifact:test", "scifact:test-unseen", "nfcorpus:test", "cranfield:test", "msmarco-sample:test"]

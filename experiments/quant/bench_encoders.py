@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from sbmoe.data import beir_text, load_dataset
-from sbmoe.evaluation.evaluate import evaluate_embeddings
+from sbmoe.evaluation.evaluator import evaluate_embeddings
 from sbmoe.files import write_atomic
 from sbmoe.model import load_model
 from sbmoe.quant.encoder import ENCODERS, with_encoder

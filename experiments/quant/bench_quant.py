@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from sbmoe.data import load_dataset
-from sbmoe.evaluation.evaluate import evaluate_embeddings
+from sbmoe.evaluation.evaluator import evaluate_embeddings
 from sbmoe.files import write_atomic
 from sbmoe.model import load_model
 from sbmoe.quant import calibrate_head, calibration_vectors, choose_plan, quantize_head

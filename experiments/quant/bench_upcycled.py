@@ -29,7 +29,7 @@ import torch
 
 from sbmoe.data import load_dataset
 from sbmoe.data.dataset import beir_text
-from sbmoe.evaluation.evaluate import evaluate_embeddings
+from sbmoe.evaluation.evaluator import evaluate_embeddings
 from sbmoe.evaluation.metrics import per_query as query_scores
 from sbmoe.evaluation.significance import paired_test
 from sbmoe.files import write_atomic

@@ -27,7 +27,7 @@ import torch
 
 from sbmoe.evaluation.significance import paired_test
 from sbmoe.files import write_atomic
-from sbmoe.training.finetune import FinetuneArguments, run
+from sbmoe.training.runner import FinetuneArguments, run
 
 EVAL = ["scifact:test", "scifact:test-unseen", "cranfield:test"]
 METRICS = ["nDCG@10", "MAP@100", "Recall@100", "MRR@10"]

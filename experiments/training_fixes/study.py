@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sbmoe.files import write_atomic
-from sbmoe.training.finetune import FinetuneArguments, run
+from sbmoe.training.runner import FinetuneArguments, run
 
 HERE = Path(__file__).resolve().parent
 ROWS = HERE / "rows"

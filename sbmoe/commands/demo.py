@@ -33,7 +33,7 @@ from sbmoe.paths import cache_dir
 from sbmoe.retrieval.encoder import Encoder
 from sbmoe.retrieval.retriever import Retriever
 from sbmoe.training.arguments import FinetuneArguments
-from sbmoe.training.finetune import run
+from sbmoe.training.runner import run
 
 EVAL = ["scifact:test", "scifact:test-unseen"]
 # The study's settings (experiments/scifact/README.md), with a fixed epoch count instead of early stopping.

@@ -14,7 +14,7 @@ from typing import Any
 from sbmoe.commands.common import USER_ERRORS, add_index_arguments, fail, index_params, setup_logging, slug
 from sbmoe.commands.flags import new_parser
 from sbmoe.data import RetrievalDataset, load_dataset
-from sbmoe.evaluation.evaluate import evaluate_model, score_run
+from sbmoe.evaluation.evaluator import evaluate_model, score_run
 from sbmoe.evaluation.metrics import DEFAULT_METRICS, parse_metric
 from sbmoe.evaluation.report import markdown_table
 from sbmoe.evaluation.runs import read_trec_run

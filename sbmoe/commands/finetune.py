@@ -9,8 +9,8 @@ from sbmoe.commands.common import USER_ERRORS, fail, setup_logging
 from sbmoe.commands.flags import FlagParser, new_parser
 from sbmoe.evaluation.report import finetune_table
 from sbmoe.training.arguments import FINETUNE_GROUPS, FinetuneArguments
-from sbmoe.training.finetune import run
 from sbmoe.training.losses import TrainingDivergedError
+from sbmoe.training.runner import run
 
 EXAMPLES = (
     "sbmoe finetune --train-data scifact:train --output-dir out/minilm-sbmoe "

@@ -1,4 +1,4 @@
-"""Result reporting: the tables that show evaluation results (the :mod:`sbmoe.evaluation.evaluate` schema)."""
+"""Result reporting: the tables that show evaluation results (the :mod:`sbmoe.evaluation.evaluator` schema)."""
 
 from __future__ import annotations
 

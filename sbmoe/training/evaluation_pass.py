@@ -1,4 +1,4 @@
-"""The evaluation passes of fine-tuning: :func:`~sbmoe.evaluation.evaluate.evaluate_model` on each ``--eval-data``
+"""The evaluation passes of fine-tuning: :func:`~sbmoe.evaluation.evaluator.evaluate_model` on each ``--eval-data``
 set (loaded once per run, see :func:`load_eval_sets`), expert use, and a warning for experts that (nearly) no input
 reaches."""
 
@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from sbmoe.data import RetrievalDataset, load_dataset
-from sbmoe.evaluation.evaluate import evaluate_model
+from sbmoe.evaluation.evaluator import evaluate_model
 from sbmoe.heads.moe_block import moe_blocks
 from sbmoe.heads.stacked import StackedMoEHead
 from sbmoe.heads.upcycle import MoETransformer
@@ -67,7 +67,7 @@ def evaluate(
     routing_before: dict[str, np.ndarray],
     use_head: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """:func:`~sbmoe.evaluation.evaluate.evaluate_model`'s result on each eval set (by spec), with per-query values,
+    """:func:`~sbmoe.evaluation.evaluator.evaluate_model`'s result on each eval set (by spec), with per-query values,
     plus ``experts`` (the head's document shares, and those that changed expert since ``routing_before``).
 
     Documents and queries go through the (cached) pooled backbone and then the tail, which is exactly what

@@ -16,7 +16,7 @@ import torch
 
 from sbmoe.data.splits import dev_split
 from sbmoe.data.trainset import Example, TrainSet, cropped_span
-from sbmoe.evaluation.evaluate import evaluate_embeddings
+from sbmoe.evaluation.evaluator import evaluate_embeddings
 from sbmoe.model import SBMoEModel
 from sbmoe.retrieval.encoder import Encoder, pooled_model
 from sbmoe.training.arguments import FinetuneArguments
@@ -183,7 +183,7 @@ def dev_score(prepared: PreparedData, *, encode: SourceEncoder, weighting: str =
     Returns:
         ``{"metrics": {"nDCG@10": mean over sources (``equal``) or over all dev queries (``queries``)},
         "num_queries", "sources": {name: {"metrics", "per_query", "num_queries", "num_docs"}}}`` (each source's
-        part as :func:`~sbmoe.evaluation.evaluate.evaluate_embeddings` gives it).
+        part as :func:`~sbmoe.evaluation.evaluator.evaluate_embeddings` gives it).
     """
     scores, sizes, sources = [], [], {}
     for source in prepared.sources:
