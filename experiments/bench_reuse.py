@@ -51,7 +51,7 @@ def main() -> None:
                 "model": name,
                 "seconds": round(time.perf_counter() - start, 2),
                 "corpus_from_cache": result["corpus_from_cache"],
-                "cache_entry_encode_s": result["timings"]["encode_corpus_s"],
+                "encode_corpus_s": result["timings"]["encode_corpus_s"],
                 "num_docs": result["num_docs"],
                 "nDCG@10": result["metrics"]["nDCG@10"],
             }

@@ -5,7 +5,9 @@
 
 Writes (merging by label) experiments/results/code_counts.json with, per checkout: ``# fmt: skip`` markers (in the
 whole tree and in ``sbmoe/``), Python files over 300 and 400 lines, index build paths (functions under ``sbmoe/``
-that both construct a faiss index, or a ``DenseIndex``, and fill it from vectors), configuration dataclasses
+that both construct a faiss index, or a ``DenseIndex``, and fill it from vectors), tail sites (functions outside
+``sbmoe/heads/`` that call a head with a ``{"sentence_embedding": ...}`` dict), scorers (functions that compute
+metrics from a run: they call ``metrics.per_query`` or ``evaluate_run``), configuration dataclasses
 (``@dataclass`` classes under ``sbmoe/`` named ``*Config``, ``*Arguments``, ``*Settings`` or ``*Options``), and the
 pair count of ``duplicates`` run on ``sbmoe/``. Files are those git tracks plus the untracked ones it does not
 ignore. Nothing is timed: the counts are exact.
@@ -78,6 +80,36 @@ def build_paths(root: Path, files: list[Path]) -> list[str]:
     return found
 
 
+def tail_sites(root: Path, files: list[Path]) -> list[str]:
+    """``file:function`` for each function outside ``sbmoe/heads/`` that runs a head on pooled vectors by hand: it
+    calls something with a dict literal keyed ``"sentence_embedding"`` (the tail's input features)."""
+    found = []
+    for name, node in library_nodes(root, files):
+        if name.startswith("sbmoe/heads/") or not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for call in ast.walk(node):
+            if isinstance(call, ast.Call) and any(
+                isinstance(arg, ast.Dict)
+                and any(isinstance(k, ast.Constant) and k.value == "sentence_embedding" for k in arg.keys)
+                for arg in call.args
+            ):
+                found.append(f"{name}:{node.name}")
+                break
+    return found
+
+
+def scorers(root: Path, files: list[Path]) -> list[str]:
+    """``file:function`` for each function under ``sbmoe/`` that computes metrics from a run itself (calls the
+    metrics module's ``per_query`` or ``evaluate_run``)."""
+    found = []
+    for name, node in library_nodes(root, files):
+        if name == "sbmoe/evaluation/metrics.py" or not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        if called_names(node) & {"per_query", "evaluate_run"}:
+            found.append(f"{name}:{node.name}")
+    return found
+
+
 def config_dataclasses(root: Path, files: list[Path]) -> list[str]:
     """``file:Class`` for each configuration dataclass under ``sbmoe/``."""
     found = []
@@ -120,6 +152,8 @@ def counts(root: Path) -> dict[str, Any]:
         "files_over_400": sorted(name for name, n in lines.items() if n > 400),
         "sbmoe_files_over_300": sorted(name for name, n in lines.items() if n > 300 and name.startswith("sbmoe/")),
         "index_build_paths": paths,
+        "tail_sites": tail_sites(root, files),
+        "scorers": scorers(root, files),
         "config_dataclasses": configs,
         "duplicates_pairs": pairs,
         "duplicates_summary": summary,
