@@ -21,6 +21,7 @@ DOCS = [Doc(f"d{i}", f"title {i}", f"the cancer cells {i} and the gene study {i 
 SIGINT_DURING_ENCODING = """
 import os, signal, sys
 import sbmoe.retrieval.cache as cache
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job may have inherited SIGINT ignored
 from sentence_transformers import SentenceTransformer
 cache.CHUNK = 8
 real, calls = SentenceTransformer.encode_document, []
