@@ -77,6 +77,7 @@ def test_code_bytes_per_document(docs) -> None:
 def test_exact_top_k_is_the_flat_index_search_without_an_index(docs, queries) -> None:
     flat_scores, flat_rows = build_index(docs, use_gpu=False, show_progress=False).search(queries, 20)
     scores, rows = exact_top_k(queries, docs, 20)
-    np.testing.assert_array_equal(rows, flat_rows)
     np.testing.assert_allclose(scores, flat_scores, atol=1e-6)
+    for i, j in zip(*np.nonzero(rows != flat_rows), strict=True):  # two kernels: rows may swap only within a tie
+        assert np.isclose(flat_scores[i], flat_scores[i, j], atol=1e-6).sum() > 1
     assert exact_top_k(queries, docs[:5], 20)[1].shape == (len(queries), 5)  # k capped at the vectors
