@@ -59,7 +59,7 @@ def build_index(
 
     Raises:
         DataError: an incomplete or empty shard set; settings the vectors cannot meet.
-        ValueError: no vectors, or as many ids as rows.
+        ValueError: no vectors, or not as many ids as rows.
     """
     sample, total = _sample(vectors, ids)
     on_disk = lists_dir is not None and index_type in IVF_TYPES
