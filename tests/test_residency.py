@@ -78,3 +78,17 @@ def test_ahead_needs_the_pregate_plan(tiny_bert: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="disk storage needs path="):
         ExpertResidency(model, mode="on-demand", storage="disk")
     assert len(moe_blocks(model)) == 2
+
+
+def test_the_ahead_worker_computes_on_one_thread_and_leaves_the_callers_count(tiny_bert4: str) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        residency = ExpertResidency(upcycled(tiny_bert4), mode="ahead", storage="packed")
+        try:
+            assert residency._worker.submit(torch.get_num_threads).result() == 1
+            assert torch.get_num_threads() == 2
+        finally:
+            residency.close()
+    finally:
+        torch.set_num_threads(threads)

@@ -143,8 +143,7 @@ class ExpertResidency:
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(lookahead)
         self._pending: dict[tuple[int, Key], Future[tuple[ExpertWeights, torch.cuda.Event | None]]] = {}
-        ahead = mode == "ahead"
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="expert-ready") if ahead else None
+        self._worker = _single_threaded_worker() if mode == "ahead" else None
         self._consumer = 0
         for block in self.blocks:
             activation = block.experts[0].act
@@ -228,6 +227,19 @@ class ExpertResidency:
         self.mode = "on-demand"
         for block in self.blocks:
             block.on_plan = None
+
+
+def _single_threaded_worker() -> ThreadPoolExecutor:
+    """The ``ahead`` worker: one thread whose torch ops run single-threaded, so readying experts does not start a
+    second team of compute threads on the cores the encoder uses. ``torch.set_num_threads`` is per thread for the
+    team a thread starts but also sets the default of later threads, so the caller's setting is put back."""
+    threads = torch.get_num_threads()
+    worker = ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="expert-ready", initializer=torch.set_num_threads, initargs=(1,)
+    )
+    worker.submit(torch.get_num_threads).result()  # the thread exists and has run its initializer
+    torch.set_num_threads(threads)
+    return worker
 
 
 def _nbytes(weights: ExpertWeights) -> int:
