@@ -1,11 +1,11 @@
-"""Hierarchical bootstrap over seeds and queries, and Holm's correction."""
+"""Hierarchical bootstrap over seeds and queries, seeded systems compared, and Holm's correction."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from sbmoe.evaluation.significance import hierarchical_bootstrap, holm
+from sbmoe.evaluation.significance import compare_seeded, hierarchical_bootstrap, holm
 
 TRUE_DELTA = 0.02
 
@@ -59,3 +59,16 @@ def test_holm_multiplies_by_the_remaining_tests_in_order_and_stays_monotone() ->
     order = np.argsort(p)
     assert np.all(np.diff(adjusted[order]) >= 0) and np.all(adjusted >= p) and np.all(adjusted <= 1)
     assert holm([]) == []
+
+
+def test_seeded_systems_compare_by_query_name_whatever_the_order_of_each_run() -> None:
+    a, b = synthetic_pair(np.random.default_rng(3), seeds=3, queries=60)
+    names = [f"q{i}" for i in range(60)]
+    runs_a = [dict(zip(names, row.tolist(), strict=True)) for row in a]
+    runs_b = [dict(reversed(list(zip(names, row.tolist(), strict=True)))) for row in b[:2]]  # another order
+    result = compare_seeded(runs_a, runs_b, resamples=2000)
+    assert result["seeds"] == [3, 2]
+    assert result["delta"] == pytest.approx(a.mean() - b[:2].mean())
+    assert result["low"] < result["delta"] < result["high"] and 0 <= result["p_ttest"] <= 1
+    with pytest.raises(ValueError, match="b lacks 'q5'"):
+        compare_seeded(runs_a, [{q: v for q, v in runs_b[0].items() if q != "q5"}])

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from sbmoe.evaluation.significance import hierarchical_bootstrap, holm, paired_test
+from sbmoe.evaluation.significance import compare_seeded, hierarchical_bootstrap, holm, paired_test
 from sbmoe.files import write_atomic
 
 HERE = Path(__file__).resolve().parent
@@ -104,13 +104,8 @@ def head_against_plain(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             continue
         out[name] = {"rival": plain, "eval": {}}
         for spec in head_runs[0]["eval"]:
-            queries = sorted(head_runs[0]["eval"][spec]["per_query"])
-            a, b = (
-                [[r["eval"][spec]["per_query"][q] for q in queries] for r in rs] for rs in (head_runs, runs[plain])
-            )
-            boot = hierarchical_bootstrap(np.array(a), np.array(b), resamples=10_000)
-            t = paired_test(*(dict(zip(queries, np.mean(x, axis=0).tolist(), strict=True)) for x in (a, b)))
-            out[name]["eval"][spec] = {"seeds": [len(a), len(b)], **boot, "p_ttest": t["p_ttest"]}
+            a, b = ([r["eval"][spec]["per_query"] for r in rs] for rs in (head_runs, runs[plain]))
+            out[name]["eval"][spec] = compare_seeded(a, b)
     cells = [(name, spec) for name, row in out.items() for spec in row["eval"]]
     for (name, spec), p in zip(cells, holm([out[n]["eval"][s]["p_ttest"] for n, s in cells]), strict=True):
         out[name]["eval"][spec]["p_holm"] = p

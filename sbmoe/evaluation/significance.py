@@ -1,9 +1,10 @@
 """Significance of two systems' per-query scores: paired t-test and sign-flip randomization, a hierarchical
-bootstrap over seeds and queries, and Holm's correction across the tests of one table."""
+bootstrap over seeds and queries, the two together for systems run with several seeds, and Holm's correction
+across the tests of one table."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -72,6 +73,29 @@ def hierarchical_bootstrap(
     low, high = np.quantile(diffs, [tail, 1 - tail])
     p = min(1.0, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean()))
     return {"delta": float(a.mean() - b.mean()), "low": float(low), "high": float(high), "p_bootstrap": float(p)}
+
+
+def compare_seeded(
+    a: Sequence[Mapping[str, float]], b: Sequence[Mapping[str, float]], resamples: int = 10_000
+) -> dict[str, float | list[int]]:
+    """System a against system b, each run with one or more seeds (one per-query score mapping per seed).
+
+    Returns:
+        ``{"seeds", "delta", "low", "high", "p_bootstrap", "p_ttest"}``: the seed counts, the mean difference a - b
+        with its seeds x queries bootstrap interval (:func:`hierarchical_bootstrap`), and the paired t-test p on the
+        per-query means over seeds.
+
+    Raises:
+        ValueError: a run of either system lacks a query of a's first run.
+    """
+    queries = sorted(a[0])
+    missing = [(name, q) for name, runs in (("a", a), ("b", b)) for run in runs for q in queries if q not in run]
+    if missing:
+        raise ValueError(f"every run must score the same queries: {missing[0][0]} lacks {missing[0][1]!r}")
+    x, y = (np.array([[run[q] for q in queries] for run in runs]) for runs in (a, b))
+    boot = hierarchical_bootstrap(x, y, resamples=resamples)
+    t = paired_test(*(dict(zip(queries, m.mean(axis=0).tolist(), strict=True)) for m in (x, y)))
+    return {"seeds": [len(a), len(b)], **boot, "p_ttest": t["p_ttest"]}
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
