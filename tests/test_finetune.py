@@ -294,3 +294,16 @@ def test_each_eval_set_is_loaded_once_per_run(
     result = record["eval"][args.data.eval_data]
     assert set(result["per_query"]) == set(result["metrics"]) and record["zero_shot"][args.data.eval_data]["per_query"]
     assert result["num_queries"] == len(result["per_query"]["nDCG@10"]) == 8
+
+
+def test_dead_expert_warnings_judge_a_reuse_layer_on_its_own_experts() -> None:
+    balanced = [0.25] * 4 + [0.0] * 4  # own experts 0-3 used, foreign candidates 4-7 unused (reuse scale near 0)
+    second = {"layer": 5, "shares": [0.0] * 4 + [0.5, 0.5, 0.0, 0.0], "own_candidates": [4, 8]}  # own expert 6, 7 dead
+    lines = evaluation_pass.dead_expert_warnings(
+        {}, [{"layer": 4, "shares": balanced, "own_candidates": [0, 4]}, second]
+    )
+    assert lines == [
+        "MoE layer 5: expert(s) 6 (0.0%), 7 (0.0%) get under 1% of the inputs; the router has collapsed onto the "
+        "others (raise --aux-loss-weight, or use fewer experts)"
+    ]
+    assert "expert(s) 4 (0.0%)" in evaluation_pass.dead_expert_warnings({}, [{"layer": 4, "shares": balanced}])[0]

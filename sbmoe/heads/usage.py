@@ -26,13 +26,15 @@ def top_candidate(routing: Routing) -> Tensor:
 
 def block_utilization(block: MoEBlock, counts: Sequence[int]) -> dict[str, Any]:
     """Top-1 shares of a block's candidates from their ``counts`` (candidate ``g * N + e``: expert e of group
-    member g), the share that went to the block's own experts, and the reuse scale (None outside a group)."""
+    member g), the candidates that are the block's own experts (``own_candidates``: first and past-the-last), the
+    share that went to them, and the reuse scale (None outside a group)."""
     total = int(sum(counts))
     shares = [c / total for c in counts] if total else [0.0] * len(counts)
     own = block.links.position * block.num_experts
     scale = None if block.reuse_scale is None else block.reuse_scale.item()
     return {
         "shares": shares,
+        "own_candidates": [own, own + block.num_experts],
         "own_share": sum(shares[own : own + block.num_experts]),
         "total": total,
         "reuse_scale": scale,

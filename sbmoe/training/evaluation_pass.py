@@ -116,12 +116,16 @@ def dead_expert_warnings(
     evaluation: dict[str, Any], layers: list[dict[str, Any]], share: float = DEAD_EXPERT_SHARE
 ) -> list[str]:
     """One line per eval set or MoE layer where an expert takes under ``share`` of the inputs (top-1), naming them;
-    ``evaluation`` is :func:`evaluate`'s result and ``layers`` :func:`moe_utilization`'s."""
-    where = [(spec, result["experts"]["shares"]) for spec, result in evaluation.items() if "experts" in result]
-    where += [(f"MoE layer {layer.get('layer', i)}", layer["shares"]) for i, layer in enumerate(layers)]
+    ``evaluation`` is :func:`evaluate`'s result and ``layers`` :func:`moe_utilization`'s. A layer in a reuse group is
+    judged on its own experts only: the others' are foreign candidates, weighed by a reuse scale that may stay near
+    0, and each is judged in the layer that owns it."""
+    where = [(spec, result["experts"]["shares"], 0) for spec, result in evaluation.items() if "experts" in result]
+    for i, layer in enumerate(layers):
+        first, end = layer.get("own_candidates", (0, len(layer["shares"])))
+        where.append((f"MoE layer {layer.get('layer', i)}", layer["shares"][first:end], first))
     lines = []
-    for name, shares in where:
-        dead = [f"{e} ({s:.1%})" for e, s in enumerate(shares) if s < share]
+    for name, shares, first in where:
+        dead = [f"{first + e} ({s:.1%})" for e, s in enumerate(shares) if s < share]
         if dead:
             lines.append(
                 f"{name}: expert(s) {', '.join(dead)} get under {share:.0%} of the inputs; the router has collapsed "
